@@ -1,0 +1,49 @@
+"""Test session set-up: strict JAX flags and the paths of shared assets.
+
+XLA_FLAGS must be set before jax initialises a backend, so 8 fake CPU devices are requested
+here for the whole session (sharded-step tests build meshes from them).
+"""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _shared_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("PDPO_SHARED", REPO.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    """../shared (data, tokenizers); tests that need it skip with a reason when it is absent."""
+    path = _shared_dir()
+    if not (path / "data").is_dir():
+        pytest.skip(f"shared assets not found at {path} (set PDPO_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizers_dir(shared_dir) -> pathlib.Path:
+    return shared_dir / "data" / "tokenizers"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> pathlib.Path:
+    """The real SmolLM2-135M-Instruct checkpoint built by ../shared/models/build_smollm2.sh."""
+    path = os.environ.get("PDPO_SMOLLM2_DIR")
+    if not path or not (pathlib.Path(path) / "config.json").is_file():
+        pytest.skip("SmolLM2-135M checkpoint absent: set PDPO_SMOLLM2_DIR to the folder that "
+                    "../shared/models/build_smollm2.sh writes (`make test` builds it)")
+    return pathlib.Path(path)
