@@ -1,0 +1,234 @@
+"""What every model family shares: the config, the KV cache, attention, RoPE and the layer scan.
+
+Shape legend (used in names across the package):
+  B batch, T time (new tokens), S cache/key length, L layers, D model width, N query heads,
+  K kv heads, H head dim, F mlp width, V vocab, P max learned positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+SHAPE_LEGEND = {
+    "B": "batch", "T": "time (new tokens)", "S": "cache / key length", "L": "layers",
+    "D": "model width", "N": "query heads", "K": "kv heads", "H": "head dim",
+    "F": "mlp width", "V": "vocab", "P": "max learned positions",
+}
+
+RematPolicy = Literal["none", "full", "dots_saveable"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder LM; `arch` picks the module family ('gpt2' or 'llama').
+
+    `hf_model_type` remembers which HF flavour it came from ('gpt2', 'llama', 'mistral',
+    'qwen2') so that export writes the same `model_type` back.
+    """
+    arch: Literal["gpt2", "llama"]
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    norm_eps: float
+    max_positions: int
+    hf_model_type: str = "llama"
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Compute dtype (activations, matmuls), parameter dtype (master weights). Logits are fp32.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: RematPolicy = "none"
+    # jax.nn.dot_product_attention implementation: None lets JAX pick (xla on CPU/TPU).
+    attn_implementation: Literal["xla", "cudnn"] | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.remat not in ("none", "full", "dots_saveable"):
+            raise ValueError(f"remat={self.remat!r}; choose 'none', 'full' or 'dots_saveable'")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
+def param(init: Callable, key: jax.Array, shape: tuple[int, ...], dtype, names: tuple[str, ...]):
+    """A parameter carrying its logical axis names (sharding is a rules table over these)."""
+    if len(names) != len(shape):
+        raise ValueError(f"axis names {names} do not match shape {shape}")
+    return nnx.Param(init(key, shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for S slots; rows of a batch share the write index.
+
+    Left-padded prompts keep rows aligned: padding slots are simply not `valid`, and each
+    slot remembers the position of the token it holds, so causality is `pos_k <= pos_q`.
+      k, v: [L, B, S, K, H]; positions: int32 [B, S]; valid: bool [B, S]; length: int32 [].
+    """
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   positions=jnp.zeros((batch, max_len), jnp.int32),
+                   valid=jnp.zeros((batch, max_len), bool),
+                   length=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KeyInfo:
+    """What attention needs to know about the keys: where they sit and whether they are real.
+
+    positions_BS, valid_BS describe the S keys; `write_at` is the cache slot of the first new
+    token (None when attending only over the new tokens, i.e. no cache).
+    """
+    positions_BS: jax.Array
+    valid_BS: jax.Array
+    write_at: jax.Array | None
+
+
+def key_info(positions_BT, attention_mask_BT, cache: KVCache | None) -> KeyInfo:
+    if cache is None:
+        return KeyInfo(positions_BT, attention_mask_BT.astype(bool), None)
+    start = cache.length
+    pos = jax.lax.dynamic_update_slice(cache.positions, positions_BT.astype(jnp.int32), (0, start))
+    valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BT.astype(bool), (0, start))
+    return KeyInfo(pos, valid, start)
+
+
+def attention_mask_BTS(cfg: ModelConfig, positions_BT, keys: KeyInfo):
+    """bool [B, T, S]: key s is real, not in the future of query t, and inside the window."""
+    q = positions_BT[:, :, None]
+    k = keys.positions_BS[:, None, :]
+    mask = keys.valid_BS[:, None, :] & (k <= q)
+    if cfg.sliding_window is not None:
+        mask &= (q - k) < cfg.sliding_window
+    return mask
+
+
+def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv_cache):
+    """Writes the new keys/values into this layer's cache (if any) and attends over all keys.
+
+    kv_cache: None or (k_BSKH, v_BSKH) of this layer. Returns (out_BTNH, new kv_cache).
+    """
+    if kv_cache is not None:
+        k_cache, v_cache = kv_cache
+        at = (0, keys.write_at, 0, 0)
+        k_BTKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), at)
+        v_BTKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), at)
+        kv_cache = (k_BTKH, v_BTKH)
+    dtype = q_BTNH.dtype
+    out = jax.nn.dot_product_attention(
+        q_BTNH, k_BTKH.astype(dtype), v_BTKH.astype(dtype), mask=mask_BTS[:, None],
+        implementation=cfg.attn_implementation)
+    return out, kv_cache
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embedding (HF "rotate_half" convention)
+
+
+def rope(x_BTNH, positions_BT, theta: float):
+    """Rotates the first and second halves of the head dim by position-dependent angles."""
+    h = x_BTNH.shape[-1]
+    inv_freq = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B,T,1,H]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BTNH.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Stacked layers: built with nnx.vmap (a leading 'layers' axis), run with lax.scan.
+
+
+def make_stacked_layers(build: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs):
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build_one(key):
+        return build(nnx.Rngs(key))
+    return build_one(jax.random.split(rngs.params(), num_layers))
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attention_mask_BT,
+                cache: KVCache | None):
+    """Runs every layer over h; each layer is `block(h, positions, mask_BTS, keys, kv) -> (h, kv)`.
+
+    The loop is a lax.scan over the stacked layer parameters (compile time independent of
+    depth), optionally rematerialised per block.
+    """
+    graphdef, state = nnx.split(layers)
+    keys = key_info(positions_BT, attention_mask_BT, cache)
+    mask_BTS = attention_mask_BTS(cfg, positions_BT, keys)
+
+    def body(h, xs):
+        layer_state, kv = xs
+        block = nnx.merge(graphdef, layer_state)
+        return block(h, positions_BT, mask_BTS, keys, kv)
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    kv_in = None if cache is None else (cache.k, cache.v)
+    h_BTD, kv_out = jax.lax.scan(body, h_BTD, (state, kv_in))
+    if cache is None:
+        return h_BTD, None
+    new_len = cache.length + positions_BT.shape[1]
+    return h_BTD, KVCache(k=kv_out[0], v=kv_out[1], positions=keys.positions_BS,
+                          valid=keys.valid_BS, length=new_len)
+
+
+def logits_from_hidden(h_BTD, unembed_VD):
+    """fp32 logits: the last matmul accumulates in fp32 whatever the compute dtype."""
+    return jnp.einsum("BTD,VD->BTV", h_BTD, unembed_VD.astype(h_BTD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def dtype_of(name: str | Any):
+    return jnp.dtype(name)

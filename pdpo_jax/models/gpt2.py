@@ -1,0 +1,118 @@
+"""GPT-2 as a Flax NNX module (also rinna's Japanese GPT-2 models, which share the architecture).
+
+Learned positions, pre-LayerNorm blocks, fused q/k/v projection, gelu_new MLP, LM head tied to
+the token embedding. Reads like HF's `modeling_gpt2.py`; Conv1D weights are [in, out] there and
+here, with the head axes split out ([D, 3, N, H]).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pdpo_jax.models import common
+from pdpo_jax.models.common import KVCache, ModelConfig, param
+
+_normal = jax.nn.initializers.normal(0.02)
+_zeros = jax.nn.initializers.zeros
+_ones = jax.nn.initializers.ones
+
+
+def layer_norm(x_BTD, scale_D, bias_D, eps: float):
+    x = x_BTD.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale_D.astype(jnp.float32)[None, None] + bias_D.astype(jnp.float32)[None, None]).astype(x_BTD.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, pd = cfg.d_model, cfg.params_dtype
+        self.eps = cfg.norm_eps
+        self.scale_D = param(_ones, rngs.params(), (D,), pd, ("norm",))
+        self.bias_D = param(_zeros, rngs.params(), (D,), pd, ("norm",))
+
+    def __call__(self, x_BTD):
+        return layer_norm(x_BTD, self.scale_D[...], self.bias_D[...], self.eps)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, H, pd = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.params_dtype
+        self.qkv_D3NH = param(_normal, rngs.params(), (D, 3, N, H), pd,
+                              ("embed", "qkv", "heads", "head_dim"))
+        self.qkv_bias_3NH = param(_zeros, rngs.params(), (3, N, H), pd, ("qkv", "heads", "head_dim"))
+        self.o_NHD = param(_normal, rngs.params(), (N, H, D), pd, ("heads", "head_dim", "embed"))
+        self.o_bias_D = param(_zeros, rngs.params(), (D,), pd, ("bias",))
+
+    def __call__(self, x_BTD, positions_BT, mask_BTS, keys, kv_cache):
+        dt = x_BTD.dtype
+        qkv = jnp.einsum("BTD,DCNH->CBTNH", x_BTD, self.qkv_D3NH[...].astype(dt))
+        qkv = qkv + self.qkv_bias_3NH[...].astype(dt)[:, None, None]
+        out_BTNH, kv_cache = common.attend(self.cfg, qkv[0], qkv[1], qkv[2], mask_BTS, keys, kv_cache)
+        out = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(dt))
+        return out + self.o_bias_D[...].astype(dt)[None, None], kv_cache
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F, pd = cfg.d_model, cfg.mlp_dim, cfg.params_dtype
+        self.fc_DF = param(_normal, rngs.params(), (D, F), pd, ("embed", "mlp"))
+        self.fc_bias_F = param(_zeros, rngs.params(), (F,), pd, ("mlp",))
+        self.proj_FD = param(_normal, rngs.params(), (F, D), pd, ("mlp", "embed"))
+        self.proj_bias_D = param(_zeros, rngs.params(), (D,), pd, ("bias",))
+
+    def __call__(self, x_BTD):
+        dt = x_BTD.dtype
+        h = jax.nn.gelu(x_BTD @ self.fc_DF[...].astype(dt) + self.fc_bias_F[...].astype(dt)[None, None],
+                        approximate=True)  # gelu_new is the tanh approximation
+        return h @ self.proj_FD[...].astype(dt) + self.proj_bias_D[...].astype(dt)[None, None]
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.ln_2 = LayerNorm(cfg, rngs)
+        self.mlp = Mlp(cfg, rngs)
+
+    def __call__(self, h_BTD, positions_BT, mask_BTS, keys, kv_cache):
+        attn_out, kv_cache = self.attn(self.ln_1(h_BTD), positions_BT, mask_BTS, keys, kv_cache)
+        h_BTD = h_BTD + attn_out
+        return h_BTD + self.mlp(self.ln_2(h_BTD)), kv_cache
+
+
+class GPT2(nnx.Module):
+    """Decoder LM: `logits_BTV, cache = model(tokens_BT, positions_BT, attention_mask_BT, cache)`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.arch != "gpt2":
+            raise ValueError(f"GPT2 needs cfg.arch='gpt2', got {cfg.arch!r}")
+        if cfg.num_kv_heads != cfg.num_heads or cfg.d_model != cfg.num_heads * cfg.head_dim:
+            raise ValueError("GPT-2 has no GQA and d_model == num_heads * head_dim; got "
+                             f"{cfg.num_heads=} {cfg.num_kv_heads=} {cfg.d_model=} {cfg.head_dim=}")
+        self.cfg = cfg
+        V, P, D, pd = cfg.vocab_size, cfg.max_positions, cfg.d_model, cfg.params_dtype
+        self.embed_VD = param(_normal, rngs.params(), (V, D), pd, ("vocab", "embed"))
+        self.pos_embed_PD = param(_normal, rngs.params(), (P, D), pd, ("positions", "embed"))
+        self.layers = common.make_stacked_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        self.ln_f = LayerNorm(cfg, rngs)
+
+    def unembedding_VD(self) -> jax.Array:
+        return self.embed_VD[...]
+
+    def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache."""
+        cfg = self.cfg
+        h = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
+        # Padding rows may carry any position; clip so the gather stays in range.
+        positions = jnp.clip(positions_BT, 0, cfg.max_positions - 1)
+        h = (h + jnp.take(self.pos_embed_PD[...], positions, axis=0)).astype(cfg.compute_dtype)
+        h, cache = common.scan_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache)
+        return self.ln_f(h), cache
+
+    def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
+        h, cache = self.hidden_states(tokens_BT, positions_BT, attention_mask_BT, cache)
+        return common.logits_from_hidden(h, self.unembedding_VD()), cache

@@ -1,0 +1,320 @@
+"""Hugging Face checkpoints in and out: `from_pretrained` and `save_pretrained`.
+
+Each family is a declarative table of (our parameter path, HF tensor name, how to convert).
+Loading reads `config.json`, refuses by name what we do not implement, then fills every
+parameter tensor by tensor from memory-mapped safetensors, each straight into its target
+sharding when a mesh is given. Saving writes a checkpoint that transformers 5 (and 4.x) loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from pdpo_jax import sharding as shd
+from pdpo_jax.models import hf_configs
+from pdpo_jax.models.common import ModelConfig
+from pdpo_jax.models.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorFiles, write_file
+
+config_from_hf = hf_configs.config_from_hf
+config_to_hf = hf_configs.config_to_hf
+
+Convert = Callable[[np.ndarray, ModelConfig], np.ndarray]
+_same: Convert = lambda w, c: w  # noqa: E731
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Our parameter at `ours` is HF tensor `hf` (with `{i}` = layer for stacked parameters)."""
+    ours: tuple[str, ...]
+    hf: str
+    to_ours: Convert = _same
+    to_hf: Convert = _same
+
+    @property
+    def layered(self) -> bool:
+        return "{i}" in self.hf
+
+
+def _transpose(w, c):
+    return w.T
+
+
+def _llama_table(cfg: ModelConfig) -> list[Rule]:
+    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    lyr = "model.layers.{i}."
+    rules = [
+        Rule(("embed_VD",), "model.embed_tokens.weight"),
+        Rule(("final_norm_D",), "model.norm.weight"),
+        Rule(("layers", "attn_norm_D"), lyr + "input_layernorm.weight"),
+        Rule(("layers", "mlp_norm_D"), lyr + "post_attention_layernorm.weight"),
+        # torch Linear weights are [out, in]; ours are [in, ...heads].
+        Rule(("layers", "attn", "q_DNH"), lyr + "self_attn.q_proj.weight",
+             lambda w, c: w.T.reshape(D, N, H), lambda w, c: w.reshape(D, N * H).T),
+        Rule(("layers", "attn", "k_DKH"), lyr + "self_attn.k_proj.weight",
+             lambda w, c: w.T.reshape(D, K, H), lambda w, c: w.reshape(D, K * H).T),
+        Rule(("layers", "attn", "v_DKH"), lyr + "self_attn.v_proj.weight",
+             lambda w, c: w.T.reshape(D, K, H), lambda w, c: w.reshape(D, K * H).T),
+        Rule(("layers", "attn", "o_NHD"), lyr + "self_attn.o_proj.weight",
+             lambda w, c: w.T.reshape(N, H, D), lambda w, c: w.reshape(N * H, D).T),
+        Rule(("layers", "mlp", "gate_DF"), lyr + "mlp.gate_proj.weight", _transpose, _transpose),
+        Rule(("layers", "mlp", "up_DF"), lyr + "mlp.up_proj.weight", _transpose, _transpose),
+        Rule(("layers", "mlp", "down_FD"), lyr + "mlp.down_proj.weight", _transpose, _transpose),
+    ]
+    if cfg.qkv_bias:
+        for name, heads in (("q", N), ("k", K), ("v", K)):
+            suffix = "NH" if name == "q" else "KH"
+            rules.append(Rule(("layers", "attn", f"{name}_bias_{suffix}"),
+                              lyr + f"self_attn.{name}_proj.bias",
+                              lambda w, c, n=heads: w.reshape(n, H), lambda w, c: w.reshape(-1)))
+    if not cfg.tie_embeddings:
+        rules.append(Rule(("lm_head_VD",), "lm_head.weight"))
+    return rules
+
+
+def _gpt2_table(cfg: ModelConfig) -> list[Rule]:
+    D, N, H = cfg.d_model, cfg.num_heads, cfg.head_dim
+    lyr = "transformer.h.{i}."
+    rules = [
+        Rule(("embed_VD",), "transformer.wte.weight"),
+        Rule(("pos_embed_PD",), "transformer.wpe.weight"),
+        Rule(("ln_f", "scale_D"), "transformer.ln_f.weight"),
+        Rule(("ln_f", "bias_D"), "transformer.ln_f.bias"),
+        # Conv1D weights are already [in, out]; only the head axes are split out.
+        Rule(("layers", "attn", "qkv_D3NH"), lyr + "attn.c_attn.weight",
+             lambda w, c: w.reshape(D, 3, N, H), lambda w, c: w.reshape(D, 3 * D)),
+        Rule(("layers", "attn", "qkv_bias_3NH"), lyr + "attn.c_attn.bias",
+             lambda w, c: w.reshape(3, N, H), lambda w, c: w.reshape(3 * D)),
+        Rule(("layers", "attn", "o_NHD"), lyr + "attn.c_proj.weight",
+             lambda w, c: w.reshape(N, H, D), lambda w, c: w.reshape(D, D)),
+        Rule(("layers", "attn", "o_bias_D"), lyr + "attn.c_proj.bias"),
+        Rule(("layers", "mlp", "fc_DF"), lyr + "mlp.c_fc.weight"),
+        Rule(("layers", "mlp", "fc_bias_F"), lyr + "mlp.c_fc.bias"),
+        Rule(("layers", "mlp", "proj_FD"), lyr + "mlp.c_proj.weight"),
+        Rule(("layers", "mlp", "proj_bias_D"), lyr + "mlp.c_proj.bias"),
+    ]
+    for ln in ("ln_1", "ln_2"):
+        rules.append(Rule(("layers", ln, "scale_D"), lyr + f"{ln}.weight"))
+        rules.append(Rule(("layers", ln, "bias_D"), lyr + f"{ln}.bias"))
+    return rules
+
+
+_TABLES = {"llama": _llama_table, "gpt2": _gpt2_table}
+
+
+def mapping_table(cfg: ModelConfig) -> dict[tuple[str, ...], Rule]:
+    return {rule.ours: rule for rule in _TABLES[cfg.arch](cfg)}
+
+
+# HF tensors that carry no parameters (buffers) or duplicate a tied one.
+def _ignorable(key: str, cfg: ModelConfig) -> bool:
+    if key.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
+        return True
+    return cfg.tie_embeddings and key == "lm_head.weight"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Source:
+    """HF tensors by name, from safetensors (lazy) or, with explicit opt-in, pytorch_model.bin."""
+
+    def __init__(self, folder: pathlib.Path, allow_pickle: bool):
+        bin_path = folder / "pytorch_model.bin"
+        has_st = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
+        if not has_st and bin_path.is_file():
+            if not allow_pickle:
+                raise ValueError(f"{bin_path}: only pytorch_model.bin found; it is a pickle that can "
+                                 "run code when loaded. Pass allow_pickle=True if you trust it, or "
+                                 "convert it to safetensors")
+            import torch  # a test-only dependency; needed only for this opt-in path
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+            self._arrays = {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+                            for k, v in state.items()}
+            self._files = None
+            self.where = str(bin_path)
+        else:
+            self._files = TensorFiles(folder)
+            self._arrays = None
+            self.where = str(folder)
+        # Some GPT-2 checkpoints (the original OpenAI export) lack the `transformer.` prefix.
+        self._alias = {}
+        for key in self.keys_raw():
+            if not key.startswith(("transformer.", "model.", "lm_head.")):
+                self._alias["transformer." + key] = key
+
+    def keys_raw(self) -> set[str]:
+        return set(self._arrays) if self._arrays is not None else self._files.keys()
+
+    def has(self, key: str) -> bool:
+        return self._alias.get(key, key) in self.keys_raw()
+
+    def get(self, key: str) -> np.ndarray:
+        key = self._alias.get(key, key)
+        return self._arrays[key] if self._arrays is not None else self._files.get(key)
+
+    def file_of(self, key: str) -> str:
+        key = self._alias.get(key, key)
+        return self.where if self._files is None else str(self._files.file_of(key))
+
+    def canonical_keys(self) -> set[str]:
+        back = {v: k for k, v in self._alias.items()}
+        return {back.get(k, k) for k in self.keys_raw()}
+
+
+def _hf_shape(rule: Rule, cfg: ModelConfig, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return jax.eval_shape(lambda w: rule.to_hf(w, cfg),
+                          jax.ShapeDtypeStruct(our_shape, jnp.float32)).shape
+
+
+def _read_one(src: _Source, key: str, rule: Rule, cfg: ModelConfig, our_shape, dtype) -> np.ndarray:
+    if not src.has(key):
+        raise ValueError(f"{src.where}: tensor {key!r} is missing; the checkpoint does not match "
+                         f"its config.json ({cfg.hf_model_type}, {cfg.num_layers} layers)")
+    w = src.get(key)
+    want = _hf_shape(rule, cfg, our_shape)
+    if tuple(w.shape) != tuple(want):
+        raise ValueError(f"{src.file_of(key)}: tensor {key!r} has shape {tuple(w.shape)}, but "
+                         f"config.json implies {tuple(want)}; the checkpoint and config disagree")
+    return np.asarray(rule.to_ours(w, cfg)).astype(dtype)
+
+
+def _load_param(src: _Source, rule: Rule, cfg: ModelConfig, shape, dtype, sharding):
+    """One parameter, assembled per device shard when sharded (no full host copy per device)."""
+    def assemble(index) -> np.ndarray:
+        if not rule.layered:
+            return _read_one(src, rule.hf, rule, cfg, shape, dtype)[index]
+        layers = range(cfg.num_layers)[index[0]]
+        rest = tuple(index[1:])
+        return np.stack([_read_one(src, rule.hf.format(i=i), rule, cfg, shape[1:], dtype)[rest]
+                         for i in layers])
+
+    if sharding is None:
+        return jnp.asarray(assemble(tuple(slice(None) for _ in shape)))
+    return jax.make_array_from_callback(shape, sharding, assemble)
+
+
+def _read_config(folder: pathlib.Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; pass a folder that holds a Hugging Face checkpoint "
+                         "(config.json + model.safetensors)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
+                    mesh: Mesh | None = None, rules=shd.TRAIN_RULES, remat: str = "none",
+                    allow_pickle: bool = False):
+    """Loads an HF causal-LM checkpoint folder into our model (GPT2 or Llama).
+
+    dtype: compute dtype; param_dtype: stored weights; mesh: place each parameter straight
+    into its sharding (rules: logical axis → mesh axis table).
+    """
+    from pdpo_jax.models import build_model  # local: models/__init__ imports this module
+    folder = pathlib.Path(path)
+    cfg = config_from_hf(_read_config(folder), source=str(folder / "config.json"))
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    src = _Source(folder, allow_pickle)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+    table = mapping_table(cfg)
+    used: set[str] = set()
+    flat = []
+    for our_path, var in nnx.to_flat_state(abstract):
+        rule = table[our_path]
+        sharding = None
+        if mesh is not None:
+            spec = shd.logical_to_spec(shd.variable_names(var), var.shape, rules=rules, mesh=mesh)
+            sharding = NamedSharding(mesh, spec)
+        value = _load_param(src, rule, cfg, var.shape, jnp.dtype(param_dtype), sharding)
+        flat.append((our_path, var.replace(value)))
+        used.update([rule.hf.format(i=i) for i in range(cfg.num_layers)] if rule.layered
+                    else [rule.hf])
+    unexpected = sorted(k for k in src.canonical_keys() - used if not _ignorable(k, cfg))
+    if unexpected:
+        raise ValueError(f"{src.where}: tensors {unexpected[:5]}{'…' if len(unexpected) > 5 else ''} "
+                         f"have no place in a {cfg.hf_model_type} model; the checkpoint holds "
+                         "parts this port does not implement")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, dtype: str | None = None,
+                    max_shard_bytes: int = 4 * 2**30) -> pathlib.Path:
+    """Writes an HF checkpoint folder: config.json, model.safetensors (sharded with an index
+    above `max_shard_bytes`), generation_config.json and, if given, the tokenizer files.
+
+    dtype: tensor dtype on disk (default: the model's param dtype).
+    """
+    cfg: ModelConfig = model.cfg
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    _, state = nnx.split(model, nnx.Param)
+    values = {p: v for p, v in nnx.to_flat_state(state)}
+    groups = []  # one group per parameter: its HF tensors, written together
+    for rule in _TABLES[cfg.arch](cfg):
+        shape = values[rule.ours].shape
+        names = [rule.hf.format(i=i) for i in range(cfg.num_layers)] if rule.layered else [rule.hf]
+        hf_shape = _hf_shape(rule, cfg, shape[1:] if rule.layered else shape)
+        groups.append((rule, [(n, hf_shape, dtype) for n in names]))
+
+    shards, size = [[]], 0
+    for group in groups:
+        nbytes = sum(dtype.itemsize * int(np.prod(s)) for _, s, _ in group[1])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(group)
+        size += nbytes
+
+    def produce(shard_groups):
+        for rule, tensors in shard_groups:
+            host = _host(values[rule.ours][...])
+            parts = list(host) if rule.layered else [host]
+            for (name, _, _), part in zip(tensors, parts, strict=True):
+                yield name, np.asarray(rule.to_hf(part, cfg)).astype(dtype)
+
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        declared = [t for _, tensors in shard for t in tensors]
+        write_file(out / name, declared, produce(shard))
+        for tname, shape, _ in declared:
+            weight_map[tname] = name
+            total += dtype.itemsize * int(np.prod(shape))
+    stale = [out / INDEX_FILE] if len(shards) == 1 else [out / SINGLE_FILE]
+    if len(shards) > 1:
+        _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for path in stale:
+        path.unlink(missing_ok=True)
+    _write_json(out / "generation_config.json", hf_configs.generation_config(cfg))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    _write_json(out / "config.json", config_to_hf(cfg, dtype=str(jnp.dtype(dtype))))
+    return out
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,115 @@
+"""The Llama family (Llama-2, Mistral, Qwen2, SmolLM2) as one Flax NNX module with explicit switches.
+
+Switches: GQA (`num_kv_heads`), `head_dim`, RoPE theta, RMSNorm eps, q/k/v bias (Qwen2), tied
+or untied embeddings, and Mistral's sliding window (enforced in the attention mask).
+Reads like HF's `modeling_llama.py`: pre-norm blocks, RoPE on q and k, SwiGLU MLP.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pdpo_jax.models import common
+from pdpo_jax.models.common import KVCache, ModelConfig, param
+
+_normal = jax.nn.initializers.normal(0.02)
+_zeros = jax.nn.initializers.zeros
+_ones = jax.nn.initializers.ones
+
+
+def rms_norm(x_BTD, scale_D, eps: float):
+    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return scale_D.astype(x_BTD.dtype)[None, None] * x.astype(x_BTD.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, K, H, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.params_dtype
+        self.q_DNH = param(_normal, rngs.params(), (D, N, H), pd, ("embed", "heads", "head_dim"))
+        self.k_DKH = param(_normal, rngs.params(), (D, K, H), pd, ("embed", "kv_heads", "head_dim"))
+        self.v_DKH = param(_normal, rngs.params(), (D, K, H), pd, ("embed", "kv_heads", "head_dim"))
+        self.o_NHD = param(_normal, rngs.params(), (N, H, D), pd, ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:
+            self.q_bias_NH = param(_zeros, rngs.params(), (N, H), pd, ("heads", "head_dim"))
+            self.k_bias_KH = param(_zeros, rngs.params(), (K, H), pd, ("kv_heads", "head_dim"))
+            self.v_bias_KH = param(_zeros, rngs.params(), (K, H), pd, ("kv_heads", "head_dim"))
+
+    def __call__(self, x_BTD, positions_BT, mask_BTS, keys, kv_cache):
+        cfg, dt = self.cfg, x_BTD.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias_NH[...].astype(dt)[None, None]
+            k = k + self.k_bias_KH[...].astype(dt)[None, None]
+            v = v + self.v_bias_KH[...].astype(dt)[None, None]
+        q = common.rope(q, positions_BT, cfg.rope_theta)
+        k = common.rope(k, positions_BT, cfg.rope_theta)
+        out_BTNH, kv_cache = common.attend(cfg, q, k, v, mask_BTS, keys, kv_cache)
+        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(dt)), kv_cache
+
+
+class Mlp(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F, pd = cfg.d_model, cfg.mlp_dim, cfg.params_dtype
+        self.gate_DF = param(_normal, rngs.params(), (D, F), pd, ("embed", "mlp"))
+        self.up_DF = param(_normal, rngs.params(), (D, F), pd, ("embed", "mlp"))
+        self.down_FD = param(_normal, rngs.params(), (F, D), pd, ("mlp", "embed"))
+
+    def __call__(self, x_BTD):
+        dt = x_BTD.dtype
+        gate = jax.nn.silu(x_BTD @ self.gate_DF[...].astype(dt))
+        return (gate * (x_BTD @ self.up_DF[...].astype(dt))) @ self.down_FD[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, pd = cfg.d_model, cfg.params_dtype
+        self.attn_norm_D = param(_ones, rngs.params(), (D,), pd, ("norm",))
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm_D = param(_ones, rngs.params(), (D,), pd, ("norm",))
+        self.mlp = Mlp(cfg, rngs)
+
+    def __call__(self, h_BTD, positions_BT, mask_BTS, keys, kv_cache):
+        eps = self.cfg.norm_eps
+        attn_out, kv_cache = self.attn(rms_norm(h_BTD, self.attn_norm_D[...], eps),
+                                       positions_BT, mask_BTS, keys, kv_cache)
+        h_BTD = h_BTD + attn_out
+        h_BTD = h_BTD + self.mlp(rms_norm(h_BTD, self.mlp_norm_D[...], eps))
+        return h_BTD, kv_cache
+
+
+class Llama(nnx.Module):
+    """Decoder LM: `logits_BTV, cache = model(tokens_BT, positions_BT, attention_mask_BT, cache)`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.arch != "llama":
+            raise ValueError(f"Llama needs cfg.arch='llama', got {cfg.arch!r}")
+        self.cfg = cfg
+        V, D, pd = cfg.vocab_size, cfg.d_model, cfg.params_dtype
+        self.embed_VD = param(_normal, rngs.params(), (V, D), pd, ("vocab", "embed"))
+        self.layers = common.make_stacked_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        self.final_norm_D = param(_ones, rngs.params(), (D,), pd, ("norm",))
+        if not cfg.tie_embeddings:
+            self.lm_head_VD = param(_normal, rngs.params(), (V, D), pd, ("vocab", "embed"))
+
+    def unembedding_VD(self) -> jax.Array:
+        return self.embed_VD[...] if self.cfg.tie_embeddings else self.lm_head_VD[...]
+
+    def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache."""
+        cfg = self.cfg
+        h = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cfg.compute_dtype)
+        h, cache = common.scan_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache)
+        return rms_norm(h, self.final_norm_D[...], cfg.norm_eps), cache
+
+    def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
+        h, cache = self.hidden_states(tokens_BT, positions_BT, attention_mask_BT, cache)
+        return common.logits_from_hidden(h, self.unembedding_VD()), cache

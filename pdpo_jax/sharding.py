@@ -1,0 +1,111 @@
+"""Logical axis names → mesh axes: one short ordered rules table, and the helpers that apply it.
+
+Every parameter names its axes (`embed`, `vocab`, `heads`, …); sharding is a lookup in this
+table, so a model file never mentions a mesh. A name missing from the table is an error.
+The mesh has at most three axes: `data` (pure data parallel), `fsdp` (data parallel with
+parameters and optimizer state sharded), `tensor` (Megatron-style tensor parallel).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import functools
+import logging
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+# Training: parameters are FSDP-sharded on `embed` and tensor-parallel on the head/mlp/vocab axes.
+TRAIN_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("qkv", None),
+    ("positions", None),
+    ("norm", None),
+    ("bias", None),
+)
+
+# Sampling: no optimizer state to spread, and gathering `embed` every decode step is waste,
+# so weights are only tensor-parallel; the batch is spread over data and fsdp.
+SAMPLING_RULES = tuple((name, None if name == "embed" else axes) for name, axes in TRAIN_RULES)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one axis may be -1 to take the devices left over."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide by the fixed mesh axes ({known})")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} must equal the "
+                         f"{len(devices)} devices; set mesh.data/fsdp/tensor")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, *,
+                    rules=TRAIN_RULES, mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec for a tensor whose axes carry `names`.
+
+    A mesh axis is used at most once per tensor (first come, first served), and size-1 mesh
+    axes are dropped. With `shape` and `mesh`, a dimension that does not divide its mesh axes
+    (GPT-2's vocab of 50,257, 3 kv heads on tensor=2) is replicated instead, with a warning:
+    padding it would change the model that is exported.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; add it to the rules "
+                             f"table (known: {sorted(table)})")
+        axes = table[name]
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+        if shape is not None and mesh is not None and axes:
+            n = int(np.prod([mesh.shape[a] for a in axes]))
+            if shape[i] % n:
+                _warn_once(f"axis {name!r} of size {shape[i]} does not divide mesh axes {axes} "
+                           f"(size {n}); it is replicated")
+                axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def variable_names(variable) -> tuple[str, ...]:
+    names = variable.get_metadata().get("out_sharding")
+    if names is None:
+        raise ValueError(f"parameter of shape {variable.shape} carries no logical axis names")
+    return tuple(names)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=TRAIN_RULES) -> nnx.State:
+    """A NamedSharding for every variable of an (abstract) nnx.State, from its axis names."""
+    def one(variable):
+        spec = logical_to_spec(variable_names(variable), variable.shape, rules=rules, mesh=mesh)
+        return NamedSharding(mesh, spec)
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

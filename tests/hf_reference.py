@@ -1,0 +1,67 @@
+"""Tiny random Hugging Face models built offline with torch: the independent reference for ports."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+TINY = dict(vocab_size=97, hidden=32, layers=2, heads=4, mlp=64, positions=64)
+
+
+def tiny_hf_config(family: str, **overrides) -> transformers.PretrainedConfig:
+    t = TINY
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=t["vocab_size"], n_embd=t["hidden"], n_layer=t["layers"], n_head=t["heads"],
+            n_positions=t["positions"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=0, eos_token_id=1)
+    else:
+        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config}[family]
+        kv = {"llama": t["heads"], "mistral": 2, "qwen2": 2}[family]
+        cfg = cls(vocab_size=t["vocab_size"], hidden_size=t["hidden"], intermediate_size=t["mlp"],
+                  num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                  num_key_value_heads=kv, max_position_embeddings=t["positions"],
+                  rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_hf_model(family: str, seed: int = 0, **overrides):
+    """A random HF causal LM whose every parameter (norms and biases too) is non-trivial."""
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model.eval()
+
+
+def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """HF logits with positions counted from each row's first real token (left padding)."""
+    tokens_t = torch.as_tensor(tokens, dtype=torch.long)
+    if attention_mask is None:
+        attention_mask = np.ones_like(tokens)
+    mask_t = torch.as_tensor(attention_mask, dtype=torch.long)
+    positions = torch.clamp(mask_t.cumsum(-1) - 1, min=0)
+    with torch.no_grad():
+        out = model(input_ids=tokens_t, attention_mask=mask_t, position_ids=positions)
+    return out.logits.float().numpy()
+
+
+def left_padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], pad_id: int = 0):
+    """tokens [B, T], mask [B, T], positions [B, T] for rows of the given lengths, left-padded."""
+    T = max(lengths)
+    tokens = np.full((len(lengths), T), pad_id, np.int32)
+    mask = np.zeros((len(lengths), T), bool)
+    for b, n in enumerate(lengths):
+        tokens[b, T - n:] = rng.integers(2, vocab, n)
+        mask[b, T - n:] = True
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return tokens, mask, positions
