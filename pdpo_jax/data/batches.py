@@ -1,0 +1,99 @@
+"""Collating encodings into numpy batches (the layouts every step and sampler takes).
+
+Training batches are RIGHT-padded; masks come from lengths, never from `token != pad`, so an EOS
+that equals the pad id still counts in the loss. A `None` example is a fully-masked padding row.
+
+SFT, one row per example (B rows, T = the batch's bucket length):
+    tokens          int32[B, T]  prompt ids, response ids, then pad
+    positions       int32[B, T]  0..len-1 on real tokens, 0 on padding
+    attention_mask  bool[B, T]   True on real tokens
+    loss_mask       bool[B, T]   True iff tokens[b, t] is a response token (EOS included): the
+                                 logits at t-1 are scored against tokens[t]
+Preference: the SFT layout twice, keys prefixed `chosen_` and `rejected_`, one shared T.
+Prompts, LEFT-padded so every row's last prompt token sits at T-1 (sampling / scoring):
+    tokens int32[B, T], positions int32[B, T] (0 at the first real token, 0 on padding),
+    attention_mask bool[B, T], index int32[B] (example index, -1 on padding rows)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pdpo_jax.data.encode import Encoded, EncodedPair
+
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length, so jitted steps see only len(buckets) sequence lengths."""
+    for bucket in sorted(buckets):
+        if length <= bucket:
+            return bucket
+    raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}; "
+                     "encode with max_total_tokens <= the largest bucket or add a bucket")
+
+
+def sft_batch(examples: Sequence[Encoded | None], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded SFT batch of len(examples) rows and seq_len columns (layout: module doc)."""
+    rows = [None if e is None else (e.prompt_ids, e.response_ids) for e in examples]
+    return _right_padded(rows, seq_len, pad_id)
+
+
+def preference_batch(examples: Sequence[EncodedPair | None], seq_len: int,
+                     pad_id: int) -> dict[str, np.ndarray]:
+    """chosen_* and rejected_* SFT layouts over one shared prompt, both seq_len long."""
+    batch = {}
+    for side in ("chosen", "rejected"):
+        rows = [None if e is None else (e.prompt_ids, getattr(e, f"{side}_ids")) for e in examples]
+        batch |= {f"{side}_{k}": v for k, v in _right_padded(rows, seq_len, pad_id).items()}
+    return batch
+
+
+def prompt_batch(prompts: Sequence[np.ndarray | Encoded | EncodedPair | None], seq_len: int,
+                 pad_id: int, index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Left-padded prompt batch; `index` (default 0..B-1, -1 for None rows) labels the rows."""
+    b = len(prompts)
+    tokens = np.full((b, seq_len), pad_id, np.int32)
+    positions = np.zeros((b, seq_len), np.int32)
+    attention = np.zeros((b, seq_len), bool)
+    for row, prompt in enumerate(prompts):
+        if prompt is None:
+            continue
+        ids = getattr(prompt, "prompt_ids", prompt)
+        n = _check_fits(len(ids), seq_len)
+        tokens[row, seq_len - n:] = ids
+        positions[row, seq_len - n:] = np.arange(n)
+        attention[row, seq_len - n:] = True
+    if index is None:
+        index = [-1 if p is None else i for i, p in enumerate(prompts)]
+    return {"tokens": tokens, "positions": positions, "attention_mask": attention,
+            "index": np.asarray(index, np.int32).reshape(b)}
+
+
+def _right_padded(rows: Sequence[tuple[np.ndarray, np.ndarray] | None], seq_len: int,
+                  pad_id: int) -> dict[str, np.ndarray]:
+    b = len(rows)
+    tokens = np.full((b, seq_len), pad_id, np.int32)
+    positions = np.zeros((b, seq_len), np.int32)
+    attention = np.zeros((b, seq_len), bool)
+    loss = np.zeros((b, seq_len), bool)
+    for row, pair in enumerate(rows):
+        if pair is None:
+            continue
+        prompt, response = pair
+        p = len(prompt)
+        if p == 0:
+            raise ValueError("empty prompt: the first response token would have no logits to score it")
+        n = _check_fits(p + len(response), seq_len)
+        tokens[row, :p], tokens[row, p:n] = prompt, response
+        positions[row, :n] = np.arange(n)
+        attention[row, :n] = True
+        loss[row, p:n] = True
+    return {"tokens": tokens, "positions": positions, "attention_mask": attention, "loss_mask": loss}
+
+
+def _check_fits(n: int, seq_len: int) -> int:
+    if n > seq_len:
+        raise ValueError(f"example of {n} tokens does not fit seq_len {seq_len}")
+    return n
