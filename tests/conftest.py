@@ -6,7 +6,10 @@ here for the whole session (sharded-step tests build meshes from them).
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake CPU devices for sharded tests; optimisation level 0 halves XLA:CPU compile time,
+# which dominates a suite of tiny models (numerics are unchanged: no fast-math either way).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_backend_optimization_level=0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -17,6 +20,10 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+# Tests compile the same small programs many times (per mesh, per family): share them.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "PDPO_TEST_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "pdpo-jax-test-cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,84 @@
+"""Per-token and per-sequence log-probabilities of response tokens, without a B×T×V fp32 tensor.
+
+One code path for the SFT loss, both DPO forwards and Dialogue-NLI scoring:
+  1. run the model to final hidden states h_BTD (no logits);
+  2. keep only the positions that predict a response token (`response_window`), so the
+     prompt never goes through the LM head;
+  3. log p(y) = h·W[y] − logsumexp(h·Wᵀ), in fp32, chunked over time with rematerialisation
+     so at most [B, chunk, V] logits exist at once, forward or backward. Gathering W[y]
+     instead of indexing the logits keeps the gradient a [B, T, D] scatter, not [B, T, V].
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def response_window(loss_mask_BT, window: int):
+    """Indices of the `window` positions whose next token starts the response.
+
+    Rows are [prompt | response | pad] (right-padded, response contiguous). Returns
+    (pred_idx_BR, target_idx_BR, valid_BR): position t = pred_idx predicts token t+1.
+    """
+    B, T = loss_mask_BT.shape
+    start_B = jnp.argmax(loss_mask_BT, axis=1)  # first response token
+    target_BR = start_B[:, None] + jnp.arange(window)[None, :]
+    valid_BR = jnp.take_along_axis(loss_mask_BT, jnp.clip(target_BR, 0, T - 1), axis=1)
+    valid_BR = valid_BR & (target_BR < T)
+    target_BR = jnp.clip(target_BR, 1, T - 1)
+    return target_BR - 1, target_BR, valid_BR
+
+
+def token_logps(h_BRD, unembed_VD, targets_BR, chunk: int = 128):
+    """fp32 log p(targets) [B, R] from hidden states, `chunk` time steps of logits at a time."""
+    B, R, D = h_BRD.shape
+    chunk = min(chunk, R)
+    pad = (-R) % chunk
+    if pad:
+        h_BRD = jnp.pad(h_BRD, ((0, 0), (0, pad), (0, 0)))
+        targets_BR = jnp.pad(targets_BR, ((0, 0), (0, pad)))
+    n = h_BRD.shape[1] // chunk
+    w = unembed_VD.astype(h_BRD.dtype)
+
+    @jax.checkpoint
+    def one(h_BCD, y_BC):
+        logits = jnp.einsum("BCD,VD->BCV", h_BCD, w, preferred_element_type=jnp.float32)
+        target = jnp.einsum("BCD,BCD->BC", h_BCD, jnp.take(w, y_BC, axis=0),
+                            preferred_element_type=jnp.float32)
+        return target - jax.nn.logsumexp(logits, axis=-1)
+
+    h_nBCD = h_BRD.reshape(B, n, chunk, D).swapaxes(0, 1)
+    y_nBC = targets_BR.reshape(B, n, chunk).swapaxes(0, 1)
+    out = jax.lax.map(lambda xs: one(*xs), (h_nBCD, y_nBC))
+    return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :R]
+
+
+def response_logps(model, tokens_BT, positions_BT, attention_mask_BT, loss_mask_BT, *,
+                   window: int | None = None, chunk: int = 128):
+    """Per-token log-probs of the response tokens and their mask, both [B, R].
+
+    window: static number of response positions to score (≥ the longest response in the
+    batch); None scores every position (R = T - 1).
+    """
+    h_BTD, _ = model.hidden_states(tokens_BT, positions_BT, attention_mask_BT)
+    if window is None:
+        pred, targets, valid = _all_positions(loss_mask_BT)
+    else:
+        pred, targets, valid = response_window(loss_mask_BT, window)
+    h_BRD = jnp.take_along_axis(h_BTD, pred[..., None], axis=1)
+    y_BR = jnp.take_along_axis(tokens_BT, targets, axis=1)
+    logp = token_logps(h_BRD, model.unembedding_VD(), y_BR, chunk)
+    return jnp.where(valid, logp, 0.0), valid
+
+
+def _all_positions(loss_mask_BT):
+    B, T = loss_mask_BT.shape
+    pred = jnp.broadcast_to(jnp.arange(T - 1)[None, :], (B, T - 1))
+    return pred, pred + 1, loss_mask_BT[:, 1:].astype(bool)
+
+
+def sequence_logps(model, batch: dict, prefix: str = "", **kw):
+    """Sum of response-token log-probs per row [B] and the response lengths [B]."""
+    logp, valid = response_logps(model, batch[prefix + "tokens"], batch[prefix + "positions"],
+                                 batch[prefix + "attention_mask"], batch[prefix + "loss_mask"], **kw)
+    return logp.sum(axis=1), valid.sum(axis=1)

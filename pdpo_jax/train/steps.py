@@ -1,0 +1,166 @@
+"""SFT and DPO training steps: pure functions of (state, [ref_params,] batch), jitted once.
+
+Batches carry a leading micro-batch axis A (gradient accumulation): every leaf is [A, B, ...].
+Gradients are summed over micro-batches and normalised once by the global count (response
+tokens for SFT, real pairs for DPO), so A×B equals one step of A·B exactly.
+A non-finite loss or gradient leaves params and optimizer state untouched and is reported
+in `metrics["finite"]`; the loop stops on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pdpo_jax.train import losses
+from pdpo_jax.train.logprobs import response_logps, sequence_logps
+
+FIELDS = ("tokens", "positions", "attention_mask", "loss_mask")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of the policy's parameters
+    opt_state: Any
+
+
+def _zeros_like(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _apply(state: TrainState, tx, grads, finite):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new = TrainState(state.step + finite.astype(jnp.int32), keep(params, state.params),
+                     keep(opt_state, state.opt_state))
+    norms = {"grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
+             "param_norm": optax.global_norm(new.params)}
+    return new, norms
+
+
+def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: int | None,
+                  chunk: int = 128):
+    """step(state, batch) -> (state, metrics); token-normalised next-token NLL on responses."""
+    def nll(params, mb):
+        model = nnx.merge(graphdef, params)
+        logp, valid = response_logps(model, *(mb[f] for f in FIELDS), window=window, chunk=chunk)
+        return losses.token_nll_sum(logp, valid)
+
+    def step(state: TrainState, batch):
+        def body(carry, mb):
+            grads, nll_sum, count = carry
+            (micro_nll, micro_count), g = jax.value_and_grad(nll, has_aux=True)(state.params, mb)
+            return (jax.tree.map(jnp.add, grads, g), nll_sum + micro_nll, count + micro_count), None
+
+        init = (_zeros_like(state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, nll_sum, count), _ = jax.lax.scan(body, init, batch)
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = nll_sum / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        lr = lr_schedule(state.step)
+        state, norms = _apply(state, tx, grads, finite)
+        return state, {"loss": loss, "tokens": count, "learning_rate": lr, "finite": finite, **norms}
+
+    return step
+
+
+def pair_logps(graphdef, params, mb, *, window, chunk):
+    """Chosen and rejected in one forward (concatenated on the batch axis): 4 arrays [B]."""
+    model = nnx.merge(graphdef, params)
+    both = {f: jnp.concatenate([mb["chosen_" + f], mb["rejected_" + f]]) for f in FIELDS}
+    logp_sum, length = sequence_logps(model, both, window=window, chunk=chunk)
+    b = mb["chosen_tokens"].shape[0]
+    return logp_sum[:b], logp_sum[b:], length[:b], length[b:]
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoObjective:
+    loss: str = "sigmoid"
+    beta: float = 0.5
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+
+    def __call__(self, lp: losses.PairLogps):
+        if self.loss not in losses.PREFERENCE_LOSSES:
+            raise ValueError(f"dpo.loss={self.loss!r}; choose one of {sorted(losses.PREFERENCE_LOSSES)}")
+        per_pair = losses.PREFERENCE_LOSSES[self.loss](lp, self.beta, label_smoothing=self.label_smoothing)
+        if self.rpo_alpha:
+            per_pair = per_pair + self.rpo_alpha * losses.rpo_nll(lp)
+        return per_pair
+
+
+def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: DpoObjective, *,
+                  window: int | None, chunk: int = 128, precomputed_ref: bool = False):
+    """step(state, ref_params, batch) -> (state, metrics).
+
+    Reference log-probs come first, under stop_gradient and outside value_and_grad (or from
+    the batch's `ref_chosen_logps`/`ref_rejected_logps` when precomputed); `ref_params` is a
+    separate frozen argument. Metrics are trl's, averaged over the real pairs of the global batch.
+    """
+    def reference(ref_params, mb):
+        if precomputed_ref:
+            return mb["ref_chosen_logps"], mb["ref_rejected_logps"]
+        rc, rr, _, _ = pair_logps(graphdef, ref_params, mb, window=window, chunk=chunk)
+        return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+
+    def step(state: TrainState, ref_params, batch):
+        def body(carry, mb):
+            grads, sums = carry
+            ref_c, ref_r = reference(ref_params, mb)
+
+            def loss_of(params):
+                pc, pr, nc, nr = pair_logps(graphdef, params, mb, window=window, chunk=chunk)
+                lp = losses.PairLogps(pc, pr, ref_c, ref_r, nc, nr)
+                real = (nc > 0) & (nr > 0)  # padding rows carry no response
+                per_pair = jnp.where(real, objective(lp), 0.0)
+                stats = {k: jnp.sum(jnp.where(real, v, 0.0))
+                         for k, v in losses.preference_metrics(lp, objective.beta).items()}
+                return jnp.sum(per_pair), {"pairs": jnp.sum(real), **stats}
+
+            (loss_sum, stats), g = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+            sums = jax.tree.map(jnp.add, sums, {"loss": loss_sum, **stats})
+            return (jax.tree.map(jnp.add, grads, g), sums), None
+
+        zero_stats = {k: jnp.zeros((), jnp.float32) for k in ("loss", *losses.METRIC_NAMES)}
+        zero_stats["pairs"] = jnp.zeros((), jnp.int32)
+        (grads, sums), _ = jax.lax.scan(body, (_zeros_like(state.params), zero_stats), batch)
+        pairs = jnp.maximum(sums.pop("pairs"), 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / pairs, grads)
+        metrics = {k: v / pairs for k, v in sums.items()}
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
+        lr = lr_schedule(state.step)
+        state, norms = _apply(state, tx, grads, finite)
+        return state, {**metrics, "pairs": pairs, "learning_rate": lr, "finite": finite, **norms}
+
+    return step
+
+
+def make_dpo_eval(graphdef, objective: DpoObjective, *, window, chunk=128):
+    """eval(params, ref_params, batch [B,...]) -> per-metric sums and the pair count."""
+    def evaluate(params, ref_params, mb):
+        rc, rr, _, _ = pair_logps(graphdef, ref_params, mb, window=window, chunk=chunk)
+        pc, pr, nc, nr = pair_logps(graphdef, params, mb, window=window, chunk=chunk)
+        lp = losses.PairLogps(pc, pr, rc, rr, nc, nr)
+        real = (nc > 0) & (nr > 0)
+        out = {k: jnp.sum(jnp.where(real, v, 0.0))
+               for k, v in losses.preference_metrics(lp, objective.beta).items()}
+        out["loss"] = jnp.sum(jnp.where(real, objective(lp), 0.0))
+        return out, jnp.sum(real)
+    return evaluate
+
+
+def make_sft_eval(graphdef, *, window, chunk=128):
+    """eval(params, batch [B,...]) -> (NLL sum, token count)."""
+    def evaluate(params, mb):
+        model = nnx.merge(graphdef, params)
+        logp, valid = response_logps(model, *(mb[f] for f in FIELDS), window=window, chunk=chunk)
+        return losses.token_nll_sum(logp, valid)
+    return evaluate

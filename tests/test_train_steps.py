@@ -1,0 +1,123 @@
+"""SFT and DPO steps: step-0 DPO loss, gradient accumulation, and sharded == unsharded."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from batches import micro, pair_rows, sft_rows
+from pdpo_jax import sharding
+from pdpo_jax.config import OptimizerConfig
+from pdpo_jax.models import ModelConfig
+from pdpo_jax.train import optim, state as st
+from pdpo_jax.train.steps import DpoObjective, make_dpo_step, make_sft_step
+
+CFG = ModelConfig(arch="llama", vocab_size=64, d_model=32, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, mlp_dim=64, norm_eps=1e-5, max_positions=64)
+# Adam divides by sqrt(v) + eps: with eps=1e-8 a gradient entry near 0 turns rounding noise
+# into an O(lr) update, so equality tests of updated params use a well-conditioned eps.
+OPT = OptimizerConfig(lr=1e-2, warmup_ratio=0.0, schedule="constant", eps=1e-3)
+
+
+def _setup(mesh_shape=(1, 1, 1), total=10):
+    devices = jax.devices()[:int(np.prod(mesh_shape))]
+    mesh = sharding.make_mesh(*mesh_shape, devices=devices)
+    graphdef, params = st.init_params(CFG, mesh, seed=0)
+    tx, lr = optim.make_optimizer(OPT, total)
+    state, state_sh = st.create_state(params, tx, mesh)
+    return mesh, graphdef, tx, lr, state, state_sh
+
+
+def _sft_batch(B=8, seed=0):
+    rng = np.random.default_rng(seed)
+    specs = [(int(rng.integers(2, 10)), int(rng.integers(1, 8))) for _ in range(B)]
+    return sft_rows(rng, 64, specs, T=20)
+
+
+def _dpo_batch(B=8, seed=0):
+    rng = np.random.default_rng(seed)
+    specs = [(int(rng.integers(2, 10)), int(rng.integers(1, 8)), int(rng.integers(1, 8))) for _ in range(B)]
+    return pair_rows(rng, 64, specs, T=20)
+
+
+@functools.cache
+def _reference_runs():
+    """One-device SFT and DPO runs, shared by the sharded comparisons."""
+    return _run_sft((1, 1, 1), _sft_batch()), _run_dpo((1, 1, 1), _dpo_batch())
+
+
+def _run_sft(mesh_shape, batch, A=1, steps=2):
+    mesh, graphdef, tx, lr, state, state_sh = _setup(mesh_shape)
+    step = st.jit_sft_step(make_sft_step(graphdef, tx, lr, window=8, chunk=4), state_sh, mesh)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, st.shard_batch(micro(batch, A), mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params)
+
+
+def _run_dpo(mesh_shape, batch, steps=2, objective=DpoObjective()):
+    mesh, graphdef, tx, lr, state, state_sh = _setup(mesh_shape)
+    ref = jax.tree.map(lambda x: x.copy(), state.params)
+    step = st.jit_dpo_step(make_dpo_step(graphdef, tx, lr, objective, window=8, chunk=4), state_sh, mesh)
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, ref, st.shard_batch(micro(batch), mesh))
+        history.append(jax.device_get(metrics))
+    return history, jax.device_get(state.params)
+
+
+def test_dpo_step_zero_loss_is_log2_and_learns():
+    history, _ = _run_dpo((1, 1, 1), _dpo_batch(), steps=3)
+    assert history[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-6)
+    assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert history[0]["pairs"] == 8
+    assert history[2]["loss"] < history[0]["loss"]
+    assert history[2]["rewards/accuracies"] > 0.5
+
+
+def test_sft_gradient_accumulation_equals_big_batch():
+    batch = _sft_batch(B=8)
+    big, big_params = _run_sft((1, 1, 1), batch, A=1)
+    acc, acc_params = _run_sft((1, 1, 1), batch, A=4)
+    np.testing.assert_allclose(acc, big, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), acc_params, big_params)
+
+
+# fp32 on CPU: sharded matmuls reduce partial sums in a different order, so results agree to
+# ~1e-6 relative, not bitwise; 1e-5 relative (and 1e-6 absolute for tiny entries) bounds it.
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_sft_and_dpo_equal_one_device(mesh_shape):
+    sft_batch, dpo_batch = _sft_batch(), _dpo_batch()
+    (ref_losses, ref_params), (ref_hist, ref_dpo) = _reference_runs()
+    losses, params = _run_sft(mesh_shape, sft_batch)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+    hist, dpo = _run_dpo(mesh_shape, dpo_batch)
+    np.testing.assert_allclose([h["loss"] for h in hist], [h["loss"] for h in ref_hist], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), dpo, ref_dpo)
+
+
+def test_nan_loss_leaves_state_untouched():
+    mesh, graphdef, tx, lr, state, state_sh = _setup()
+    step = st.jit_sft_step(make_sft_step(graphdef, tx, lr, window=8), state_sh, mesh)
+    before = jax.device_get(state.params)
+    poisoned = jax.tree.map(lambda x: x, state)
+    poisoned.params["embed_VD"].value = poisoned.params["embed_VD"][...].at[:].set(jnp.nan)
+    out, metrics = step(poisoned, st.shard_batch(micro(_sft_batch()), mesh))
+    assert not bool(metrics["finite"]) and int(out.step) == 0
+
+
+def test_indivisible_batch_is_a_clear_error():
+    mesh = sharding.make_mesh(8, 1, 1)
+    with pytest.raises(ValueError, match="global batch size 6 must be divisible by data\\*fsdp = 8"):
+        st.shard_batch(micro(_sft_batch(B=6)), mesh)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    import jax.tree_util as jtu
+    _, graphdef, _, _, state, _ = _setup()
+    flags = {jtu.keystr(p): optim.decays(p) for p, _ in jtu.tree_flatten_with_path(state.params)[0]}
+    assert any("q_DNH" in k and v for k, v in flags.items())
+    assert all(not v for k, v in flags.items() if "norm" in k)
