@@ -150,7 +150,10 @@ def encode_records(tokenizer: Any, template: str | PromptTemplate,
 
 
 def special_ids(tokenizer: Any) -> tuple[int | None, int]:
-    """(BOS id if the tokenizer adds one, EOS id). Cached per tokenizer object."""
+    """(BOS id if the tokenizer adds one, EOS id).
+
+    Cached per tokenizer object: set add_bos_token / eos_token before the first encode_pair.
+    """
     return _special_ids(tokenizer)
 
 
@@ -256,23 +259,38 @@ def _fit_prompt(tokenizer: Any, template: PromptTemplate, persona: Sequence[str]
     """
     if template.chat:
         history = _chat_history(history)
-    step = 2 if template.chat else 1
-    drops = list(range(0, max(len(history), 1), step))  # candidate counts of dropped turns
+    drops = list(range(0, max(len(history), 1), 2 if template.chat else 1))  # allowed cut counts
     ids = _prompt_ids(tokenizer, template, persona, history)
     if len(ids) <= budget:
         return ids, 0
-    lo, hi = 1, len(drops) - 1  # binary search: fewer turns never make a longer prompt
-    best = None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        candidate = _prompt_ids(tokenizer, template, persona, history[drops[mid]:])
-        if len(candidate) <= budget:
-            best, hi = (candidate, drops[mid]), mid - 1
-        else:
-            lo = mid + 1
+
+    def attempt(j: int) -> np.ndarray | None:
+        candidate = _prompt_ids(tokenizer, template, persona, history[drops[j]:])
+        return candidate if len(candidate) <= budget else None
+
+    # Start where the turns' own token counts say the excess is covered, then walk to the exact
+    # answer: usually one or two tokenizations instead of a search over long prompts.
+    j = _estimated_cut(tokenizer, history, drops, len(ids) - budget)
+    best = attempt(j)
+    while best is None and j + 1 < len(drops):
+        j += 1
+        best = attempt(j)
     if best is None:
         raise DoesNotFit("prompt_too_long", f"persona + latest turn need more than {budget} tokens")
-    return best
+    while j > 1 and (shorter_cut := attempt(j - 1)) is not None:
+        j, best = j - 1, shorter_cut
+    return best, drops[j]
+
+
+def _estimated_cut(tokenizer: Any, history: tuple[str, ...], drops: list[int], excess: float) -> int:
+    """Index into `drops` of the first cut whose turns hold at least `excess` tokens (estimate)."""
+    if len(drops) < 2:
+        return 0
+    turns = tokenizer(list(history[:drops[-1]]), add_special_tokens=False)["input_ids"]
+    counts = [len(x) for x in turns]
+    cumulative = np.concatenate([[0], np.cumsum(counts)])
+    reached = [j for j in range(1, len(drops)) if cumulative[drops[j]] >= excess]
+    return reached[0] if reached else len(drops) - 1
 
 
 def _prompt_ids(tokenizer: Any, template: PromptTemplate, persona: Sequence[str],

@@ -27,7 +27,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from pdpo_jax.data.batches import DEFAULT_BUCKETS, bucket_length, preference_batch, prompt_batch, sft_batch
+from pdpo_jax.data.batches import (DEFAULT_BUCKETS, bucket_length, preference_batch, prompt_batch,
+                                   sft_batch)
 from pdpo_jax.data.encode import Encoded, EncodedPair
 
 
@@ -95,13 +96,18 @@ class BatchIterator(grain.DatasetIterator):
 
 
 def sft_batches(examples: Sequence[Encoded], *, batch_size: int, pad_id: int, **kwargs: Any) -> Batches:
-    """Batches of `batches.sft_batch` layout; kwargs: see `_batches`."""
+    """Batches of `batches.sft_batch` layout.
+
+    Options (all three builders): buckets=DEFAULT_BUCKETS, seed=0, shuffle=True,
+    drop_remainder=True, num_epochs=1 (None streams forever), process_index / process_count
+    (default jax.process_index() / jax.process_count()).
+    """
     return _batches(examples, [e.length for e in examples], "sft", batch_size, pad_id, **kwargs)
 
 
 def preference_batches(examples: Sequence[EncodedPair], *, batch_size: int, pad_id: int,
                        **kwargs: Any) -> Batches:
-    """Batches of `batches.preference_batch` layout; kwargs: see `_batches`."""
+    """Batches of `batches.preference_batch` layout; options as for `sft_batches`."""
     return _batches(examples, [e.length for e in examples], "preference", batch_size, pad_id,
                     **kwargs)
 
@@ -128,7 +134,6 @@ def _batches(examples: Sequence[Any], lengths: Sequence[int], kind: str,
              seed: int = 0, shuffle: bool = True, drop_remainder: bool = True,
              num_epochs: int | None = 1, process_index: int | None = None,
              process_count: int | None = None) -> Batches:
-    """num_epochs=None streams forever; process_* default to jax.process_index()/process_count()."""
     host, hosts = _host(process_index, process_count)
     if batch_size <= 0 or batch_size % hosts:
         raise ValueError(f"batch size {batch_size} must be a positive multiple of the process "
