@@ -42,13 +42,13 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    format: Literal["synthetic_persona_chat", "personachat", "personachat_json", "jsonl"] = \
-        "synthetic_persona_chat"
+    """Persona-dialogue files (format picked by name: .txt FbDialog, .csv Synthetic-Persona-Chat,
+    .json HF PersonaChat, .jsonl generic; optionally .gz). Empty: the embedded default data."""
     train: str = ""
     dev: str = ""
     template: str = "english"
-    max_prompt_tokens: int = 384
-    max_response_tokens: int = 64
+    max_total_tokens: int = 512
+    max_response_tokens: int = 64  # EOS included; longer replies are dropped and counted
     buckets: tuple[int, ...] = (128, 256, 512)
     max_train_records: int | None = None
     max_dev_records: int | None = None

@@ -1,0 +1,51 @@
+"""Metrics go to JSONL (one object per line) and TensorBoard event files, side by side."""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+
+import numpy as np
+
+
+def _scalar(value):
+    value = np.asarray(value)
+    return value.item() if value.size == 1 else None
+
+
+class MetricsWriter:
+    def __init__(self, directory: str | pathlib.Path, tensorboard: bool = True):
+        self.directory = pathlib.Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.directory / "metrics.jsonl", "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
+        row = {"step": int(step), "time": time.time()}
+        for key, value in metrics.items():
+            scalar = _scalar(value)
+            if scalar is None:
+                continue
+            name = prefix + key
+            row[name] = scalar
+            if self._tb is not None and isinstance(scalar, (int, float)) and math.isfinite(scalar):
+                self._tb.add_scalar(name, scalar, int(step))
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        return row
+
+    def close(self):
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,345 @@
+"""Jitted KV-cache sampler: one prefill of the left-padded prompts, then a `lax.while_loop` decode.
+
+The compiled program depends only on a static `SamplingLoop` (model graph, `SamplingConfig`,
+mesh) and on the shapes [B, P]; prompt lengths are bucketed to a multiple of `prompt_bucket`
+and the batch is padded up to the mesh's data-parallel size, so few programs are compiled.
+
+Randomness is per row: sample j of prompt i draws step t with
+`fold_in(fold_in(fold_in(key(seed), example_id_i), j), t)`, so a row's samples do not depend on
+its batch neighbours, on the batch size or on n.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from pdpo_jax import sharding as shd
+from pdpo_jax.models.common import KVCache, logits_from_hidden
+from pdpo_jax.sampling.filters import sample_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. `greedy` ignores temperature/top_k/top_p; top_k=0 and top_p=1 are off.
+
+    eos_ids: tokens that end a row (the EOS is returned and counted in `lengths`); after it
+    the row emits `pad_id`. n: samples per prompt. logprobs: also return, per new token, its
+    log-probability under the model's unmodified distribution (temperature 1, no filters).
+    """
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_ids: tuple[int, ...] = ()
+    n: int = 1
+    seed: int = 0
+    pad_id: int = 0
+    logprobs: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0; for argmax decoding "
+                             "set greedy=True")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 switches top-k off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 switches top-p off)")
+        if self.n < 1:
+            raise ValueError(f"n={self.n} samples per prompt must be >= 1")
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Host-side result for B prompts; row i*n + j is sample j of prompt i.
+
+    tokens: int32 [B*n, max_new_tokens], `pad_id` past each row's length. lengths: int32
+    [B*n], new tokens including the EOS. finish_reason: 'stop' (an EOS was produced) or
+    'length'. logprobs: fp32 [B*n, max_new_tokens] (0 past the length) or None.
+    """
+    tokens: np.ndarray
+    lengths: np.ndarray
+    finish_reason: list[str]
+    logprobs: np.ndarray | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplerState:
+    """Loop carry; B counts every row (prompts x n, plus mesh padding), S = P + max_new_tokens.
+
+    tokens_BS: int32 prompt then new tokens; positions_B: position of the next token to feed;
+    done_B: row produced an EOS (or is padding); lengths_B: new tokens so far (incl. EOS);
+    keys_B: one PRNG key per row; step: new tokens so far, also the write column past P;
+    logprobs_BT: fp32 [B, max_new] or None.
+    """
+    tokens_BS: jax.Array
+    positions_B: jax.Array
+    done_B: jax.Array
+    lengths_B: jax.Array
+    keys_B: jax.Array
+    cache: KVCache
+    step: jax.Array
+    logprobs_BT: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingLoop:
+    """Everything static about generation (hashable: it is jit's static argument)."""
+    graphdef: nnx.GraphDef
+    cfg: SamplingConfig
+    mesh: Mesh | None = None
+
+    def prefill(self, params, tokens_BP, mask_BP):
+        """One model call over the whole left-padded prompt batch into a fresh cache.
+
+        Returns (logits of each row's last prompt token fp32 [B, V], cache, next positions
+        int32 [B]). Positions count from each row's first real token.
+        """
+        model = nnx.merge(self.graphdef, params)
+        B, P = tokens_BP.shape
+        positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1, dtype=jnp.int32) - 1, 0)
+        cache = self._constrain(KVCache.init(model.cfg, B, P + self.cfg.max_new_tokens))
+        # lm_head on the last column only: left padding puts every row's last token there.
+        h_BPD, cache = model.hidden_states(tokens_BP, positions_BP, mask_BP, cache)
+        logits_BV = logits_from_hidden(h_BPD[:, -1:], model.unembedding_VD())[:, 0]
+        return logits_BV, cache, jnp.sum(mask_BP, axis=1, dtype=jnp.int32)
+
+    def init_state(self, params, tokens_BP, mask_BP, live_B, example_ids_B, seed) -> SamplerState:
+        """Prefill once per prompt, repeat everything n times, and emit the first token."""
+        cfg, n = self.cfg, self.cfg.n
+        logits_BV, cache, next_pos_B = self.prefill(params, tokens_BP, mask_BP)
+        rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis) if n > 1 else x
+        cache = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), positions=rep(cache.positions),
+                        valid=rep(cache.valid), length=cache.length)
+        B = tokens_BP.shape[0] * n
+        new_BT = jnp.full((B, cfg.max_new_tokens), cfg.pad_id, jnp.int32)
+        state = SamplerState(
+            tokens_BS=jnp.concatenate([rep(tokens_BP.astype(jnp.int32)), new_BT], axis=1),
+            positions_B=rep(next_pos_B), done_B=~rep(live_B), lengths_B=jnp.zeros(B, jnp.int32),
+            keys_B=_row_keys(seed, example_ids_B, n), cache=self._constrain(cache),
+            step=jnp.zeros((), jnp.int32),
+            logprobs_BT=jnp.zeros((B, cfg.max_new_tokens), jnp.float32) if cfg.logprobs else None)
+        return self.emit(state, rep(logits_BV))
+
+    def emit(self, state: SamplerState, logits_BV) -> SamplerState:
+        """Pick each row's next token, write it at column P + step, update done/lengths."""
+        cfg = self.cfg
+        keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys_B, state.step)
+        token_B = sample_tokens(keys_B, logits_BV, greedy=cfg.greedy, temperature=cfg.temperature,
+                                top_k=cfg.top_k, top_p=cfg.top_p)
+        token_B = jnp.where(state.done_B, cfg.pad_id, token_B)
+        column = state.tokens_BS.shape[1] - cfg.max_new_tokens + state.step
+        tokens_BS = jax.lax.dynamic_update_slice(state.tokens_BS, token_B[:, None], (0, column))
+        logprobs_BT = state.logprobs_BT
+        if cfg.logprobs:
+            chosen_B = _chosen_logprob(logits_BV, token_B)
+            logprobs_BT = jax.lax.dynamic_update_slice(
+                logprobs_BT, jnp.where(state.done_B, 0.0, chosen_B)[:, None], (0, state.step))
+        return dataclasses.replace(
+            state, tokens_BS=tokens_BS, lengths_B=state.lengths_B + (~state.done_B),
+            done_B=state.done_B | _is_eos(token_B, cfg.eos_ids), step=state.step + 1,
+            logprobs_BT=logprobs_BT)
+
+    def cond_fn(self, state: SamplerState):
+        """Go on while there are tokens left to make and some row has not stopped."""
+        return (state.step < self.cfg.max_new_tokens) & ~jnp.all(state.done_B)
+
+    def body_fn(self, params, state: SamplerState) -> SamplerState:
+        """Feed the last emitted token of every row through the cache, emit the next one."""
+        model = nnx.merge(self.graphdef, params)
+        column = state.tokens_BS.shape[1] - self.cfg.max_new_tokens + state.step - 1
+        token_B1 = jax.lax.dynamic_slice_in_dim(state.tokens_BS, column, 1, axis=1)
+        # Stopped rows keep running (static batch) but their keys are marked invalid.
+        logits_B1V, cache = model(token_B1, state.positions_B[:, None], ~state.done_B[:, None],
+                                  state.cache)
+        state = dataclasses.replace(state, cache=cache, positions_B=state.positions_B + 1)
+        return self.emit(state, logits_B1V[:, 0])
+
+    def run(self, params, tokens_BP, mask_BP, live_B, example_ids_B, seed) -> SamplerState:
+        """The whole generation (prefill + decode loop); jitted by `_run`."""
+        state = self.init_state(params, tokens_BP, mask_BP, live_B, example_ids_B, seed)
+        return jax.lax.while_loop(self.cond_fn, lambda s: self.body_fn(params, s), state)
+
+    def _constrain(self, cache: KVCache) -> KVCache:
+        """Batch over data x fsdp and kv heads over tensor, as the sampling rules say."""
+        if self.mesh is None:
+            return cache
+        kv = self._sharding(("layers", "batch", None, "kv_heads", "head_dim"), cache.k.shape)
+        rows = self._sharding(("batch", None), cache.positions.shape)
+        wsc = jax.lax.with_sharding_constraint
+        return KVCache(k=wsc(cache.k, kv), v=wsc(cache.v, kv), positions=wsc(cache.positions, rows),
+                       valid=wsc(cache.valid, rows), length=cache.length)
+
+    def _sharding(self, names, shape) -> NamedSharding:
+        spec = shd.logical_to_spec(names, shape, rules=shd.SAMPLING_RULES, mesh=self.mesh)
+        return NamedSharding(self.mesh, spec)
+
+
+# One jit for every loop: the compile cache is keyed by the (hashable) loop and the shapes, so
+# Samplers built for the same model and config share their programs.
+_run = jax.jit(lambda loop, *args: loop.run(*args), static_argnums=0)
+
+
+def _row_keys(seed, example_ids_B, n: int):
+    """PRNG key [B*n]: fold_in(fold_in(key(seed), example id), sample index)."""
+    base = jax.random.key(seed)
+    ids = jnp.repeat(example_ids_B, n)
+    sample = jnp.tile(jnp.arange(n, dtype=jnp.int32), example_ids_B.shape[0])
+    return jax.vmap(lambda e, j: jax.random.fold_in(jax.random.fold_in(base, e), j))(ids, sample)
+
+
+def _is_eos(token_B, eos_ids: tuple[int, ...]):
+    if not eos_ids:
+        return jnp.zeros(token_B.shape, bool)
+    return jnp.any(token_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=1)
+
+
+def _chosen_logprob(logits_BV, token_B):
+    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BV, token_B[:, None], axis=1)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: padding, bucketing, placement on the mesh, and the result.
+
+
+def bucket_length(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple` (the prompt-length buckets)."""
+    return -(-n // multiple) * multiple
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None):
+    """Python lists of ids → (tokens int32 [B, length], mask bool [B, length]), left-padded."""
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token, and there must be one prompt")
+    length = length or max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, ids in enumerate(prompts):
+        if len(ids) > length:
+            raise ValueError(f"prompt {row} has {len(ids)} tokens, more than length={length}")
+        tokens[row, length - len(ids):] = ids
+        mask[row, length - len(ids):] = True
+    return tokens, mask
+
+
+class Sampler:
+    """Samples continuations from a model: `Sampler(model, cfg).generate([[ids], ...])`.
+
+    model: an nnx model or its `(graphdef, params)`. mesh: if given, params are placed with
+    `SAMPLING_RULES` (weights tensor-parallel, batch over data x fsdp) and the batch is padded
+    up to data*fsdp with dummy rows that are dropped from the output. prompt_bucket: prompt
+    lengths are rounded up to a multiple of it, so that few programs are compiled.
+    """
+
+    def __init__(self, model, cfg: SamplingConfig, *, mesh: Mesh | None = None,
+                 prompt_bucket: int = 32):
+        graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
+        self.model_cfg = nnx.merge(graphdef, params).cfg
+        self.cfg, self.mesh, self.prompt_bucket = cfg, mesh, prompt_bucket
+        self.loop = SamplingLoop(graphdef, cfg, mesh)
+        self.params = self._place_params(params)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None,
+                 example_ids: Sequence[int] | None = None, params=None) -> SampleOutput:
+        """Samples for python lists of prompt ids (any lengths); see `sample`."""
+        width = bucket_length(max(len(p) for p in prompts), self.prompt_bucket) if prompts else 0
+        tokens, mask = left_pad(prompts, self.cfg.pad_id, width)
+        return self.sample(tokens, mask, seed=seed, example_ids=example_ids, params=params)
+
+    def sample(self, tokens_BP, mask_BP, *, seed: int | None = None,
+               example_ids: Sequence[int] | None = None, params=None) -> SampleOutput:
+        """Samples for a left-padded batch: tokens int [B, P], mask bool [B, P].
+
+        seed: overrides cfg.seed (a traced value: no recompile). example_ids: int [B], the
+        index folded into each row's key (default 0..B-1); pass dataset indices to make a
+        prompt's samples independent of which batch it lands in. params: new weights of the
+        same structure (e.g. the policy after a training step), again without recompiling.
+        """
+        tokens_BP, mask_BP = self._check_prompts(np.asarray(tokens_BP), np.asarray(mask_BP))
+        B = tokens_BP.shape[0]
+        ids = np.arange(B) if example_ids is None else np.asarray(example_ids)
+        if ids.shape != (B,):
+            raise ValueError(f"example_ids has shape {ids.shape}; expected ({B},), one per prompt")
+        tokens_BP, mask_BP, live_B, ids_B = self._pad_batch(tokens_BP, mask_BP, ids)
+        args = self._place_batch(tokens_BP, mask_BP, live_B, ids_B.astype(np.int32))
+        seed = jnp.asarray(self.cfg.seed if seed is None else seed, jnp.uint32)
+        params = self.params if params is None else self._place_params(params)
+        state = _run(self.loop, params, *args, seed)
+        return self._output(state, rows=B * self.cfg.n)
+
+    def _check_prompts(self, tokens_BP, mask_BP):
+        """Refuses what would silently go wrong; pads the length up to its bucket."""
+        if tokens_BP.ndim != 2 or tokens_BP.shape != mask_BP.shape:
+            raise ValueError(f"tokens {tokens_BP.shape} and mask {mask_BP.shape} must both be [B, P]")
+        mask_BP = mask_BP.astype(bool)
+        if not mask_BP[:, -1].all() or (np.diff(mask_BP.astype(np.int8), axis=1) < 0).any():
+            raise ValueError("prompts must be left-padded and non-empty: each mask row is False* "
+                             "then True+ (use sampling.left_pad)")
+        vocab = self.model_cfg.vocab_size
+        if ((tokens_BP < 0) | (tokens_BP >= vocab))[mask_BP].any():
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), the model's vocab")
+        longest, new = int(mask_BP.sum(1).max()), self.cfg.max_new_tokens
+        if self.model_cfg.arch == "gpt2" and longest + new > self.model_cfg.max_positions:
+            raise ValueError(f"a {longest}-token prompt + max_new_tokens={new} exceeds the "
+                             f"{self.model_cfg.max_positions} learned positions of this model; "
+                             "shorten the prompt or lower max_new_tokens")
+        width = bucket_length(tokens_BP.shape[1], self.prompt_bucket) - tokens_BP.shape[1]
+        return (np.pad(tokens_BP, ((0, 0), (width, 0)), constant_values=self.cfg.pad_id),
+                np.pad(mask_BP, ((0, 0), (width, 0))))
+
+    def _pad_batch(self, tokens_BP, mask_BP, ids_B):
+        """Appends dummy rows (copies of row 0, born done) up to a multiple of data*fsdp."""
+        B = tokens_BP.shape[0]
+        extra = bucket_length(B, self._batch_divisor()) - B
+        take = np.concatenate([np.arange(B), np.zeros(extra, int)])
+        live_B = np.arange(B + extra) < B
+        ids_B = np.concatenate([ids_B, np.arange(B, B + extra)])
+        return tokens_BP[take], mask_BP[take], live_B, ids_B
+
+    def _batch_divisor(self) -> int:
+        if self.mesh is None:
+            return 1
+        return int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+
+    def _place_params(self, params):
+        if self.mesh is None:
+            return params
+        return jax.device_put(params, shd.state_shardings(params, self.mesh, shd.SAMPLING_RULES))
+
+    def _place_batch(self, *arrays):
+        if self.mesh is None:
+            return tuple(jnp.asarray(a) for a in arrays)
+        return tuple(jax.device_put(a, self.loop._sharding(("batch",) + (None,) * (a.ndim - 1),
+                                                           a.shape)) for a in arrays)
+
+    def _output(self, state: SamplerState, rows: int) -> SampleOutput:
+        new = self.cfg.max_new_tokens
+        tokens, lengths, done, logprobs = jax.device_get(
+            (state.tokens_BS[:, -new:], state.lengths_B, state.done_B, state.logprobs_BT))
+        return SampleOutput(
+            tokens=np.asarray(tokens[:rows]), lengths=np.asarray(lengths[:rows]),
+            finish_reason=["stop" if d else "length" for d in done[:rows]],
+            logprobs=None if logprobs is None else np.asarray(logprobs[:rows]))
+
+
+def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
+             mesh: Mesh | None = None, prompt_bucket: int = 32, seed: int | None = None,
+             example_ids: Sequence[int] | None = None) -> SampleOutput:
+    """Left-pads python lists of prompt ids, buckets them and samples; see `Sampler`.
+
+    model: an nnx model or `(graphdef, params)`. Compiled programs are cached across calls
+    (keyed by model graph, config, mesh and bucketed shapes).
+    """
+    sampler = Sampler(model, cfg, mesh=mesh, prompt_bucket=prompt_bucket)
+    return sampler.generate(prompts, seed=seed, example_ids=example_ids)

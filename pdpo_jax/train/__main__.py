@@ -1,0 +1,38 @@
+"""`python -m pdpo_jax.train --config configs/X.yaml [section.key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pdpo_jax.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pdpo_jax.train", description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=10")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() (multi-host; auto-detects "
+                             "Cloud TPU and SLURM, else reads JAX_COORDINATOR_ADDRESS etc.)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("PDPO_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames
+    try:
+        cfg = load_config(args.config, tuple(args.overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.distributed:
+        import jax
+        jax.distributed.initialize()
+    from pdpo_jax import pipeline  # after distributed init: it touches jax devices
+    out = pipeline.run(cfg)
+    print(f"run folder: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The one training loop SFT and DPO share: it dispatches steps and keeps the books.
+
+Per step: next host batch → [A, B, …] micro-batches → sharded global arrays → jitted step.
+The previous step's metrics are read only after the next step is dispatched, so the host
+never stalls the device. Every `eval_every` steps (and at the end): evaluate on dev, export
+the model if the selection metric improved, checkpoint the full state for resuming.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from pdpo_jax.checkpoint import Checkpointer
+from pdpo_jax.metrics import MetricsWriter
+from pdpo_jax.train.state import shard_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Model selection: keep the checkpoint with the best `key` of the dev metrics."""
+    key: str
+    mode: str  # "min" or "max"
+
+    def better(self, new: float, best: float | None) -> bool:
+        return best is None or (new < best if self.mode == "min" else new > best)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    name: str
+    total_steps: int
+    grad_accum: int
+    log_every: int
+    eval_every: int
+    save_every: int
+    selection: Selection
+
+
+def micro_batches(batch: dict, grad_accum: int) -> dict:
+    """Host batch [A·b, …] → [A, b, …]."""
+    def split(x):
+        if x.shape[0] % grad_accum:
+            raise ValueError(f"host batch of {x.shape[0]} rows does not split into grad_accum="
+                             f"{grad_accum} micro-batches")
+        return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+    return {k: split(np.asarray(v)) for k, v in batch.items() if k != "index"}
+
+
+def _tokens(batch: dict) -> int:
+    return int(sum(np.asarray(v).sum() for k, v in batch.items() if k.endswith("attention_mask")))
+
+
+def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Callable[[object], dict],
+        export: Callable[[object, dict], None], ckpt: Checkpointer, writer: MetricsWriter,
+        meta: dict, abstract_state=None):
+    """Trains to `spec.total_steps`, resuming from `ckpt` when it holds a step. Returns
+    (final state, best dev metrics)."""
+    iterator = batches.iterator()
+    best = None
+    if ckpt.latest_step() is not None:
+        state, data_state, saved = ckpt.restore(abstract_state if abstract_state is not None else state, meta)
+        iterator.set_state(data_state)
+        best = saved.get("best")
+    start = int(state.step)
+    if start >= spec.total_steps:
+        return state, best
+    if best is None and start == 0:
+        best = _evaluate_and_select(spec, state, 0, evaluate, export, writer, None)
+
+    bar = tqdm(total=spec.total_steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True)
+    pending = None  # (step index, metrics, tokens, t0) of the step whose metrics are unread
+    t0 = time.perf_counter()
+    for step in range(start, spec.total_steps):
+        host_batch = next(iterator)
+        tokens = _tokens(host_batch)
+        state, metrics = step_fn(state, shard_batch(micro_batches(host_batch, spec.grad_accum), mesh))
+        if pending is not None:
+            t0 = _report(spec, pending, writer, bar, t0)
+        pending = (step + 1, metrics, tokens * jax.process_count())
+        done = step + 1
+        if done % spec.eval_every == 0 or done == spec.total_steps:
+            t0 = _report(spec, pending, writer, bar, t0)
+            pending = None
+            best = _evaluate_and_select(spec, state, done, evaluate, export, writer, best)
+            ckpt.save(done, state, iterator.get_state(), {**meta, "best": best})
+        elif spec.save_every and done % spec.save_every == 0:
+            ckpt.save(done, state, iterator.get_state(), {**meta, "best": best})
+    if pending is not None:
+        _report(spec, pending, writer, bar, t0)
+    bar.close()
+    return state, best
+
+
+def _report(spec: LoopSpec, pending, writer: MetricsWriter, bar, t0: float) -> float:
+    step, metrics, tokens = pending
+    metrics = jax.device_get(metrics)
+    if not bool(metrics["finite"]):
+        raise FloatingPointError(
+            f"{spec.name}: non-finite loss or gradient at step {step}; the update was skipped "
+            "and the last checkpoint is untouched. Lower the learning rate or check the data")
+    now = time.perf_counter()
+    metrics = {**metrics, "tokens_per_s": tokens / max(now - t0, 1e-9)}
+    if step % spec.log_every == 0 or step == spec.total_steps:
+        writer.write(step, metrics, prefix="train/")
+    bar.update(1)
+    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    return now
+
+
+def _evaluate_and_select(spec, state, step, evaluate, export, writer, best):
+    dev = evaluate(state.params)
+    writer.write(step, dev, prefix="eval/")
+    value = float(dev[spec.selection.key])
+    if spec.selection.better(value, None if best is None else best["value"]):
+        export(state.params, {"step": step, **dev})
+        best = {"step": step, "value": value, "key": spec.selection.key}
+    return best

@@ -1,0 +1,233 @@
+"""The SFT and DPO stages: load model and data, build the jitted step, hand both to the loop.
+
+Each stage reads and writes inside one run folder:
+  <out_dir>/sft/best        HF checkpoint with the lowest dev loss (+ tokenizer)
+  <out_dir>/dpo/best        HF checkpoint with the highest dev reward accuracy
+  <out_dir>/<stage>/ckpt    orbax state for resuming; metrics.jsonl, tensorboard/ beside it
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+
+import jax
+import numpy as np
+import transformers
+from flax import nnx
+from jax.sharding import Mesh
+
+from pdpo_jax import data as pdata
+from pdpo_jax import sharding as shd
+from pdpo_jax.checkpoint import Checkpointer, export_atomically
+from pdpo_jax.config import Config, StageSection
+from pdpo_jax.metrics import MetricsWriter
+from pdpo_jax.models import ModelConfig, config_from_hf, from_pretrained
+from pdpo_jax.train import loop, optim, state as st
+from pdpo_jax.train.steps import (DpoObjective, make_dpo_eval, make_dpo_step, make_sft_eval,
+                                  make_sft_step)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What every stage of one run shares."""
+    cfg: Config
+    run_dir: pathlib.Path
+    mesh: Mesh
+    tokenizer: object
+
+    def stage_dir(self, name: str) -> pathlib.Path:
+        path = self.run_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def load_tokenizer(cfg: Config, checkpoint: str | None = None):
+    source = cfg.model.tokenizer or checkpoint or cfg.model.checkpoint
+    if not source:
+        raise ValueError("model.tokenizer is not set and there is no model.checkpoint to take "
+                         "it from; set model.tokenizer to a tokenizer folder")
+    return transformers.AutoTokenizer.from_pretrained(source)
+
+
+def load_params(ctx: RunContext, checkpoint: str | None):
+    """(graphdef, params, ModelConfig) from an HF folder, or random weights of
+    `model.architecture` when `checkpoint` is None; placed on the mesh either way."""
+    m = ctx.cfg.model
+    dtypes = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    if checkpoint is not None:
+        model = from_pretrained(checkpoint, mesh=ctx.mesh, **dtypes)
+        if m.architecture is not None:
+            want = config_from_hf(m.architecture, source="model.architecture").replace(**dtypes)
+            _check_same_architecture(want, model.cfg, checkpoint)
+        graphdef, params = nnx.split(model)
+        return graphdef, params, model.cfg
+    if m.architecture is None:
+        raise ValueError("set model.checkpoint (an HF folder) or model.architecture (HF config "
+                         "keys for a randomly initialised model)")
+    model_cfg = config_from_hf(m.architecture, source="model.architecture").replace(**dtypes)
+    graphdef, params = st.init_params(model_cfg, ctx.mesh, seed=ctx.cfg.run.seed)
+    return graphdef, params, model_cfg
+
+
+def _check_same_architecture(want: ModelConfig, got: ModelConfig, where: str):
+    keys = ("arch", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "mlp_dim")
+    diff = {k: (getattr(want, k), getattr(got, k)) for k in keys if getattr(want, k) != getattr(got, k)}
+    if diff:
+        raise ValueError(f"{where}: checkpoint architecture differs from model.architecture "
+                         f"(config vs checkpoint): {diff}")
+
+
+def read_dialogues(path: str, limit: int | None, default: pathlib.Path) -> list[pdata.PersonaTurn]:
+    records = pdata.read_turns(path or default)
+    return records[:limit] if limit else records
+
+
+def encode(ctx: RunContext, records, what: str):
+    d = ctx.cfg.data
+    encoded, stats = pdata.encode_records(ctx.tokenizer, d.template, records,
+                                          max_total_tokens=d.max_total_tokens,
+                                          max_response_tokens=d.max_response_tokens)
+    log.info("%s: %s", what, stats)
+    if not encoded:
+        raise ValueError(f"{what}: no record fits data.max_total_tokens={d.max_total_tokens} / "
+                         f"max_response_tokens={d.max_response_tokens} ({stats})")
+    return encoded, stats
+
+
+def _total_steps(stage: StageSection, batches_per_epoch: int) -> int:
+    total = stage.epochs * batches_per_epoch
+    return min(total, stage.max_steps) if stage.max_steps else total
+
+
+def _batch_kwargs(ctx: RunContext, stage: StageSection, *, train: bool):
+    rows = stage.batch_size * (stage.grad_accum if train else 1)
+    return dict(batch_size=rows, pad_id=pdata.pad_id(ctx.tokenizer), buckets=ctx.cfg.data.buckets,
+                seed=ctx.cfg.run.seed, shuffle=train, drop_remainder=train,
+                num_epochs=None if train else 1)
+
+
+def _spec(ctx: RunContext, name: str, stage: StageSection, total: int,
+          selection: loop.Selection) -> loop.LoopSpec:
+    return loop.LoopSpec(name=name, total_steps=total, grad_accum=stage.grad_accum,
+                         log_every=stage.log_every, eval_every=min(stage.eval_every, total),
+                         save_every=ctx.cfg.checkpoint.save_every, selection=selection)
+
+
+def _exporter(ctx: RunContext, graphdef, folder: pathlib.Path):
+    def export(params, metrics):
+        export_atomically(nnx.merge(graphdef, params), folder, tokenizer=ctx.tokenizer,
+                          extra={k: float(np.asarray(v)) for k, v in metrics.items()})
+    return export
+
+
+def _meta(stage: str, model_cfg: ModelConfig) -> dict:
+    return {"stage": stage, "model": json.loads(json.dumps(dataclasses.asdict(model_cfg)))}
+
+
+def run_sft(ctx: RunContext) -> pathlib.Path:
+    cfg, stage = ctx.cfg, ctx.cfg.sft
+    out = ctx.stage_dir("sft")
+    paths = pdata.default_paths() if not (cfg.data.train and cfg.data.dev) else None
+    train, _ = encode(ctx, read_dialogues(cfg.data.train, cfg.data.max_train_records,
+                                          paths and paths.train), "sft train")
+    dev, _ = encode(ctx, read_dialogues(cfg.data.dev, cfg.data.max_dev_records,
+                                        paths and paths.dev), "sft dev")
+    graphdef, params, model_cfg = load_params(ctx, cfg.model.checkpoint)
+    batches = pdata.sft_batches(train, **_batch_kwargs(ctx, stage, train=True))
+    dev_batches = pdata.sft_batches(dev, **_batch_kwargs(ctx, stage, train=False))
+    total = _total_steps(stage, batches.batches_per_epoch)
+    tx, lr = optim.make_optimizer(stage.optimizer, total)
+    state, state_sh = st.create_state(params, tx, ctx.mesh)
+    window = cfg.data.max_response_tokens
+    step = st.jit_sft_step(make_sft_step(graphdef, tx, lr, window=window), state_sh, ctx.mesh)
+    eval_fn = jax.jit(make_sft_eval(graphdef, window=window))
+
+    def evaluate(params):
+        nll = count = 0.0
+        for batch in dev_batches.iterator():
+            s, n = eval_fn(params, _squeeze(st.shard_batch(_one_micro(batch), ctx.mesh)))
+            nll, count = nll + float(s), count + float(n)
+        loss = nll / max(count, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+    writer = MetricsWriter(out, tensorboard=True)
+    ckpt = Checkpointer(out / "ckpt", keep=cfg.checkpoint.keep)
+    loop.run(_spec(ctx, "sft", stage, total, loop.Selection("loss", "min")), state=state, step_fn=step,
+             batches=batches, mesh=ctx.mesh, evaluate=evaluate,
+             export=_exporter(ctx, graphdef, out / "best"), ckpt=ckpt, writer=writer,
+             meta=_meta("sft", model_cfg))
+    ckpt.close()
+    writer.close()
+    return out / "best"
+
+
+def _one_micro(batch):
+    return {k: np.asarray(v)[None] for k, v in batch.items() if k != "index"}
+
+
+def _squeeze(batch):
+    return {k: v[0] for k, v in batch.items()}
+
+
+def preference_files(ctx: RunContext) -> tuple[pathlib.Path, pathlib.Path]:
+    d = ctx.cfg.dpo
+    negatives = ctx.run_dir / "negatives"
+    train = pathlib.Path(d.pairs) if d.pairs else negatives / "train_pairs.jsonl"
+    dev = pathlib.Path(d.dev_pairs) if d.dev_pairs else negatives / "dev_pairs.jsonl"
+    for path, key in ((train, "dpo.pairs"), (dev, "dpo.dev_pairs")):
+        if not path.is_file():
+            raise ValueError(f"{path}: preference pairs not found; run the `negatives` stage first "
+                             f"or set {key} to a preference JSONL file")
+    return train, dev
+
+
+def run_dpo(ctx: RunContext, init_checkpoint: str | None) -> pathlib.Path:
+    cfg, stage = ctx.cfg, ctx.cfg.dpo
+    out = ctx.stage_dir("dpo")
+    train_path, dev_path = preference_files(ctx)
+    train, _ = encode(ctx, pdata.read_preference_jsonl(train_path), "dpo train")
+    dev, _ = encode(ctx, pdata.read_preference_jsonl(dev_path), "dpo dev")
+    graphdef, params, model_cfg = load_params(ctx, init_checkpoint)
+    ref_params = jax.tree.map(lambda x: x.copy(), params)  # frozen; the policy is donated
+    batches = pdata.preference_batches(train, **_batch_kwargs(ctx, stage, train=True))
+    dev_batches = pdata.preference_batches(dev, **_batch_kwargs(ctx, stage, train=False))
+    total = _total_steps(stage, batches.batches_per_epoch)
+    tx, lr = optim.make_optimizer(stage.optimizer, total)
+    state, state_sh = st.create_state(params, tx, ctx.mesh)
+    objective = DpoObjective(stage.loss, stage.beta, stage.label_smoothing, stage.rpo_alpha)
+    window = cfg.data.max_response_tokens
+    step_fn = st.jit_dpo_step(make_dpo_step(graphdef, tx, lr, objective, window=window),
+                              state_sh, ctx.mesh)
+    eval_fn = jax.jit(make_dpo_eval(graphdef, objective, window=window))
+
+    def evaluate(params):
+        sums, pairs = {}, 0.0
+        for batch in dev_batches.iterator():
+            out_sums, n = eval_fn(params, ref_params, _squeeze(st.shard_batch(_one_micro(batch), ctx.mesh)))
+            for k, v in out_sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            pairs += float(n)
+        return {k: v / max(pairs, 1.0) for k, v in sums.items()} | {"pairs": pairs}
+
+    writer = MetricsWriter(out, tensorboard=True)
+    ckpt = Checkpointer(out / "ckpt", keep=cfg.checkpoint.keep)
+    loop.run(_spec(ctx, "dpo", stage, total, loop.Selection("rewards/accuracies", "max")), state=state,
+             step_fn=lambda s, b: step_fn(s, ref_params, b), batches=batches, mesh=ctx.mesh,
+             evaluate=evaluate, export=_exporter(ctx, graphdef, out / "best"), ckpt=ckpt,
+             writer=writer, meta=_meta("dpo", model_cfg))
+    ckpt.close()
+    writer.close()
+    return out / "best"
+
+
+def make_context(cfg: Config) -> RunContext:
+    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    run_dir = pathlib.Path(cfg.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunContext(cfg, run_dir, mesh, load_tokenizer(cfg))
