@@ -177,9 +177,18 @@ def build(cls, raw: dict, where: str = ""):
         default = getattr(cls(), key) if dataclasses.is_dataclass(hints[key]) else None
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             # Nested sections overlay their defaults (e.g. dpo.optimizer keeps lr=1e-6).
-            value = {**dataclasses.asdict(default), **value}
+            value = _deep_merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _deep_merge(out[key], value)
+        out[key] = value
+    return out
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

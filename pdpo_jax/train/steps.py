@@ -40,8 +40,8 @@ def _apply(state: TrainState, tx, grads, finite):
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new = TrainState(state.step + finite.astype(jnp.int32), keep(params, state.params),
                      keep(opt_state, state.opt_state))
-    norms = {"grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
-             "param_norm": optax.global_norm(new.params)}
+    norms = {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+             "param_norm": optax.tree.norm(new.params)}
     return new, norms
 
 
@@ -64,7 +64,7 @@ def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: 
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll_sum / denom
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         lr = lr_schedule(state.step)
         state, norms = _apply(state, tx, grads, finite)
         return state, {"loss": loss, "tokens": count, "learning_rate": lr, "finite": finite, **norms}
@@ -135,7 +135,7 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
         pairs = jnp.maximum(sums.pop("pairs"), 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / pairs, grads)
         metrics = {k: v / pairs for k, v in sums.items()}
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads))
         lr = lr_schedule(state.step)
         state, norms = _apply(state, tx, grads, finite)
         return state, {**metrics, "pairs": pairs, "learning_rate": lr, "finite": finite, **norms}
