@@ -91,6 +91,21 @@ class DpoSection(StageSection):
 
 
 @dataclasses.dataclass(frozen=True)
+class NegativesSection:
+    """Pseudo-negatives: replies sampled from the SFT model under a swapped persona (`shuffle`),
+    the original persona (`no_shuffle`), or pairs another model wrote (`external`: a folder
+    with train_pairs.jsonl and dev_pairs.jsonl). Replies are at most data.max_response_tokens."""
+    mode: Literal["shuffle", "no_shuffle", "external"] = "shuffle"
+    external: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 32
+    shard_size: int = 512
+    keep_truncated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     keep: int = 2
     save_every: int = 0  # 0: save at each evaluation only
@@ -110,6 +125,7 @@ class Config:
     data: DataSection = DataSection()
     mesh: MeshSection = MeshSection()
     sft: SftSection = SftSection(optimizer=OptimizerConfig(lr=1e-5, schedule="cosine"))
+    negatives: NegativesSection = NegativesSection()
     dpo: DpoSection = DpoSection(batch_size=4, optimizer=OptimizerConfig(lr=1e-6, schedule="linear"))
     checkpoint: CheckpointSection = CheckpointSection()
 

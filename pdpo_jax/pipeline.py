@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
+import shutil
 import time
 from typing import Callable
 
+import jax
+import numpy as np
+
+from pdpo_jax import data as pdata
+from pdpo_jax import sharding as shd
 from pdpo_jax.config import Config, to_dict
+from pdpo_jax.models import from_pretrained
+from pdpo_jax.sampling import SamplingConfig
+from pdpo_jax.sampling.negatives import NegativeBuilder, NegativeJob, swapped_personas
 from pdpo_jax.train import stages
 
 log = logging.getLogger(__name__)
@@ -35,7 +45,60 @@ def _dpo(ctx):
     stages.run_dpo(ctx, sft_model(ctx))
 
 
-STAGES: dict[str, Callable[[stages.RunContext], None]] = {"sft": _sft, "dpo": _dpo}
+def _negatives(ctx):
+    cfg, neg = ctx.cfg, ctx.cfg.negatives
+    out = ctx.stage_dir("negatives")
+    if neg.mode == "external":
+        _copy_external_pairs(neg.external, out)
+        return
+    generator = sft_model(ctx)
+    if generator is None:
+        raise ValueError("the negatives stage samples from an SFT model: add `sft` to run.stages "
+                         "or set model.checkpoint")
+    mesh = ctx.mesh
+    if jax.process_count() > 1:  # each host samples its own shards on its own devices
+        mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
+    model = from_pretrained(generator, mesh=mesh, dtype=cfg.model.dtype)
+    stages.check_tokenizer(ctx.tokenizer, model.cfg, generator)
+    eos = {ctx.tokenizer.eos_token_id, *np.atleast_1d(model.cfg.eos_token_id or [])} - {None}
+    sampling = SamplingConfig(max_new_tokens=cfg.data.max_response_tokens,
+                              temperature=neg.temperature, top_p=neg.top_p, top_k=neg.top_k,
+                              eos_ids=tuple(sorted(int(e) for e in eos)), seed=cfg.run.seed,
+                              pad_id=pdata.pad_id(ctx.tokenizer))
+    builder = NegativeBuilder(model, ctx.tokenizer, cfg.data.template, sampling,
+                              max_prompt_tokens=cfg.data.max_total_tokens - cfg.data.max_response_tokens,
+                              batch_size=neg.batch_size, shard_size=neg.shard_size,
+                              keep_truncated=neg.keep_truncated, generator=generator, mesh=mesh)
+    paths = pdata.default_paths() if not (cfg.data.train and cfg.data.dev) else None
+    summaries = {}
+    for name, path, limit, default in (
+            ("train", cfg.data.train, cfg.data.max_train_records, paths and paths.train),
+            ("dev", cfg.data.dev, cfg.data.max_dev_records, paths and paths.dev)):
+        records = stages.read_dialogues(path, limit, default)
+        if not records:
+            raise ValueError(f"data.{name}: no records to build negatives from")
+        personas = (swapped_personas(records, cfg.run.seed) if neg.mode == "shuffle"
+                    else [tuple(r.persona) for r in records])
+        summaries[name] = builder.run(NegativeJob(name, records, personas, out))
+    log.info("negatives: %s", json.dumps(summaries))
+
+
+def _copy_external_pairs(folder: str | None, out: pathlib.Path) -> None:
+    if not folder:
+        raise ValueError("negatives.mode=external needs negatives.external: a folder holding "
+                         "train_pairs.jsonl and dev_pairs.jsonl written by another run")
+    for name in ("train_pairs.jsonl", "dev_pairs.jsonl"):
+        src = pathlib.Path(folder) / name
+        if not src.is_file():
+            raise ValueError(f"{src}: missing; negatives.external must be another run's "
+                             "negatives folder")
+        pdata.read_preference_jsonl(src)  # validates every line before anything is copied
+        shutil.copyfile(src, out / (name + ".tmp"))
+        os.replace(out / (name + ".tmp"), out / name)
+
+
+STAGES: dict[str, Callable[[stages.RunContext], None]] = {
+    "sft": _sft, "negatives": _negatives, "dpo": _dpo}
 
 
 def register(name: str, fn: Callable[[stages.RunContext], None]) -> None:

@@ -64,14 +64,23 @@ def load_params(ctx: RunContext, checkpoint: str | None):
         if m.architecture is not None:
             want = config_from_hf(m.architecture, source="model.architecture").replace(**dtypes)
             _check_same_architecture(want, model.cfg, checkpoint)
+        check_tokenizer(ctx.tokenizer, model.cfg, checkpoint)
         graphdef, params = nnx.split(model)
         return graphdef, params, model.cfg
     if m.architecture is None:
         raise ValueError("set model.checkpoint (an HF folder) or model.architecture (HF config "
                          "keys for a randomly initialised model)")
     model_cfg = config_from_hf(m.architecture, source="model.architecture").replace(**dtypes)
+    check_tokenizer(ctx.tokenizer, model_cfg, "model.architecture")
     graphdef, params = st.init_params(model_cfg, ctx.mesh, seed=ctx.cfg.run.seed)
     return graphdef, params, model_cfg
+
+
+def check_tokenizer(tokenizer, model_cfg: ModelConfig, where: str) -> None:
+    """A tokenizer with ids the model has no embedding for is the wrong tokenizer."""
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab "
+                         f"is {model_cfg.vocab_size}; set model.tokenizer to the model's tokenizer")
 
 
 def _check_same_architecture(want: ModelConfig, got: ModelConfig, where: str):
