@@ -82,13 +82,29 @@ def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: f
     return logits_BV
 
 
+def argmax_first(x_BV: jax.Array) -> jax.Array:
+    """int32 [B]: index of the row maximum, the lowest on ties (= jnp.argmax, without NaNs).
+
+    A max and a masked min over indices: two plain reductions run ~3x faster on XLA:CPU than
+    argmax's variadic (value, index) reduce, which is on the path of every decode step.
+    """
+    max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+    index_1V = jnp.arange(x_BV.shape[-1], dtype=jnp.int32)[None]
+    first_B = jnp.min(jnp.where(x_BV == max_B1, index_1V, x_BV.shape[-1]), axis=-1)
+    return jnp.minimum(first_B, x_BV.shape[-1] - 1)  # a NaN row would otherwise give V
+
+
 def sample_tokens(keys_B: jax.Array, logits_BV: jax.Array, *, greedy: bool, temperature: float,
                   top_k: int, top_p: float) -> jax.Array:
     """int32 [B]: argmax, or one draw per row from the filtered softmax with that row's key.
 
-    Each row draws with its own key (vmap), so a row's token never depends on its neighbours.
+    The draw is Gumbel-max (argmax of logits + Gumbel noise), an exact sample of the softmax,
+    as in `jax.random.categorical`. Each row draws its noise with its own key (vmap), so a
+    row's token never depends on its neighbours.
     """
     if greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return argmax_first(logits_BV)
     filtered_BV = filter_logits(logits_BV, temperature, top_k, top_p)
-    return jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
+    vocab = logits_BV.shape[-1]
+    noise_BV = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_B)
+    return argmax_first(filtered_BV + noise_BV)

@@ -1,0 +1,137 @@
+"""Evaluation stages the pipeline calls: DNLI ranking and the judge tournament.
+
+Both write into `out_dir` and skip what is already there (resumable):
+  <out_dir>/dnli/<label>.jsonl        per-candidate scores (+ .meta.json: written last = complete)
+  <out_dir>/dnli/report.md, dnli_<sum|mean>.png
+  <out_dir>/judge/responses/<label>.jsonl   replies with their sampling settings (+ .meta.json)
+  <out_dir>/judge/judgments.sqlite    the judgment cache (unless judge.cache names another file)
+  <out_dir>/judge/comparisons.jsonl, report.md, win_rates.png, summary.json
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+
+from pdpo_jax import data as pdata
+from pdpo_jax.eval import ratings, report
+from pdpo_jax.eval.backends import JudgeBackend, JudgeError, LocalJudge, OpenAIBackend
+from pdpo_jax.eval.cache import JudgmentCache
+from pdpo_jax.eval.config import EvalSection, JudgeSection, ResponseSection
+from pdpo_jax.eval.dnli import DnliResult, dnli_report, score_dnli, select_examples
+from pdpo_jax.eval.io import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
+                              write_json_atomic, write_jsonl_atomic, write_text_atomic)
+from pdpo_jax.eval.judge import load_template
+from pdpo_jax.eval.responses import responses_for_checkpoints, select_histories
+from pdpo_jax.eval.tournament import plan_comparisons, run_tournament
+
+log = logging.getLogger(__name__)
+
+
+def load_dnli_examples(cfg: EvalSection) -> list[pdata.DnliExample]:
+    files = cfg.dnli_files or pdata.default_paths().dnli
+    return select_examples(pdata.read_dnli_files(files), cfg.max_examples)
+
+
+def run_dnli_stage(out_dir: str | os.PathLike, checkpoints: dict[str, str | os.PathLike],
+                   tokenizer, eval_cfg: EvalSection, template, mesh=None) -> str:
+    """Scores every checkpoint on the DNLI examples; returns (and writes) the markdown report."""
+    from pdpo_jax.models import from_pretrained
+    out = pathlib.Path(out_dir) / "dnli"
+    examples = load_dnli_examples(eval_cfg)
+    examples_id = text_hash(*(repr((e.example_id, e.persona, e.history, e.candidates))
+                              for e in examples))[:16]
+    results: dict[str, DnliResult] = {}
+    for label, folder in checkpoints.items():
+        meta = {"checkpoint": str(folder), "fingerprint": checkpoint_fingerprint(folder),
+                "examples": examples_id, "template": getattr(template, "name", template),
+                "max_prompt_tokens": eval_cfg.max_prompt_tokens}
+        path, meta_path = out / f"{label}.jsonl", out / f"{label}.meta.json"
+        if read_json(meta_path) == meta and path.is_file():
+            log.info("DNLI %s: reusing %s", label, path)
+            results[label] = DnliResult.from_rows(read_jsonl(path))
+            continue
+        model = from_pretrained(folder, mesh=mesh)
+        results[label] = score_dnli(model, tokenizer, template, examples,
+                                    batch_size=eval_cfg.batch_size,
+                                    max_prompt_tokens=eval_cfg.max_prompt_tokens, mesh=mesh)
+        del model
+        write_jsonl_atomic(path, results[label].to_rows())
+        write_json_atomic(meta_path, meta)  # last: its presence means the JSONL is complete
+    markdown = dnli_report(results, eval_cfg.normalisations)
+    write_text_atomic(out / "report.md", markdown)
+    for norm in eval_cfg.normalisations:
+        report.plot_dnli(results, out / f"dnli_{norm}.png", norm)
+    return markdown
+
+
+def check_judge_settings(cfg: JudgeSection) -> None:
+    """Fails fast (before any reply is generated) on settings the judge cannot work with."""
+    load_template(cfg.template)
+    if cfg.backend == "openai" and not os.environ.get(cfg.api_key_env):
+        raise JudgeError(f"judge.backend='openai' reads its API key from ${cfg.api_key_env}, "
+                         "which is not set; export it (the key is never logged or written) or "
+                         "point judge.api_key_env at the variable that holds it")
+    if cfg.backend == "local" and not (pathlib.Path(cfg.local_checkpoint) / "config.json").is_file():
+        raise JudgeError(f"judge.backend='local' needs judge.local_checkpoint to be an HF "
+                         f"checkpoint folder; got {cfg.local_checkpoint!r}")
+
+
+def make_backend(cfg: JudgeSection, mesh=None) -> JudgeBackend:
+    """The judge `cfg` describes; the OpenAI key and URL come from the environment."""
+    check_judge_settings(cfg)
+    if cfg.backend == "local":
+        return LocalJudge(cfg.local_checkpoint, max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.concurrency, mesh=mesh)
+    return OpenAIBackend(cfg.model, cfg.base_url, os.environ[cfg.api_key_env],
+                         concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
+                         max_retries=cfg.max_retries, max_tokens=cfg.max_new_tokens,
+                         api_key_env=cfg.api_key_env)
+
+
+def run_judge_stage(out_dir: str | os.PathLike, checkpoints: dict[str, str | os.PathLike],
+                    tokenizer, histories: Sequence[pdata.PersonaTurn], judge_cfg: JudgeSection,
+                    responses_cfg: ResponseSection = ResponseSection(), *, template="english",
+                    mesh=None, backend: JudgeBackend | None = None) -> str:
+    """Replies of every checkpoint to sampled test histories, then the judged tournament.
+
+    histories: candidate test records (e.g. `read_turns(default_paths().dev)`);
+    `responses_cfg.num_histories` of them are drawn (seeded). template: the prompt template the
+    checkpoints were trained with. backend: overrides the one `judge_cfg` describes.
+    Returns (and writes) the markdown report.
+    """
+    out = pathlib.Path(out_dir) / "judge"
+    judge_template = load_template(judge_cfg.template)
+    if backend is None:
+        check_judge_settings(judge_cfg)
+    picked = select_histories(histories, responses_cfg.num_histories, responses_cfg.seed)
+    replies = responses_for_checkpoints(out / "responses", {k: pathlib.Path(v) for k, v in
+                                                            checkpoints.items()},
+                                        tokenizer, template, picked, responses_cfg, mesh=mesh)
+    backend = backend or make_backend(judge_cfg, mesh)
+    models = list(checkpoints)
+    plan = plan_comparisons(models, len(picked), judge_cfg.comparisons, judge_cfg.seed)
+    with JudgmentCache(judge_cfg.cache or out / "judgments.sqlite") as cache:
+        judgments = run_tournament(plan, picked, replies, backend, judge_template, cache,
+                                   parse_retries=judge_cfg.parse_retries)
+    write_jsonl_atomic(out / "comparisons.jsonl", [
+        {**j.to_row(), "record_id": picked[j.comparison.history].record_id} for j in judgments])
+    strengths = ratings.bradley_terry(judgments, models, bootstrap=judge_cfg.bootstrap,
+                                      seed=judge_cfg.seed)
+    markdown = report.tournament_report(judgments, models, strengths, backend.judge_id)
+    write_text_atomic(out / "report.md", markdown)
+    report.plot_win_rates(judgments, models, out / "win_rates.png")
+    write_json_atomic(out / "summary.json", _summary(judgments, models, strengths, backend))
+    return markdown
+
+
+def _summary(judgments, models, strengths: ratings.Strengths, backend) -> dict:
+    recs = ratings.records(judgments, models)
+    return {"judge": backend.judge_id, "comparisons": len(judgments),
+            "position_bias": ratings.position_bias(judgments),
+            "models": {m: {"wins": recs[m].wins, "draws": recs[m].draws,
+                           "losses": recs[m].losses, "invalid": recs[m].invalid,
+                           "bt_theta": float(strengths.theta[i]),
+                           "bt_interval": [float(strengths.low[i]), float(strengths.high[i])]}
+                       for i, m in enumerate(models)}}
