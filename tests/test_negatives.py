@@ -32,7 +32,8 @@ def test_shuffle_never_keeps_own_persona_or_dialogue():
 
 
 def test_shuffle_needs_two_personas():
-    records = [r for r in _records(200) if r.dialogue_id == _records(1)[0].dialogue_id]
+    all_records = _records(200)
+    records = [r for r in all_records if r.dialogue_id == all_records[0].dialogue_id]
     records = [pdata.PersonaTurn(r.dialogue_id, records[0].persona, r.history, r.response) for r in records]
     with pytest.raises(ValueError, match="at least 2 distinct personas"):
         neg.swapped_personas(records, seed=0)

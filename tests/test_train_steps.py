@@ -104,7 +104,7 @@ def test_nan_loss_leaves_state_untouched():
     step = st.jit_sft_step(make_sft_step(graphdef, tx, lr, window=8), state_sh, mesh)
     before = jax.device_get(state.params)
     poisoned = jax.tree.map(lambda x: x, state)
-    poisoned.params["embed_VD"].value = poisoned.params["embed_VD"][...].at[:].set(jnp.nan)
+    poisoned.params["embed_VD"][...] = jnp.full_like(poisoned.params["embed_VD"][...], jnp.nan)
     out, metrics = step(poisoned, st.shard_batch(micro(_sft_batch()), mesh))
     assert not bool(metrics["finite"]) and int(out.step) == 0
 

@@ -1,0 +1,163 @@
+"""Dialogue-NLI ranking: HF-logit parity of the scores, category accounting, the embedded file."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import tiny_hf_model
+from pdpo_jax import data as pdata
+from pdpo_jax.eval import EvalSection, dnli, run_dnli_stage
+from pdpo_jax.eval.dnli import DnliResult, dnli_table, score_dnli, select_examples
+from pdpo_jax.models import from_pretrained
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok(tokenizers_dir):
+    from transformers import GPT2TokenizerFast
+    return GPT2TokenizerFast.from_pretrained(tokenizers_dir / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, gpt2_tok):
+    """A tiny random Llama over the GPT-2 vocabulary: (folder, HF torch model)."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    hf = tiny_hf_model("llama", vocab_size=len(gpt2_tok))
+    hf.save_pretrained(folder)
+    return folder, hf
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return pdata.read_dnli_files(pdata.default_paths().dnli)
+
+
+def _hf_candidate_logp(hf, tok, ex, text):
+    """Σ log p(candidate + EOS | prompt) from HF logits; token ids made without encode_pair."""
+    prompt = tok(pdata.render_prompt(pdata.get_template("english"), ex.persona, ex.history))["input_ids"]
+    response = tok(" " + text)["input_ids"] + [tok.eos_token_id]
+    ids = torch.as_tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(input_ids=ids).logits.double(), -1)[0]
+    targets = ids[0, len(prompt):]
+    return float(logp[len(prompt) - 1:-1].gather(-1, targets[:, None]).sum()), len(response)
+
+
+def test_scores_match_hf_logits(tiny, gpt2_tok, embedded):
+    folder, hf = tiny
+    examples = select_examples(embedded, 3)  # one per relation group
+    result = score_dnli(from_pretrained(folder), gpt2_tok, "english", examples, batch_size=16,
+                        progress=False)
+    assert len(result.scores) == sum(len(e.candidates) for e in examples)
+    by_id = {e.example_id: e for e in examples}
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(result.scores), 8, replace=False):
+        c = result.scores[i]
+        expected, n = _hf_candidate_logp(hf, gpt2_tok, by_id[c.example_id], c.candidate)
+        assert c.n_tokens == n
+        np.testing.assert_allclose(c.score_sum, expected, rtol=1e-5, atol=1e-4)
+        assert c.score("mean") == pytest.approx(c.score_sum / n)
+
+
+def _write_dnli(path, examples):
+    with gzip.open(path, "wt") as f:
+        for persona, prefix, cands in examples:
+            f.write(json.dumps({"persona": persona, "prefix": prefix, "eval_labels": cands["label"],
+                                "triple": [], "candidates": cands}) + "\n")
+
+
+# Shortest candidate wins under the fake scorer below; built so each example has a known winner.
+HAND_MADE = [
+    (["i like cats ."], ["hi !"], {"label": ["ok ."], "similar": ["i do like cats a lot ."],
+                                   "rand": ["the weather is nice today ."],
+                                   "neg": ["i hate cats so much ."]}),
+    (["i am tall ."], ["hello"], {"label": ["hello there , how are you ?"],
+                                  "similar": ["tall ."],
+                                  "rand": ["what is your favourite food ?"],
+                                  "neg": ["i am very short for my age ."]}),
+    (["i drive a car ."], ["hey", "hi"], {"label": ["yes i drive every single day ."],
+                                          "similar": ["i really love my little car ."],
+                                          "rand": ["my dog is called rex ."],
+                                          "neg": ["no ."]}),
+]
+
+
+def _fake_scores(graphdef, params, batch, *, window, chunk):
+    """Σ = -n², so the mean is -n: the candidate with the fewest tokens wins both ways."""
+    n = np.asarray(batch["loss_mask"]).sum(axis=1)
+    return -(n.astype(np.float32) ** 2), n.astype(np.int32)
+
+
+def test_category_accounting_on_hand_made_file(tmp_path, gpt2_tok, tiny, monkeypatch):
+    path = tmp_path / "valid_havenot.jsonl.gz"
+    _write_dnli(path, HAND_MADE)
+    examples = pdata.read_dnli(path)
+    monkeypatch.setattr(dnli, "_score_rows", _fake_scores)
+    # batch_size 3: every example's candidates span two batches.
+    result = score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", examples, batch_size=3,
+                        progress=False)
+    for norm in ("sum", "mean"):
+        winners = result.winners(norm)
+        assert [winners[e.example_id].category for e in examples] == ["hits", "entail", "contradict"]
+        shares = result.rank1(norm)
+        assert shares["all"] == pytest.approx({"hits": 100 / 3, "entail": 100 / 3, "random": 0.0,
+                                               "contradict": 100 / 3, "n": 3})
+        assert list(shares) == ["all", "havenot"]
+    # Scores come back in file order with their token counts.
+    first = [c for c in result.scores if c.example_id == examples[0].example_id]
+    assert [c.candidate for c in first] == [t for t, _ in examples[0].candidates]
+    assert all(c.score_sum == -c.n_tokens ** 2 for c in result.scores)
+    # A tie goes to the earlier candidate.
+    tied = DnliResult([dnli.CandidateScore("x", "havenot", 0, "random", "a", -1.0, 1),
+                       dnli.CandidateScore("x", "havenot", 1, "hits", "b", -1.0, 1)], {"x": "p"})
+    assert tied.winners()["x"].category == "random"
+    table = dnli_table({"model": result}, "sum", by_group=True)
+    assert "| model | havenot | 33.3 | 33.3 | 0.0 | 33.3 | 3 |" in table
+
+
+def test_select_examples_keeps_every_group(embedded):
+    chosen = select_examples(embedded, 7)
+    assert len(chosen) == 7
+    assert {e.group for e in chosen} == {"attributes", "havenot", "likedislike"}
+    assert select_examples(embedded, None) == embedded
+
+
+def test_embedded_file_end_to_end(tmp_path, tiny, gpt2_tok, embedded, monkeypatch):
+    assert len(embedded) == 542
+    cfg = EvalSection(max_examples=6, batch_size=32, max_prompt_tokens=96)
+    checkpoints = {"sft": tiny[0], "dpo": tiny[0]}
+    markdown = run_dnli_stage(tmp_path, checkpoints, gpt2_tok, cfg, "english")
+    for needle in ("| Checkpoint | Hits↑ | Entail↑ | Rand↓ | Contradict↓ | n |", "| sft |",
+                   "| dpo |", "| sft | attributes |", "| dpo | likedislike |", "length-normalised"):
+        assert needle in markdown
+    rows = [json.loads(line) for line in (tmp_path / "dnli" / "sft.jsonl").read_text().splitlines()]
+    assert {r["category"] for r in rows} == {"hits", "entail", "random", "contradict"}
+    assert set(rows[0]) >= {"example_id", "group", "prompt", "candidate", "category", "score_sum",
+                            "n_tokens"}
+    assert rows[0]["prompt"].startswith("Your persona:")
+    for norm in ("sum", "mean"):
+        assert (tmp_path / "dnli" / f"dnli_{norm}.png").stat().st_size > 1000
+    # Same checkpoint under two labels: identical scores.
+    dpo = (tmp_path / "dnli" / "dpo.jsonl").read_text()
+    assert [json.loads(x)["score_sum"] for x in dpo.splitlines()] == [r["score_sum"] for r in rows]
+
+    # A rerun reuses the stored scores instead of scoring again.
+    monkeypatch.setattr("pdpo_jax.eval.stages.score_dnli",
+                        lambda *a, **k: pytest.fail("rescored a finished checkpoint"))
+    assert run_dnli_stage(tmp_path, checkpoints, gpt2_tok, cfg, "english") == markdown
+
+
+def test_sharded_scores_equal_unsharded(tiny, gpt2_tok, embedded):
+    from pdpo_jax.sharding import make_mesh
+    examples = select_examples(embedded, 1)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    plain = score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", examples, batch_size=8,
+                       max_prompt_tokens=64, progress=False)
+    sharded = score_dnli(from_pretrained(tiny[0], mesh=mesh), gpt2_tok, "english", examples,
+                         batch_size=8, max_prompt_tokens=64, mesh=mesh, progress=False)
+    np.testing.assert_allclose([c.score_sum for c in sharded.scores],
+                               [c.score_sum for c in plain.scores], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="divisible by data\\*fsdp = 4; set eval.batch_size"):
+        score_dnli(from_pretrained(tiny[0], mesh=mesh), gpt2_tok, "english", examples,
+                   batch_size=6, mesh=mesh, progress=False)
