@@ -87,7 +87,6 @@ class DpoSection(StageSection):
     # Optional separate preference file (trl-style JSONL); default: the negatives stage output.
     pairs: str | None = None
     dev_pairs: str | None = None
-    precompute_ref: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,19 +216,31 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _read_yaml(path: pathlib.Path, seen: tuple[pathlib.Path, ...] = ()) -> dict:
+    """A YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first and
+    this file's keys overlay it, so experiment configs share one set of defaults, not copies."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(_read_yaml(path.parent / base, (*seen, path)), raw)
+
+
 def load_config(path: str | pathlib.Path | None, overrides: tuple[str, ...] = ()) -> Config:
     """Config from a YAML file plus `a.b=value` overrides (values parsed as YAML)."""
     raw: dict = {}
     if path is not None:
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = _read_yaml(pathlib.Path(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")

@@ -8,7 +8,8 @@ from flax import nnx
 from pdpo_jax.config import ConfigError, load_config
 from pdpo_jax.models import build_model, config_from_hf
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
+                 if not p.name.startswith("_"))  # _base files are not runnable on their own
 
 
 def test_typo_suggests_nearest_key(tmp_path):
@@ -25,6 +26,16 @@ def test_wrong_type_and_bad_literal(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"dpo.loss: 'hinge' is not one of"):
         load_config(None, ("dpo.loss=hinge",))
+
+
+def test_base_file_is_overlaid(tmp_path):
+    (tmp_path / "_base.yaml").write_text("sft:\n  epochs: 5\n  optimizer: {lr: 1.0e-5}\n")
+    (tmp_path / "exp.yaml").write_text("base: _base.yaml\nsft:\n  optimizer: {warmup_ratio: 0.1}\n")
+    cfg = load_config(tmp_path / "exp.yaml")
+    assert cfg.sft.epochs == 5 and cfg.sft.optimizer.lr == 1e-5 and cfg.sft.optimizer.warmup_ratio == 0.1
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
 
 
 def test_overrides_and_nested_defaults():
