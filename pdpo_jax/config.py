@@ -87,6 +87,8 @@ class DpoSection(StageSection):
     # Optional separate preference file (trl-style JSONL); default: the negatives stage output.
     pairs: str | None = None
     dev_pairs: str | None = None
+    # Compute reference log-probs once (cached on disk) and hold one copy of the weights.
+    precompute_ref: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

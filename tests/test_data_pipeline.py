@@ -44,7 +44,10 @@ def _rows(batch):
 def test_sft_layout_invariants():
     examples = _examples()
     batch = _sft(examples)[0]
-    assert set(batch) == {"tokens", "positions", "attention_mask", "loss_mask"}
+    assert set(batch) == {"tokens", "positions", "attention_mask", "loss_mask", "index"}
+    for row, i in enumerate(batch["index"]):  # index names the example each row holds
+        n = examples[i].length
+        np.testing.assert_array_equal(batch["tokens"][row, :n], examples[i].tokens)
     assert batch["tokens"].dtype == np.int32 and batch["positions"].dtype == np.int32
     assert batch["attention_mask"].dtype == bool and batch["loss_mask"].dtype == bool
     for b in range(batch["tokens"].shape[0]):

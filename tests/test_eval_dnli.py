@@ -46,7 +46,9 @@ def _hf_candidate_logp(hf, tok, ex, text):
 
 def test_scores_match_hf_logits(tiny, gpt2_tok, embedded):
     folder, hf = tiny
-    examples = select_examples(embedded, 3)  # one per relation group
+    # The shortest prompt of each relation group: small buckets keep the test fast.
+    examples = [min((e for e in embedded if e.group == g), key=lambda e: len(str(e.history)))
+                for g in ("attributes", "havenot", "likedislike")]
     result = score_dnli(from_pretrained(folder), gpt2_tok, "english", examples, batch_size=16,
                         progress=False)
     assert len(result.scores) == sum(len(e.candidates) for e in examples)
@@ -133,6 +135,7 @@ def test_embedded_file_end_to_end(tmp_path, tiny, gpt2_tok, embedded, monkeypatc
         assert needle in markdown
     rows = [json.loads(line) for line in (tmp_path / "dnli" / "sft.jsonl").read_text().splitlines()]
     assert {r["category"] for r in rows} == {"hits", "entail", "random", "contradict"}
+    assert len({r["example_id"] for r in rows}) == 6                # none skipped
     assert set(rows[0]) >= {"example_id", "group", "prompt", "candidate", "category", "score_sum",
                             "n_tokens"}
     assert rows[0]["prompt"].startswith("Your persona:")
@@ -153,11 +156,29 @@ def test_sharded_scores_equal_unsharded(tiny, gpt2_tok, embedded):
     examples = select_examples(embedded, 1)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     plain = score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", examples, batch_size=8,
-                       max_prompt_tokens=64, progress=False)
+                       max_prompt_tokens=96, progress=False)
     sharded = score_dnli(from_pretrained(tiny[0], mesh=mesh), gpt2_tok, "english", examples,
-                         batch_size=8, max_prompt_tokens=64, mesh=mesh, progress=False)
+                         batch_size=8, max_prompt_tokens=96, mesh=mesh, progress=False)
+    assert len(sharded.scores) == len(examples[0].candidates) and not sharded.skipped
     np.testing.assert_allclose([c.score_sum for c in sharded.scores],
                                [c.score_sum for c in plain.scores], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="none of the 1 DNLI examples fits max_prompt_tokens=40"):
+        score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", examples, max_prompt_tokens=40,
+                   progress=False)
     with pytest.raises(ValueError, match="divisible by data\\*fsdp = 4; set eval.batch_size"):
         score_dnli(from_pretrained(tiny[0], mesh=mesh), gpt2_tok, "english", examples,
                    batch_size=6, mesh=mesh, progress=False)
+
+
+def test_command_line_on_any_checkpoint(tmp_path, tiny, gpt2_tok, capsys):
+    from pdpo_jax.config import ConfigError
+    from pdpo_jax.eval.__main__ import main
+    gpt2_tok.save_pretrained(tmp_path / "tok")
+    args = ["dnli", "--checkpoint", f"mine={tiny[0]}", "--tokenizer", str(tmp_path / "tok"),
+            "--out", str(tmp_path / "out"), "max_examples=3", "eval.max_prompt_tokens=96",
+            "normalise=sum"]
+    markdown = main(args)
+    assert "| mine |" in markdown and "length-normalised" not in markdown
+    assert (tmp_path / "out" / "dnli" / "mine.jsonl").is_file()
+    with pytest.raises(ConfigError, match="did you mean 'max_examples'"):
+        main([*args[:7], "max_example=3"])

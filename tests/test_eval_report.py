@@ -80,3 +80,12 @@ def test_training_curves_from_metrics_jsonl(tmp_path):
 def test_markdown_table_formats_cells():
     md = markdown_table(["a", "b"], [["x", 1.234], ["y", float("nan")]])
     assert md.splitlines() == ["| a | b |", "|---|---|", "| x | 1.2 |", "| y | – |"]
+
+
+def test_curves_command(tmp_path):
+    from pdpo_jax.eval.__main__ import main
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n'
+                                                   '{"step": 2, "train/loss": 1.5}\n')
+    out = main(["curves", str(tmp_path / "sft" / "metrics.jsonl"), "--out", str(tmp_path / "c.png")])
+    assert _png(tmp_path / "c.png") and out.endswith("c.png")

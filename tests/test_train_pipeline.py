@@ -93,3 +93,55 @@ def test_impossible_mesh_and_unknown_stage(tmp_path):
 def test_cli_reports_config_errors(capsys):
     assert main(["--config", "configs/tiny_sft.yaml", "sft.epocs=2"]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def dpo_inputs(tmp_path_factory):
+    """A random tiny model (as the SFT model) and small preference files, no sampling needed."""
+    from pdpo_jax import data as pdata
+    from pdpo_jax.models import ModelConfig, build_model, save_pretrained
+    root = tmp_path_factory.mktemp("dpo_inputs")
+    cfg = ModelConfig(arch="llama", vocab_size=4096, d_model=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, mlp_dim=64, norm_eps=1e-5, max_positions=512,
+                      tie_embeddings=True, eos_token_id=0)
+    save_pretrained(build_model(cfg, seed=0), root / "sft",
+                    tokenizer=transformers.AutoTokenizer.from_pretrained("data/tokenizer_demo"))
+    records = pdata.read_turns(pdata.default_paths().dev)[:48]
+    pairs = [pdata.PreferencePair(r.persona, r.history, r.response, records[(i + 7) % 48].response, f"p{i}")
+             for i, r in enumerate(records)]
+    pdata.write_preference_jsonl(root / "train.jsonl", pairs[:32])
+    pdata.write_preference_jsonl(root / "dev.jsonl", pairs[32:])
+    return root
+
+
+def _dpo_cfg(run_dir, inputs, *extra):
+    arch = ("model.architecture.hidden_size=32", "model.architecture.num_hidden_layers=1",
+            "model.architecture.num_attention_heads=2", "model.architecture.num_key_value_heads=1",
+            "model.architecture.intermediate_size=64")
+    return load_config("configs/tiny_dpo.yaml", (
+        f"run.out_dir={run_dir}", "run.stages=[dpo]", f"model.checkpoint={inputs / 'sft'}", *arch,
+        f"dpo.pairs={inputs / 'train.jsonl'}", f"dpo.dev_pairs={inputs / 'dev.jsonl'}",
+        "dpo.batch_size=8", "dpo.eval_every=2", *extra))
+
+
+def _last_eval(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval/loss" in r][-1]
+
+
+def test_precomputed_reference_equals_live_reference_and_is_cached(tmp_path, dpo_inputs, monkeypatch):
+    pipeline.run(_dpo_cfg(tmp_path / "live", dpo_inputs))
+    pipeline.run(_dpo_cfg(tmp_path / "pre", dpo_inputs, "dpo.precompute_ref=true"))
+    live, pre = _last_eval(tmp_path / "live"), _last_eval(tmp_path / "pre")
+    assert live["step"] == pre["step"] == 4
+    for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/chosen"):
+        assert pre[key] == pytest.approx(live[key], rel=1e-5, abs=1e-6), key
+    cached = sorted((tmp_path / "pre" / "dpo" / "ref_logps").glob("*.npy"))
+    assert [p.name.split("-")[0] for p in cached] == ["dev", "train"]
+    # Same inputs again: the cache is reused, nothing is recomputed.
+    from pdpo_jax.train import reference
+    monkeypatch.setattr(reference, "compute", lambda *a, **k: pytest.fail("recomputed"))
+    (tmp_path / "pre" / "dpo" / "DONE.json").unlink()
+    import shutil
+    shutil.rmtree(tmp_path / "pre" / "dpo" / "ckpt")
+    pipeline.run(_dpo_cfg(tmp_path / "pre", dpo_inputs, "dpo.precompute_ref=true"))

@@ -9,7 +9,8 @@ SFT, one row per example (B rows, T = the batch's bucket length):
     attention_mask  bool[B, T]   True on real tokens
     loss_mask       bool[B, T]   True iff tokens[b, t] is a response token (EOS included): the
                                  logits at t-1 are scored against tokens[t]
-Preference: the SFT layout twice, keys prefixed `chosen_` and `rejected_`, one shared T.
+    index           int32[B]     the example's index in the pipeline's list, -1 on padding rows
+Preference: the SFT layout twice, keys prefixed `chosen_` and `rejected_`, one shared T, and index.
 Prompts, LEFT-padded so every row's last prompt token sits at T-1 (sampling / scoring):
     tokens int32[B, T], positions int32[B, T] (0 at the first real token, 0 on padding),
     attention_mask bool[B, T], index int32[B] (example index, -1 on padding rows)
@@ -34,20 +35,28 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
                      "encode with max_total_tokens <= the largest bucket or add a bucket")
 
 
-def sft_batch(examples: Sequence[Encoded | None], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def sft_batch(examples: Sequence[Encoded | None], seq_len: int, pad_id: int,
+              index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Right-padded SFT batch of len(examples) rows and seq_len columns (layout: module doc)."""
     rows = [None if e is None else (e.prompt_ids, e.response_ids) for e in examples]
-    return _right_padded(rows, seq_len, pad_id)
+    return {**_right_padded(rows, seq_len, pad_id), "index": _index(examples, index)}
 
 
 def preference_batch(examples: Sequence[EncodedPair | None], seq_len: int,
-                     pad_id: int) -> dict[str, np.ndarray]:
+                     pad_id: int, index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """chosen_* and rejected_* SFT layouts over one shared prompt, both seq_len long."""
-    batch = {}
+    batch = {"index": _index(examples, index)}
     for side in ("chosen", "rejected"):
         rows = [None if e is None else (e.prompt_ids, getattr(e, f"{side}_ids")) for e in examples]
         batch |= {f"{side}_{k}": v for k, v in _right_padded(rows, seq_len, pad_id).items()}
     return batch
+
+
+def _index(examples: Sequence[object | None], index: Sequence[int] | None) -> np.ndarray:
+    """int32[B]: each row's example index (default 0..B-1), -1 on padding rows."""
+    if index is None:
+        index = [-1 if e is None else i for i, e in enumerate(examples)]
+    return np.asarray(index, np.int32).reshape(len(examples))
 
 
 def prompt_batch(prompts: Sequence[np.ndarray | Encoded | EncodedPair | None], seq_len: int,
@@ -65,10 +74,8 @@ def prompt_batch(prompts: Sequence[np.ndarray | Encoded | EncodedPair | None], s
         tokens[row, seq_len - n:] = ids
         positions[row, seq_len - n:] = np.arange(n)
         attention[row, seq_len - n:] = True
-    if index is None:
-        index = [-1 if p is None else i for i, p in enumerate(prompts)]
     return {"tokens": tokens, "positions": positions, "attention_mask": attention,
-            "index": np.asarray(index, np.int32).reshape(b)}
+            "index": _index(prompts, index)}
 
 
 def _right_padded(rows: Sequence[tuple[np.ndarray, np.ndarray] | None], seq_len: int,

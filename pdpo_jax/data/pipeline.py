@@ -123,8 +123,8 @@ def prompt_batches(examples: Sequence[Encoded | EncodedPair], *, batch_size: int
 
 # Every layout is collated from (examples or None, seq_len, pad_id, global example indices).
 _COLLATE: dict[str, Callable[..., dict[str, np.ndarray]]] = {
-    "sft": lambda items, seq_len, pad, rows: sft_batch(items, seq_len, pad),
-    "preference": lambda items, seq_len, pad, rows: preference_batch(items, seq_len, pad),
+    "sft": lambda items, seq_len, pad, rows: sft_batch(items, seq_len, pad, index=rows),
+    "preference": lambda items, seq_len, pad, rows: preference_batch(items, seq_len, pad, index=rows),
     "prompt": lambda items, seq_len, pad, rows: prompt_batch(items, seq_len, pad, index=rows),
 }
 

@@ -64,7 +64,6 @@ class OpenAIBackend:
         self.max_tokens, self.retry_temperature = max_tokens, retry_temperature
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.judge_id = f"openai:{model}"
-        self.requests_sent = 0
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(model={self.model!r}, url={self.url!r})"
@@ -95,8 +94,8 @@ class OpenAIBackend:
                 log.info("judge request failed (%s); try %d of %d", e, tries + 1,
                          self.max_retries + 1)
         raise JudgeError(f"judge endpoint {self.url} failed {self.max_retries + 1} times, last: "
-                         f"{last}; check that it is up and ${self._api_key_env}/judge.base_url_env, "
-                         "or raise judge.max_retries / judge.timeout_s")
+                         f"{last}; check the URL (judge.base_url_env) and that the server is up, or "
+                         "raise judge.max_retries / judge.timeout_s")
 
     def _delay(self, tries: int, retry_after: float | None) -> float:
         delay = self.backoff_s * 2 ** (tries - 1) * (0.5 + random.random())
@@ -107,7 +106,6 @@ class OpenAIBackend:
     def _post(self, body: bytes) -> str:
         request = urllib.request.Request(self.url, data=body, method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {self._api_key}"})
-        self.requests_sent += 1
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 raw = response.read()

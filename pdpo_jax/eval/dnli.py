@@ -100,7 +100,7 @@ class DnliResult:
 
 def _percentages(counts: collections.Counter) -> dict[str, float]:
     n = sum(counts.values())
-    return {**{c: 100.0 * counts[c] / n for c in CATEGORIES}, "n": n}
+    return {**{c: 100.0 * counts[c] / n if n else math.nan for c in CATEGORIES}, "n": n}
 
 
 def _check_normalise(normalise: str) -> None:
@@ -134,10 +134,9 @@ def _encode_example(tokenizer, template, ex: pdata.DnliExample, index: int,
                     max_prompt_tokens: int | None) -> list[_Row]:
     """One row per candidate. A prompt budget independent of the candidate keeps the prompt
     identical across an example's candidates (a max_total budget would cut it per candidate)."""
-    rows = [_Row(index, j, pdata.encode_pair(tokenizer, template, ex.persona, ex.history, text,
+    return [_Row(index, j, pdata.encode_pair(tokenizer, template, ex.persona, ex.history, text,
                                              max_prompt_tokens=max_prompt_tokens))
             for j, (text, _) in enumerate(ex.candidates)]
-    return rows
 
 
 def _plan_batches(rows_by_example: list[list[_Row]], batch_size: int) -> list[list[_Row]]:
@@ -192,22 +191,18 @@ def score_dnli(model, tokenizer, template, examples: Sequence[pdata.DnliExample]
             continue
         rows_by_example.append(rows)
         prompts[ex.example_id] = tokenizer.decode(rows[0].encoded.prompt_ids)
+    if not rows_by_example:
+        raise ValueError(f"none of the {len(examples)} DNLI examples fits max_prompt_tokens="
+                         f"{max_prompt_tokens} (persona + latest turn); raise eval.max_prompt_tokens")
     if skipped:
         log.warning("DNLI: skipped %d of %d examples that do not fit: %s", len(skipped),
                     len(examples), dict(list(skipped.items())[:3]))
-    pad = pdata.pad_id(tokenizer)
     scores: list[CandidateScore] = []
     n_rows = sum(len(r) for r in rows_by_example)
     start = time.perf_counter()
     with tqdm(total=n_rows, unit="cand", desc="DNLI", disable=not progress) as bar:
-        for rows in _plan_batches(rows_by_example, batch_size):
-            seq_len = pdata.bucket_length(max(r.encoded.length for r in rows), SEQ_BUCKETS)
-            window = pdata.bucket_length(max(len(r.encoded.response_ids) for r in rows),
-                                         WINDOW_BUCKETS)
-            padded = [r.encoded for r in rows] + [None] * (batch_size - len(rows))
-            batch = _device_batch(pdata.sft_batch(padded, seq_len, pad), mesh)
-            sums, counts = jax.device_get(_score_rows(graphdef, params, batch, window=window,
-                                                      chunk=min(chunk, window)))
+        for rows, sums, counts in _run_batches(graphdef, params, rows_by_example, batch_size,
+                                               pdata.pad_id(tokenizer), chunk, mesh):
             scores += [_candidate_score(examples[r.example], r, float(s), int(n))
                        for r, s, n in zip(rows, sums, counts)]
             bar.update(len(rows))
@@ -217,6 +212,24 @@ def score_dnli(model, tokenizer, template, examples: Sequence[pdata.DnliExample]
     order = {ex.example_id: i for i, ex in enumerate(examples)}
     scores.sort(key=lambda c: (order[c.example_id], c.candidate_index))
     return DnliResult(scores, prompts, skipped)
+
+
+def _run_batches(graphdef, params, rows_by_example, batch_size: int, pad: int, chunk: int, mesh):
+    """Yields (rows, Σ log p [B], token counts [B]) per batch. Batch k+1 is dispatched before
+    batch k's results are fetched, so the host's collation overlaps the device's work."""
+    pending = None
+    for rows in _plan_batches(rows_by_example, batch_size):
+        seq_len = pdata.bucket_length(max(r.encoded.length for r in rows), SEQ_BUCKETS)
+        window = pdata.bucket_length(max(len(r.encoded.response_ids) for r in rows),
+                                     WINDOW_BUCKETS)
+        padded = [r.encoded for r in rows] + [None] * (batch_size - len(rows))
+        batch = _device_batch(pdata.sft_batch(padded, seq_len, pad), mesh)
+        out = _score_rows(graphdef, params, batch, window=window, chunk=min(chunk, window))
+        if pending is not None:
+            yield pending[0], *jax.device_get(pending[1])
+        pending = (rows, out)
+    if pending is not None:
+        yield pending[0], *jax.device_get(pending[1])
 
 
 def _candidate_score(ex: pdata.DnliExample, row: _Row, score_sum: float, n: int) -> CandidateScore:

@@ -91,9 +91,10 @@ class JudgeTemplate:
         found = _PLACEHOLDER_RE.findall(self.text)
         missing = [p for p in PLACEHOLDERS if p not in found]
         repeated = sorted({p for p in found if found.count(p) > 1})
-        if missing or repeated:
-            raise ValueError(f"judge template {self.name!r}: placeholders {_braced(missing)} are "
-                             f"missing{'' if not repeated else f' and {_braced(repeated)} repeat'}; "
+        problems = ([f"{_braced(missing)} missing"] if missing else []) + \
+                   ([f"{_braced(repeated)} repeated"] if repeated else [])
+        if problems:
+            raise ValueError(f"judge template {self.name!r}: placeholder(s) {' and '.join(problems)}; "
                              f"a template needs each of {_braced(PLACEHOLDERS)} exactly once "
                              "(set judge.template to 'english', 'japanese' or a fixed file)")
 

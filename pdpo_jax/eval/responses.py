@@ -34,6 +34,8 @@ def sample_texts(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: d
     The reply is decoded without its EOS and special tokens, and stripped.
     """
     from pdpo_jax.sampling import Sampler, SamplingConfig
+    if not prompts:
+        return
     eos = tokenizer.eos_token_id
     cfg = SamplingConfig(**{"eos_ids": (eos,), "pad_id": pdata.pad_id(tokenizer), **sampling})
     sampler = Sampler(model, cfg, mesh=mesh, prompt_bucket=prompt_bucket)

@@ -129,6 +129,8 @@ def _ask(todo: dict[str, str], backend: JudgeBackend, template: JudgeTemplate,
     done: dict[str, CachedJudgment] = {}
     pending = list(todo)
     for attempt in range(parse_retries + 1):
+        if not pending:
+            break
         retry = []
         for i, answer in backend.answers([todo[k] for k in pending], attempt):
             key, verdict = pending[i], parse_verdict(answer)
@@ -142,8 +144,6 @@ def _ask(todo: dict[str, str], backend: JudgeBackend, template: JudgeTemplate,
             done[key] = CachedJudgment(verdict, answer, attempt + 1)
             bar.update(1)
         pending = retry
-        if not pending:
-            break
     return done
 
 

@@ -44,7 +44,9 @@ class SamplingConfig:
     logprobs: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+        eos = (self.eos_ids,) if isinstance(self.eos_ids, int) else self.eos_ids
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in eos))
+        _check_seed(self.seed)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if not self.greedy and not self.temperature > 0:
@@ -190,6 +192,12 @@ class SamplingLoop:
 _run = jax.jit(lambda loop, *args: loop.run(*args), static_argnums=0)
 
 
+def _check_seed(seed) -> int:
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed={seed} must be in [0, 2**32): it becomes a uint32 traced value")
+    return int(seed)
+
+
 def _row_keys(seed, example_ids_B, n: int):
     """PRNG key [B*n]: fold_in(fold_in(key(seed), example id), sample index)."""
     base = jax.random.key(seed)
@@ -273,7 +281,7 @@ class Sampler:
             raise ValueError(f"example_ids has shape {ids.shape}; expected ({B},), one per prompt")
         tokens_BP, mask_BP, live_B, ids_B = self._pad_batch(tokens_BP, mask_BP, ids)
         args = self._place_batch(tokens_BP, mask_BP, live_B, ids_B.astype(np.int32))
-        seed = jnp.asarray(self.cfg.seed if seed is None else seed, jnp.uint32)
+        seed = jnp.asarray(self.cfg.seed if seed is None else _check_seed(seed), jnp.uint32)
         params = self.params if params is None else self._place_params(params)
         state = _run(self.loop, params, *args, seed)
         return self._output(state, rows=B * self.cfg.n)

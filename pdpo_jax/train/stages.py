@@ -25,7 +25,7 @@ from pdpo_jax.checkpoint import Checkpointer, export_atomically
 from pdpo_jax.config import Config, StageSection
 from pdpo_jax.metrics import MetricsWriter
 from pdpo_jax.models import ModelConfig, config_from_hf, from_pretrained
-from pdpo_jax.train import loop, optim, state as st
+from pdpo_jax.train import loop, optim, reference, state as st
 from pdpo_jax.train.steps import (DpoObjective, make_dpo_eval, make_dpo_step, make_sft_eval,
                                   make_sft_step)
 
@@ -203,17 +203,24 @@ def run_dpo(ctx: RunContext, init_checkpoint: str | None) -> pathlib.Path:
     train, _ = encode(ctx, pdata.read_preference_jsonl(train_path), "dpo train")
     dev, _ = encode(ctx, pdata.read_preference_jsonl(dev_path), "dpo dev")
     graphdef, params, model_cfg = load_params(ctx, init_checkpoint)
-    ref_params = jax.tree.map(lambda x: x.copy(), params)  # frozen; the policy is donated
+    window = cfg.data.max_response_tokens
     batches = pdata.preference_batches(train, **_batch_kwargs(ctx, stage, train=True))
     dev_batches = pdata.preference_batches(dev, **_batch_kwargs(ctx, stage, train=False))
+    if stage.precompute_ref:  # the policy starts as the reference: score with it, keep one copy
+        ref_params = None
+        batches, dev_batches = (
+            reference.WithReference(b, _cached_reference(ctx, graphdef, params, enc, path, init_checkpoint))
+            for b, enc, path in ((batches, train, train_path), (dev_batches, dev, dev_path)))
+    else:
+        ref_params = jax.tree.map(lambda x: x.copy(), params)  # frozen; the policy is donated
     total = _total_steps(stage, batches.batches_per_epoch)
     tx, lr = optim.make_optimizer(stage.optimizer, total)
     state, state_sh = st.create_state(params, tx, ctx.mesh)
     objective = DpoObjective(stage.loss, stage.beta, stage.label_smoothing, stage.rpo_alpha)
-    window = cfg.data.max_response_tokens
-    step_fn = st.jit_dpo_step(make_dpo_step(graphdef, tx, lr, objective, window=window),
-                              state_sh, ctx.mesh)
-    eval_fn = jax.jit(make_dpo_eval(graphdef, objective, window=window))
+    precomputed = stage.precompute_ref
+    step = make_dpo_step(graphdef, tx, lr, objective, window=window, precomputed_ref=precomputed)
+    step_fn = st.jit_dpo_step(step, state_sh, ctx.mesh, with_reference=not precomputed)
+    eval_fn = jax.jit(make_dpo_eval(graphdef, objective, window=window, precomputed_ref=precomputed))
 
     def evaluate(params):
         sums, pairs = {}, 0.0
@@ -226,13 +233,23 @@ def run_dpo(ctx: RunContext, init_checkpoint: str | None) -> pathlib.Path:
 
     writer = MetricsWriter(out, tensorboard=True)
     ckpt = Checkpointer(out / "ckpt", keep=cfg.checkpoint.keep)
+    train_step = step_fn if precomputed else (lambda s, b: step_fn(s, ref_params, b))
     loop.run(_spec(ctx, "dpo", stage, total, loop.Selection("rewards/accuracies", "max")), state=state,
-             step_fn=lambda s, b: step_fn(s, ref_params, b), batches=batches, mesh=ctx.mesh,
+             step_fn=train_step, batches=batches, mesh=ctx.mesh,
              evaluate=evaluate, export=_exporter(ctx, graphdef, out / "best"), ckpt=ckpt,
              writer=writer, meta=_meta("dpo", model_cfg))
     ckpt.close()
     writer.close()
     return out / "best"
+
+
+def _cached_reference(ctx: RunContext, graphdef, params, encoded, pairs_path, checkpoint):
+    cfg = ctx.cfg
+    key = reference.cache_key(checkpoint, pairs_path, cfg.data, ctx.tokenizer, cfg.run.seed)
+    path = ctx.run_dir / "dpo" / "ref_logps" / f"{pairs_path.stem}-{key}.npy"
+    ordered = pdata.preference_batches(encoded, **_batch_kwargs(ctx, cfg.dpo, train=False))
+    return reference.load_or_compute(path, lambda: reference.compute(
+        graphdef, params, ordered, len(encoded), ctx.mesh, window=cfg.data.max_response_tokens))
 
 
 def make_context(cfg: Config) -> RunContext:

@@ -74,7 +74,12 @@ def jit_sft_step(step, state_sh, mesh):
                    out_shardings=(state_sh, None), donate_argnums=(0,))
 
 
-def jit_dpo_step(step, state_sh, mesh):
-    """The reference params share the policy's shardings and are never donated."""
+def jit_dpo_step(step, state_sh, mesh, *, with_reference: bool = True):
+    """The reference params share the policy's shardings and are never donated. Without
+    them (precomputed reference log-probs), the jitted step is `step(state, batch)`."""
+    if not with_reference:
+        return jax.jit(lambda state, batch: step(state, None, batch),
+                       in_shardings=(state_sh, batch_sharding(mesh)),
+                       out_shardings=(state_sh, None), donate_argnums=(0,))
     return jax.jit(step, in_shardings=(state_sh, state_sh.params, batch_sharding(mesh)),
                    out_shardings=(state_sh, None), donate_argnums=(0,))

@@ -81,6 +81,15 @@ def pair_logps(graphdef, params, mb, *, window, chunk):
     return logp_sum[:b], logp_sum[b:], length[:b], length[b:]
 
 
+def reference_logps(graphdef, ref_params, mb, *, window, chunk, precomputed: bool):
+    """Reference log-prob sums of chosen and rejected [B], never differentiated: from the
+    frozen reference params, or from the batch when they were precomputed once on disk."""
+    if precomputed:
+        return mb["ref_chosen_logps"], mb["ref_rejected_logps"]
+    rc, rr, _, _ = pair_logps(graphdef, ref_params, mb, window=window, chunk=chunk)
+    return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+
+
 @dataclasses.dataclass(frozen=True)
 class DpoObjective:
     loss: str = "sigmoid"
@@ -106,10 +115,8 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
     separate frozen argument. Metrics are trl's, averaged over the real pairs of the global batch.
     """
     def reference(ref_params, mb):
-        if precomputed_ref:
-            return mb["ref_chosen_logps"], mb["ref_rejected_logps"]
-        rc, rr, _, _ = pair_logps(graphdef, ref_params, mb, window=window, chunk=chunk)
-        return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+        return reference_logps(graphdef, ref_params, mb, window=window, chunk=chunk,
+                               precomputed=precomputed_ref)
 
     def step(state: TrainState, ref_params, batch):
         def body(carry, mb):
@@ -143,10 +150,11 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
     return step
 
 
-def make_dpo_eval(graphdef, objective: DpoObjective, *, window, chunk=128):
+def make_dpo_eval(graphdef, objective: DpoObjective, *, window, chunk=128, precomputed_ref=False):
     """eval(params, ref_params, batch [B,...]) -> per-metric sums and the pair count."""
     def evaluate(params, ref_params, mb):
-        rc, rr, _, _ = pair_logps(graphdef, ref_params, mb, window=window, chunk=chunk)
+        rc, rr = reference_logps(graphdef, ref_params, mb, window=window, chunk=chunk,
+                                 precomputed=precomputed_ref)
         pc, pr, nc, nr = pair_logps(graphdef, params, mb, window=window, chunk=chunk)
         lp = losses.PairLogps(pc, pr, rc, rr, nc, nr)
         real = (nc > 0) & (nr > 0)
