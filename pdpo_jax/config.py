@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pdpo_jax.eval.config import EvalSection
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -128,6 +130,7 @@ class Config:
     sft: SftSection = SftSection(optimizer=OptimizerConfig(lr=1e-5, schedule="cosine"))
     negatives: NegativesSection = NegativesSection()
     dpo: DpoSection = DpoSection(batch_size=4, optimizer=OptimizerConfig(lr=1e-6, schedule="linear"))
+    eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
 
 

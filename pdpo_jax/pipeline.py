@@ -1,4 +1,5 @@
-"""The whole method as resumable stages in one run folder: sft → negatives → dpo → eval → report.
+"""The whole method as resumable stages in one run folder:
+sft → negatives → dpo → eval (Dialogue-NLI) → judge (pairwise LLM judge) → report.
 
 A stage that finished wrote `<out_dir>/<stage>/DONE.json`; rerunning the same config skips it,
 so a crashed run continues where it stopped (and each stage resumes from its own checkpoints).
@@ -97,8 +98,35 @@ def _copy_external_pairs(folder: str | None, out: pathlib.Path) -> None:
         os.replace(out / (name + ".tmp"), out / name)
 
 
+def _eval(ctx):
+    from pdpo_jax.eval import resolve_checkpoints, run_dnli_stage
+    checkpoints = resolve_checkpoints(ctx.cfg.eval.checkpoints, ctx.run_dir)
+    markdown = run_dnli_stage(ctx.stage_dir("eval"), checkpoints, ctx.tokenizer, ctx.cfg.eval,
+                              ctx.cfg.data.template, mesh=ctx.mesh)
+    log.info("Dialogue-NLI:\n%s", markdown)
+
+
+def _judge(ctx):
+    from pdpo_jax.eval import resolve_checkpoints, run_judge_stage
+    cfg = ctx.cfg
+    checkpoints = resolve_checkpoints(cfg.eval.checkpoints, ctx.run_dir)
+    paths = pdata.default_paths() if not cfg.data.dev else None
+    histories = stages.read_dialogues(cfg.data.dev, None, paths and paths.dev)
+    markdown = run_judge_stage(ctx.stage_dir("eval"), checkpoints, ctx.tokenizer, histories,
+                               cfg.eval.judge, cfg.eval.responses, template=cfg.data.template,
+                               mesh=ctx.mesh)
+    log.info("judge:\n%s", markdown)
+
+
+def _report(ctx):
+    from pdpo_jax.report import write_report
+    path = write_report(ctx.run_dir, ctx.cfg, ctx.tokenizer, mesh=ctx.mesh)
+    log.info("report: %s", path)
+
+
 STAGES: dict[str, Callable[[stages.RunContext], None]] = {
-    "sft": _sft, "negatives": _negatives, "dpo": _dpo}
+    "sft": _sft, "negatives": _negatives, "dpo": _dpo, "eval": _eval, "judge": _judge,
+    "report": _report}
 
 
 def register(name: str, fn: Callable[[stages.RunContext], None]) -> None:

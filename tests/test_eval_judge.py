@@ -2,7 +2,7 @@
 
 The server implements POST /v1/chat/completions. Its verdict is deterministic: the reply that
 contains "GOOD" wins ([[3]] when both or neither do). Markers inside a reply inject failures
-on the first request of that prompt: R429 → 429 with Retry-After, R500 → 500, SLOW → a
+on the first request of that prompt (DEAD: on every request): R429 → 429 with Retry-After, R500 → 500, SLOW → a
 reply after the client's timeout, MALFORMED → a non-JSON body, NOVERDICT → an answer without
 a verdict on every request (so it ends invalid), NOVERDICT1 → no verdict on the first request.
 """
@@ -44,6 +44,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if state["status"]:
             return self._send(state["status"], b"server says no")
         r1, r2 = _replies(prompt)
+        if "DEAD" in r1 + r2 and not state["revived"]:
+            return self._send(500, b"this one always fails")
         first = seen == 1
         if first and "R429" in r1 + r2:
             return self._send(429, b"slow down", {"Retry-After": "0"})
@@ -87,7 +89,7 @@ def server():
     """A threaded chat-completions server that shuts itself down after 120 s at the latest."""
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    srv.state = {"lock": threading.Lock(), "requests": 0, "auth": set(), "status": 0,
+    srv.state = {"lock": threading.Lock(), "requests": 0, "auth": set(), "status": 0, "revived": False,
                  "per_prompt": collections.Counter()}
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -188,6 +190,27 @@ def test_interrupted_run_keeps_finished_rows_and_resumes(server, tmp_path):
     assert all(j.winner == "good" for j in judgments)
 
 
+def test_one_failing_request_keeps_the_answers_already_paid_for(server, tmp_path):
+    replies = {"good": RESPONSES["good"], "dead": [f"reply {i}" for i in range(5)] + ["DEAD"]}
+    plan = plan_comparisons(list(replies), len(HISTORIES), 12, seed=0)
+    template = load_template("english")
+    with JudgmentCache(tmp_path / "c.sqlite") as cache:
+        with pytest.raises(JudgeError, match="HTTP 500"):
+            run_tournament(plan, HISTORIES, replies, _backend(server, max_retries=1), template,
+                           cache, progress=False)
+        stored = len(cache)
+    prompts = len(server.state["per_prompt"])
+    assert 0 < stored < prompts           # finished answers were kept, nothing else
+    server.state["revived"] = True
+    before = server.state["requests"]
+    with JudgmentCache(tmp_path / "c.sqlite") as cache:
+        judgments = run_tournament(plan, HISTORIES, replies, _backend(server), template, cache,
+                                   progress=False)
+        total = len(cache)
+    assert server.state["requests"] - before == total - stored   # only the missing ones
+    assert all(j.winner == "good" for j in judgments)
+
+
 def test_unreachable_endpoint_is_a_clear_error_and_writes_nothing(tmp_path):
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
@@ -196,7 +219,7 @@ def test_unreachable_endpoint_is_a_clear_error_and_writes_nothing(tmp_path):
                             backoff_s=0.01, timeout_s=2)
     plan = plan_comparisons(["good", "plain"], len(HISTORIES), 4, seed=0)
     with JudgmentCache(tmp_path / "c.sqlite") as cache:
-        with pytest.raises(JudgeError, match=r"cannot reach .*failed 2 times|failed 2 times.*cannot reach") as err:
+        with pytest.raises(JudgeError, match=r"failed 2 times, last: cannot reach") as err:
             run_tournament(plan, HISTORIES, RESPONSES, backend, load_template("english"), cache,
                            progress=False)
         assert len(cache) == 0

@@ -5,7 +5,8 @@
 
     plan = plan_comparisons(["sft", "dpo"], len(histories), comparisons=200, seed=0)
     judgments = run_tournament(plan, histories, replies, backend, load_template("english"), cache)
-    print(tournament_report(judgments, ["sft", "dpo"], bradley_terry(judgments, ["sft", "dpo"]), backend.judge_id))
+    strengths = bradley_terry(judgments, ["sft", "dpo"])
+    print(tournament_report(judgments, ["sft", "dpo"], strengths, backend.judge_id))
 
 Pipeline entry points: `run_dnli_stage`, `run_judge_stage` (resumable, write into out_dir).
 """

@@ -71,12 +71,23 @@ class OpenAIBackend:
     def answers(self, prompts: Sequence[str], attempt: int = 0) -> Iterator[tuple[int, str]]:
         pool = futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="judge")
         pending = {pool.submit(self.complete, p, attempt): i for i, p in enumerate(prompts)}
+        error = None
         try:
             for done in futures.as_completed(pending):
+                if done.cancelled():
+                    continue
+                if done.exception() is not None:
+                    # Stop sending, but still hand over the answers already in flight: they
+                    # are paid for and get cached. The first error is raised at the end.
+                    error = error or done.exception()
+                    for f in pending:
+                        f.cancel()
+                    continue
                 yield pending[done], done.result()
         finally:
-            # On an error (or an abandoned generator) queued requests are dropped, not sent.
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # also when the caller stops early
+        if error is not None:
+            raise error
 
     def complete(self, prompt: str, attempt: int = 0) -> str:
         """The judge's answer text to one user message, retrying transient failures."""

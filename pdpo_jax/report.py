@@ -1,0 +1,103 @@
+"""The run's human report: `<out_dir>/report.md` with its plots in `<out_dir>/report/`.
+
+It gathers what the stages wrote — the Dialogue-NLI table, the judge tournament, the SFT and DPO
+curves, chosen-vs-rejected length statistics of the pseudo-preference data — and adds a few
+side-by-side replies of the SFT and PseudoDPO models (like the paper's Table 5).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+from pdpo_jax import data as pdata
+from pdpo_jax.eval import plot_training_curves
+from pdpo_jax.eval.config import ResponseSection, resolve_checkpoints
+from pdpo_jax.eval.report import markdown_table
+from pdpo_jax.eval.responses import responses_for_checkpoints, select_histories
+
+CURVES = {"sft": ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm"),
+          "dpo": ("train/loss", "eval/loss", "train/rewards/accuracies", "eval/rewards/accuracies",
+                  "train/rewards/margins", "eval/rewards/margins")}
+
+
+def _curves(run_dir: pathlib.Path, out: pathlib.Path) -> list[str]:
+    lines = []
+    for stage, keys in CURVES.items():
+        metrics = run_dir / stage / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+        picked = out / f"{stage}_metrics.jsonl"
+        picked.write_text("".join(json.dumps({k: r[k] for k in ("step", *keys) if k in r}) + "\n"
+                                  for r in rows))
+        png = plot_training_curves(picked, out / f"{stage}_curves.png")
+        picked.unlink()
+        evals = [r for r in rows if "eval/loss" in r]
+        last = evals[-1] if evals else {}
+        summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k.startswith("eval/") and k in last)
+        lines += [f"### {stage.upper()} curves", "", f"![{stage}]({png.relative_to(run_dir)})", "",
+                  f"Last evaluation (step {last.get('step', '-')}): {summary or 'none'}.", ""]
+    return lines
+
+
+def _lengths(run_dir: pathlib.Path) -> list[str]:
+    rows = []
+    for split in ("train", "dev"):
+        path = run_dir / "negatives" / f"{split}_summary.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        for side in ("chosen", "rejected"):
+            st = s["length_words"][side]
+            rows.append([split, side, s["pairs"], f"{st['words_mean']:.1f}", f"{st['words_median']:.0f}",
+                         f"{st['words_p90']:.0f}", f"{st['tokens_mean']:.1f}"])
+        rows.append([split, "filtered", "", json.dumps(s["filtered"]), "", "", ""])
+    if not rows:
+        return []
+    return ["### Pseudo-preference data: chosen vs rejected length", "",
+            "A systematic length gap would teach DPO length, not persona.", "",
+            markdown_table(["split", "reply", "pairs", "words mean", "median", "p90", "tokens mean"], rows), ""]
+
+
+def _examples(run_dir, cfg, tokenizer, mesh, n: int) -> list[str]:
+    try:
+        checkpoints = resolve_checkpoints(cfg.eval.checkpoints, run_dir)
+    except FileNotFoundError:
+        return []
+    paths = pdata.default_paths() if not cfg.data.dev else None
+    records = pdata.read_turns(cfg.data.dev or paths.dev)
+    histories = select_histories([r for r in records if len(r.history) >= 2], n, seed=cfg.run.seed)
+    settings = ResponseSection(num_histories=n, greedy=True, max_new_tokens=cfg.data.max_response_tokens,
+                               max_prompt_tokens=cfg.data.max_total_tokens - cfg.data.max_response_tokens)
+    replies = responses_for_checkpoints(run_dir / "report" / "examples", checkpoints, tokenizer,
+                                        cfg.data.template, histories, settings, mesh=mesh)
+    lines = ["### Example replies (greedy), as in the paper's Table 5", ""]
+    for i, h in enumerate(histories):
+        rows = [["persona", "<br>".join(h.persona)]]
+        rows += [["partner" if (len(h.history) - 1 - j) % 2 == 0 else "bot", turn]
+                 for j, turn in enumerate(h.history[-4:])]
+        rows += [[f"**{label}**", replies[label][i]] for label in checkpoints]
+        rows += [["reference", h.response]]
+        lines += [markdown_table(["", f"example {i + 1}"], rows), ""]
+    return lines
+
+
+def write_report(run_dir: pathlib.Path, cfg, tokenizer, mesh=None, n_examples: int = 4) -> pathlib.Path:
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# pdpo_jax run report: `{run_dir}`", "",
+             f"Stages: {', '.join(cfg.run.stages)}. Config: `{run_dir / 'config.json'}`.", ""]
+    for title, path in (("Dialogue-NLI ranking (Table 4 layout)", run_dir / "eval" / "dnli" / "report.md"),
+                        ("Pairwise judge (Tables 1-3 layout)", run_dir / "eval" / "judge" / "report.md")):
+        if path.is_file():
+            text = path.read_text().replace("](", f"]({path.parent.relative_to(run_dir)}/")
+            lines += [f"## {title}", "", text, ""]
+            lines += [f"![{p.stem}]({p.relative_to(run_dir)})" for p in sorted(path.parent.glob("*.png"))]
+            lines.append("")
+    lines += ["## Training", ""] + _curves(run_dir, out) + _lengths(run_dir)
+    lines += _examples(run_dir, cfg, tokenizer, mesh, n_examples)
+    report = run_dir / "report.md"
+    tmp = report.with_name("report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(report)
+    return report
