@@ -223,7 +223,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     into its sharding (rules: logical axis → mesh axis table).
     """
     from pdpo_jax.models import build_model  # local: models/__init__ imports this module
-    folder = pathlib.Path(path)
+    folder = pathlib.Path(path).expanduser()
     cfg = config_from_hf(_read_config(folder), source=str(folder / "config.json"))
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, remat=remat)
     src = _Source(folder, allow_pickle)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 
 import jax
@@ -51,7 +52,7 @@ def load_tokenizer(cfg: Config, checkpoint: str | None = None):
     if not source:
         raise ValueError("model.tokenizer is not set and there is no model.checkpoint to take "
                          "it from; set model.tokenizer to a tokenizer folder")
-    return transformers.AutoTokenizer.from_pretrained(source)
+    return transformers.AutoTokenizer.from_pretrained(os.path.expanduser(source))
 
 
 def load_params(ctx: RunContext, checkpoint: str | None):
