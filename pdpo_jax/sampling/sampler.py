@@ -176,7 +176,7 @@ class SamplingLoop:
         """Batch over data x fsdp and kv heads over tensor, as the sampling rules say."""
         if self.mesh is None:
             return cache
-        kv = self._sharding(("layers", "batch", None, "kv_heads", "head_dim"), cache.k.shape)
+        kv = self._sharding(("layers", "batch", "kv_heads", None, "head_dim"), cache.k.shape)
         rows = self._sharding(("batch", None), cache.positions.shape)
         wsc = jax.lax.with_sharding_constraint
         return KVCache(k=wsc(cache.k, kv), v=wsc(cache.v, kv), positions=wsc(cache.positions, rows),
