@@ -15,12 +15,16 @@ def _scalar(value):
 
 
 class MetricsWriter:
-    def __init__(self, directory: str | pathlib.Path, tensorboard: bool = True):
+    def __init__(self, directory: str | pathlib.Path, tensorboard: bool = True,
+                 enabled: bool = True):
+        """enabled=False (every process but the first of a multi-host run) writes nothing."""
         self.directory = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.directory / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = None
+        if enabled:
+            self._jsonl = open(self.directory / "metrics.jsonl", "a", encoding="utf-8")
         self._tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(self.directory / "tensorboard"))
 
@@ -34,12 +38,14 @@ class MetricsWriter:
             row[name] = scalar
             if self._tb is not None and isinstance(scalar, (int, float)) and math.isfinite(scalar):
                 self._tb.add_scalar(name, scalar, int(step))
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
         return row
 
     def close(self):
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 

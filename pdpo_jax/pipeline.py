@@ -16,6 +16,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from pdpo_jax import data as pdata
 from pdpo_jax import sharding as shd
@@ -59,7 +60,8 @@ def _negatives(ctx):
     mesh = ctx.mesh
     if jax.process_count() > 1:  # each host samples its own shards on its own devices
         mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
-    model = from_pretrained(generator, mesh=mesh, dtype=cfg.model.dtype)
+    # Sampling needs no fp32 master weights: hold them in the compute dtype (bf16 halves a 13B).
+    model = from_pretrained(generator, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.dtype)
     stages.check_tokenizer(ctx.tokenizer, model.cfg, generator)
     eos = {ctx.tokenizer.eos_token_id, *np.atleast_1d(model.cfg.eos_token_id or [])} - {None}
     sampling = SamplingConfig(max_new_tokens=cfg.data.max_response_tokens,
@@ -138,7 +140,8 @@ def run(cfg: Config) -> pathlib.Path:
     if unknown:
         raise ValueError(f"run.stages has unknown stages {unknown}; choose from {list(STAGES)}")
     ctx = stages.make_context(cfg)
-    (ctx.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    if jax.process_index() == 0:  # the run folder is shared by every process
+        (ctx.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     for name in cfg.run.stages:
         marker = ctx.run_dir / name / "DONE.json"
         if marker.is_file():
@@ -147,7 +150,10 @@ def run(cfg: Config) -> pathlib.Path:
         start = time.time()
         log.info("stage %s: starting", name)
         STAGES[name](ctx)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
+        if jax.process_count() > 1:  # done only when every process is: then one marks it
+            multihost_utils.sync_global_devices(f"stage {name} done")
+        if jax.process_index() == 0:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
         log.info("stage %s: finished in %.0f s", name, time.time() - start)
     return ctx.run_dir

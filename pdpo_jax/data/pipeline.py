@@ -202,5 +202,5 @@ class _BatchSource:
 
     def fingerprint(self) -> str:
         settings = [self.lengths.tolist(), self.kind, self.batch_size, self.buckets,
-                    self.seed, self.shuffle, self.drop_remainder, self.host, self.hosts]
+                    self.seed, self.shuffle, self.drop_remainder, self.hosts]
         return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import transformers
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pdpo_jax import data as pdata
@@ -131,8 +132,13 @@ def _spec(ctx: RunContext, name: str, stage: StageSection, total: int,
 
 def _exporter(ctx: RunContext, graphdef, folder: pathlib.Path):
     def export(params, metrics):
-        export_atomically(nnx.merge(graphdef, params), folder, tokenizer=ctx.tokenizer,
-                          extra={k: float(np.asarray(v)) for k, v in metrics.items()})
+        if jax.process_count() > 1:  # params span hosts: every process joins the gather
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() == 0:  # one writer: the folder is shared
+            export_atomically(nnx.merge(graphdef, params), folder, tokenizer=ctx.tokenizer,
+                              extra={k: float(np.asarray(v)) for k, v in metrics.items()})
+        if jax.process_count() > 1:  # nobody reads `folder` before it is whole
+            multihost_utils.sync_global_devices(f"export {folder}")
     return export
 
 
@@ -166,7 +172,7 @@ def run_sft(ctx: RunContext) -> pathlib.Path:
         loss = nll / max(count, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
-    writer = MetricsWriter(out, tensorboard=True)
+    writer = MetricsWriter(out, tensorboard=True, enabled=jax.process_index() == 0)
     ckpt = Checkpointer(out / "ckpt", keep=cfg.checkpoint.keep)
     loop.run(_spec(ctx, "sft", stage, total, loop.Selection("loss", "min")), state=state, step_fn=step,
              batches=batches, mesh=ctx.mesh, evaluate=evaluate,
@@ -232,7 +238,7 @@ def run_dpo(ctx: RunContext, init_checkpoint: str | None) -> pathlib.Path:
             pairs += float(n)
         return {k: v / max(pairs, 1.0) for k, v in sums.items()} | {"pairs": pairs}
 
-    writer = MetricsWriter(out, tensorboard=True)
+    writer = MetricsWriter(out, tensorboard=True, enabled=jax.process_index() == 0)
     ckpt = Checkpointer(out / "ckpt", keep=cfg.checkpoint.keep)
     train_step = step_fn if precomputed else (lambda s, b: step_fn(s, ref_params, b))
     loop.run(_spec(ctx, "dpo", stage, total, loop.Selection("rewards/accuracies", "max")), state=state,

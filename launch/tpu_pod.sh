@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Run the trainer on every worker of a Cloud TPU pod slice: the same command on all hosts.
+#
+#   launch/tpu_pod.sh --name my-v4-32 --zone us-central2-b [--project P] [--workdir ~/pdpo_jax] \
+#       [--dry_run] -- --config configs/X.yaml [section.key=value ...]
+#
+# Each worker runs `cd WORKDIR && .venv/bin/python -m pdpo_jax.train --distributed ARGS`;
+# `--distributed` makes jax.distributed.initialize() find the coordinator, the process count
+# and this worker's id from the TPU metadata, so nothing else is passed. Expects the repo and
+# its venv (`make setup`, plus `pip install jax[tpu]` of the pinned version) at WORKDIR on
+# every worker, and run.out_dir on a filesystem all workers share (orbax writes one
+# checkpoint from all hosts; process 0 exports models).
+# --dry_run prints the gcloud command and runs nothing.
+set -euo pipefail
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+die() { echo "launch/tpu_pod.sh: $*" >&2; exit 2; }
+
+name="" zone="" project="" workdir="~/pdpo_jax" python=".venv/bin/python" dry_run=0
+while (($#)); do
+  case "$1" in
+    --name) name="${2:-}"; shift 2 ;;
+    --zone) zone="${2:-}"; shift 2 ;;
+    --project) project="${2:-}"; shift 2 ;;
+    --workdir) workdir="${2:-}"; shift 2 ;;
+    --python) python="${2:-}"; shift 2 ;;
+    --dry_run) dry_run=1; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; break ;;
+    *) die "unknown option '$1' (trainer arguments go after --)" ;;
+  esac
+done
+[[ -n "$name" ]] || die "--name: the TPU VM name is required"
+[[ -n "$zone" ]] || die "--zone: the TPU's zone is required (e.g. us-central2-b)"
+(($#)) || die "no trainer arguments: pass e.g. -- --config configs/tiny_sft.yaml"
+[[ " $* " == *" --config "* || " $* " == *" --config="* ]] || die "trainer arguments need --config FILE"
+for arg in "$@"; do
+  [[ "$arg" != "--distributed" ]] || die "leave --distributed out: this script adds it"
+done
+
+remote="cd $workdir && $python -m pdpo_jax.train --distributed"
+for arg in "$@"; do remote+=" $(printf '%q' "$arg")"; done
+cmd=(gcloud compute tpus tpu-vm ssh "$name" --zone "$zone")
+[[ -z "$project" ]] || cmd+=(--project "$project")
+cmd+=(--worker=all --command)
+
+if ((dry_run)); then  # the remote command single-quoted, as one would type it
+  printf '%q ' "${cmd[@]}"
+  printf "'%s'\n" "${remote//\'/\'\\\'\'}"
+  exit 0
+fi
+command -v gcloud >/dev/null || die "gcloud not found; install the Google Cloud CLI"
+exec "${cmd[@]}" "$remote"

@@ -1,0 +1,353 @@
+"""Per-device memory plan for a config and mesh, computed before anything is allocated.
+
+    python -m pdpo_jax.memory --config configs/X.yaml [--mesh data=1,fsdp=8,tensor=1]
+        [--stage sft|dpo] [--device_memory 16GiB]
+
+Parameters and optimizer state are exact: shapes and dtypes come from `jax.eval_shape` of the
+model and of the trainer's own optimizer (no weights), and each tensor's per-device shard from
+its logical axis names through `sharding.logical_to_spec` over the mesh's axis sizes (no devices
+needed). Gradients and the DPO reference copy follow the parameters' shardings.
+
+Activations are an estimate from a per-token, per-layer table (`_LAYER_TERMS`) of what JAX's
+autodiff keeps for the backward pass of one block of this code base, read off
+`jax.ad_checkpoint.print_saved_residuals` and checked against it by tests/test_memory.py:
+with remat=none every intermediate (incl. the [N, T, T] attention probabilities), with
+remat=full only the block input, with dots_saveable the matmul outputs. Rows are the stage's
+micro-batch per device (DPO doubles them: chosen and rejected share a forward), T the bucket
+that holds data.max_total_tokens. Under remat one block's residuals are rebuilt at a time and
+counted once as transient; so are the [rows, 128, V] fp32 logits the loss builds per chunk.
+The table matches the residuals of the traced program; XLA's buffer assignment may fuse or
+reuse some of them, so read the total as a planning figure, not a measurement.
+
+The KV cache (sampling pseudo-negatives) is [L, B, K, S, H] for keys and values in the compute
+dtype, with S = prompt bucket + data.max_response_tokens; sampling holds weights under
+SAMPLING_RULES (no fsdp), so it gets its own total and verdict.
+
+Exit status: 0 when the training step fits, 1 when it does not, 2 for a bad config or flag.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pdpo_jax import sharding as shd
+from pdpo_jax.config import Config, ConfigError, load_config
+from pdpo_jax.data import bucket_length
+from pdpo_jax.models import ModelConfig, build_model, config_from_hf
+from pdpo_jax.train import optim
+
+GiB = 2**30
+LOGIT_CHUNK = 128  # train.logprobs.token_logps's default chunk
+PROMPT_BUCKET = 32  # sampling.sampler's default prompt_bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    """Mesh axis sizes, standing in for a `jax.sharding.Mesh` where only `.shape` is read."""
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    @classmethod
+    def resolve(cls, data: int, fsdp: int, tensor: int, num_devices: int) -> "MeshShape":
+        """Sizes with one -1 filled in from `num_devices` (as `sharding.make_mesh` does)."""
+        sizes = [data, fsdp, tensor]
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: sizes must be "
+                             "positive, at most one -1")
+        if -1 in sizes:
+            known = math.prod(s for s in sizes if s != -1)
+            if num_devices % known:
+                raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes "
+                                 f"({known}); pass --mesh with every axis or --num_devices")
+            sizes[sizes.index(-1)] = num_devices // known
+        return cls(*sizes)
+
+
+def parse_mesh(text: str, base: MeshShape | tuple[int, int, int]) -> tuple[int, int, int]:
+    """`data=1,fsdp=8,tensor=1` (any subset) over `base`'s sizes."""
+    sizes = dict(zip(shd.MESH_AXES, dataclasses.astuple(base) if isinstance(base, MeshShape)
+                     else base))
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in sizes or not re.fullmatch(r"-?\d+", value):
+            raise ValueError(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS one of "
+                             f"{list(shd.MESH_AXES)}, e.g. data=1,fsdp=8,tensor=1")
+        sizes[key] = int(value)
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def parse_bytes(text: str) -> int:
+    """'16GiB', '80GB', '512MiB', '1e9' → bytes."""
+    m = re.fullmatch(r"\s*([\d.eE+]+)\s*([KMGT]i?B|B)?\s*", text)
+    if not m:
+        raise ValueError(f"--device_memory {text!r}: expected e.g. 16GiB, 80GB or 1e10")
+    unit = m.group(2) or "B"
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def shard_bytes(shape, dtype, spec, mesh: MeshShape) -> int:
+    """Bytes of the largest per-device shard of a tensor laid out by PartitionSpec `spec`."""
+    spec = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+    n = 1
+    for dim, axes in zip(shape, spec):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        n *= -(-dim // math.prod(mesh.shape[a] for a in axes))
+    return n * jnp.dtype(dtype).itemsize
+
+
+def tree_bytes(tree, mesh: MeshShape, rules=shd.TRAIN_RULES) -> int:
+    """Per-device bytes of an abstract pytree of nnx Variables (sharded by their logical axis
+    names) and plain arrays (replicated)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        if isinstance(leaf, nnx.Variable):
+            spec = shd.logical_to_spec(shd.variable_names(leaf), leaf.shape, rules=rules, mesh=mesh)
+            total += shard_bytes(leaf.shape, leaf.dtype, spec, mesh)
+        else:
+            total += shard_bytes(np.shape(leaf), leaf.dtype, (), mesh)
+    return total
+
+
+def model_config(cfg: Config) -> ModelConfig:
+    m = cfg.model
+    if m.architecture is not None:
+        hf = m.architecture
+    elif m.checkpoint and (pathlib.Path(m.checkpoint) / "config.json").is_file():
+        hf = json.loads((pathlib.Path(m.checkpoint) / "config.json").read_text())
+    else:
+        raise ValueError("the plan needs the model's shape: set model.architecture or point "
+                         "model.checkpoint at a folder with config.json")
+    return config_from_hf(hf, source="model.architecture").replace(
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+# Bytes kept per token per layer for the backward pass: (compute-dtype elements, fp32 elements)
+# as functions of the model config and T; measured from jax's saved residuals of one block.
+_LAYER_TERMS = {
+    ("llama", "none"): lambda c, T: (4 * c.d_model + 6 * c.mlp_dim + 2 * _qh(c) + 2 * _kh(c)
+                                     + c.num_heads * T,
+                                     2 * c.d_model + c.num_heads * T + 2 * c.num_heads + 4),
+    ("llama", "full"): lambda c, T: (c.d_model, 0),
+    ("llama", "dots_saveable"): lambda c, T: (2 * c.d_model + 2 * c.mlp_dim + _qh(c) + 2 * _kh(c), 0),
+    ("gpt2", "none"): lambda c, T: (2 * c.d_model + 6 * c.mlp_dim + 4 * _qh(c) + c.num_heads * T,
+                                    6 * c.d_model + c.num_heads * T + 2 * c.num_heads + 4),
+    ("gpt2", "full"): lambda c, T: (c.d_model, 0),
+    ("gpt2", "dots_saveable"): lambda c, T: (2 * c.d_model + c.mlp_dim + 3 * _qh(c), 0),
+}
+
+
+def _qh(c: ModelConfig) -> int:
+    return c.num_heads * c.head_dim
+
+
+def _kh(c: ModelConfig) -> int:
+    return c.num_kv_heads * c.head_dim
+
+
+def layer_activation_bytes(c: ModelConfig, rows: int, T: int, remat: str, tensor: int = 1) -> int:
+    """Bytes one layer keeps for backward for `rows` sequences of T tokens: the per-token table,
+    plus (remat=none, compute dtype ≠ param dtype) the layer's weights cast to the compute
+    dtype. With tensor parallelism the head and mlp terms split over `tensor`; D-sized terms
+    do not."""
+    if tensor > 1:
+        c = c.replace(num_heads=max(c.num_heads // tensor, 1),
+                      num_kv_heads=max(c.num_kv_heads // tensor, 1),
+                      mlp_dim=max(c.mlp_dim // tensor, 1))
+    compute, fp32 = _LAYER_TERMS[(c.arch, remat)](c, T)
+    casts = 0
+    if remat == "none" and c.compute_dtype != c.params_dtype:
+        weights = (c.d_model * (2 * _qh(c) + 2 * _kh(c)) + 3 * c.d_model * c.mlp_dim
+                   if c.arch == "llama" else 4 * c.d_model * _qh(c) + 2 * c.d_model * c.mlp_dim)
+        casts = weights * c.compute_dtype.itemsize
+    return rows * T * (compute * c.compute_dtype.itemsize + fp32 * 4) + casts
+
+
+def _once_activation_bytes(c: ModelConfig, rows: int, T: int, remat: str, tensor: int) -> int:
+    """Saved once, not per layer: the attention mask (without remat per head, as bool and as
+    fp32 bias; else one bool [T, T] per row), RoPE tables (llama, without remat), and a few
+    fp32 [rows, T, D] buffers: embedding output, final norm, the loss's gather, and GPT-2's
+    learned positions."""
+    buffers = (3 if c.arch == "llama" else 4) * rows * T * c.d_model * 4
+    if remat != "none":
+        return rows * T * T + buffers
+    heads = max(c.num_heads // tensor, 1)
+    rope = 4 * rows * T * c.head_dim * 4 if c.arch == "llama" else 0
+    return rows * heads * T * T * (1 + 4) + rope + buffers
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device bytes by item (name → (bytes, how)); `train` and `sampling` are separate
+    phases (they never share memory), each with a total and a verdict."""
+    mesh: MeshShape
+    stage: str
+    device_memory: int
+    memory_source: str
+    train: dict[str, tuple[int, str]]
+    sampling: dict[str, tuple[int, str]]
+    per_layer: dict[str, int]  # activation bytes of one layer by remat policy
+    notes: list[str]
+
+    def total(self, phase: str) -> int:
+        return sum(b for b, _ in getattr(self, phase).values())
+
+    def fits(self, phase: str) -> bool:
+        return self.total(phase) <= self.device_memory
+
+
+def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
+         memory_source: str = "--device_memory") -> Plan:
+    """Per-device bytes of the `stage` ('sft' or 'dpo') training step and of sampling."""
+    if stage not in ("sft", "dpo"):
+        raise ValueError(f"--stage {stage!r}: choose sft or dpo")
+    c = model_config(cfg)
+    section = cfg.sft if stage == "sft" else cfg.dpo
+    batch_shards = mesh.data * mesh.fsdp
+    if section.batch_size % batch_shards:
+        raise ValueError(f"{stage}.batch_size={section.batch_size} must be divisible by "
+                         f"data*fsdp = {batch_shards}; set {stage}.batch_size or the mesh")
+    rows = section.batch_size // batch_shards * (2 if stage == "dpo" else 1)
+    T = bucket_length(min(cfg.data.max_total_tokens, max(cfg.data.buckets)), cfg.data.buckets)
+
+    _, params = nnx.split(nnx.eval_shape(lambda: build_model(c)))
+    tx, _ = optim.make_optimizer(section.optimizer, total_steps=1)
+    param_b = tree_bytes(params, mesh)
+    opt_b = tree_bytes(jax.eval_shape(tx.init, params), mesh)
+    per_layer = {r: layer_activation_bytes(c, rows, T, r, mesh.tensor) for r in
+                 ("none", "full", "dots_saveable")}
+    saved = per_layer[c.remat] * c.num_layers + _once_activation_bytes(c, rows, T, c.remat,
+                                                                      mesh.tensor)
+    window = cfg.data.max_response_tokens
+    logits = rows * min(LOGIT_CHUNK, window) * -(-c.vocab_size // mesh.tensor) * 4 * 2
+    transient = logits + (per_layer["none"] if c.remat != "none" else 0)
+    pdt = c.params_dtype.name
+    train = {
+        "parameters": (param_b, f"{pdt}, TRAIN_RULES shards"),
+        "optimizer state": (opt_b, f"AdamW mu+nu ({pdt}, like the params, which are the "
+                                   "master copy)"),
+        "gradients": (param_b * (2 if section.grad_accum > 1 else 1),
+                      "sharded like params" + (" (+ accumulator: grad_accum > 1)"
+                                               if section.grad_accum > 1 else "")),
+    }
+    notes = []
+    if stage == "dpo" and cfg.dpo.precompute_ref:
+        notes.append("dpo.precompute_ref: the reference log-probs are scored once before "
+                     "training, so the step holds no reference copy")
+    elif stage == "dpo":
+        train["reference parameters"] = (param_b, "frozen copy, sharded like params")
+    train["activations"] = (saved, f"remat={c.remat}: {c.num_layers} layers x {rows} rows x "
+                                   f"T={T} (estimate)")
+    train["transient"] = (transient, f"logits [{rows}, {min(LOGIT_CHUNK, window)}, V] fp32 x2"
+                                     + (" + one layer rebuilt" if c.remat != "none" else ""))
+
+    neg = cfg.negatives
+    prompt = -(-(cfg.data.max_total_tokens - window) // PROMPT_BUCKET) * PROMPT_BUCKET
+    S = prompt + window
+    brows = -(-neg.batch_size // batch_shards)
+    kv_heads = c.num_kv_heads // mesh.tensor if c.num_kv_heads % mesh.tensor == 0 else c.num_kv_heads
+    kv = 2 * c.num_layers * brows * S * kv_heads * c.head_dim * c.compute_dtype.itemsize
+    sampling = {
+        "parameters": (tree_bytes(params, mesh, shd.SAMPLING_RULES),
+                       f"{pdt}, SAMPLING_RULES (tensor-parallel only)"),
+        "kv cache": (kv, f"2 x {c.num_layers} layers x {brows} rows x S={S} "
+                         f"({prompt} prompt + {window} new) x {kv_heads} kv heads x "
+                         f"{c.head_dim} ({c.dtype})"),
+        "logits": (brows * c.vocab_size * 4 * 2, "[rows, V] fp32 per decode step, x2"),
+    }
+    if T < cfg.data.max_total_tokens:
+        notes.append(f"data.max_total_tokens={cfg.data.max_total_tokens} exceeds the largest "
+                     f"bucket {T}; longer rows cannot be batched")
+    return Plan(mesh, stage, device_memory, memory_source, train, sampling, per_layer, notes)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def format_plan(p: Plan, title: str) -> str:
+    out = [f"{title}: stage {p.stage}, mesh data={p.mesh.data} fsdp={p.mesh.fsdp} "
+           f"tensor={p.mesh.tensor} ({p.mesh.size} devices); per-device bytes"]
+    for phase, label in (("train", f"{p.stage} training step"), ("sampling", "sampling (negatives)")):
+        out.append(f"\n  {label}")
+        for name, (b, how) in getattr(p, phase).items():
+            out.append(f"    {name:<22}{human(b):>12}   {how}")
+        verdict = "fits" if p.fits(phase) else "does NOT fit"
+        out.append(f"    {'total':<22}{human(p.total(phase)):>12}   {verdict} in "
+                   f"{human(p.device_memory)} ({p.memory_source})")
+    out.append("\n  activations of one layer by remat policy: " + ", ".join(
+        f"{k}={human(v)}" for k, v in p.per_layer.items()))
+    out += [f"  note: {n}" for n in p.notes]
+    return "\n".join(out)
+
+
+def _backend_memory() -> tuple[int | None, str]:
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - no usable backend: fall back to the flag's default
+        stats = {}
+    limit = stats.get("bytes_limit")
+    return (int(limit), f"{jax.devices()[0].device_kind} bytes_limit") if limit else (None, "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pdpo_jax.memory",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, as for the trainer")
+    ap.add_argument("--mesh", default="", help="e.g. data=1,fsdp=8,tensor=1 (default: the "
+                                               "config's mesh section)")
+    ap.add_argument("--num_devices", type=int, default=None,
+                    help="fills a -1 mesh axis (default: this machine's device count)")
+    ap.add_argument("--stage", default=None, choices=("sft", "dpo"),
+                    help="default: dpo if run.stages has it, else sft")
+    ap.add_argument("--device_memory", default=None,
+                    help="per-device memory, e.g. 16GiB (default: the backend's limit, "
+                         "else 16GiB)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, tuple(args.overrides))
+        sizes = parse_mesh(args.mesh, (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+        mesh = MeshShape.resolve(*sizes, num_devices=args.num_devices or jax.device_count())
+        if args.device_memory:
+            memory, source = parse_bytes(args.device_memory), "--device_memory"
+        else:
+            memory, source = _backend_memory()
+            if memory is None:
+                memory, source = 16 * GiB, "default; set --device_memory"
+        stage = args.stage or ("sft" if "sft" in cfg.run.stages and "dpo" not in cfg.run.stages
+                                else "dpo")
+        p = plan(cfg, mesh, stage, memory, source)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(p, args.config))
+    return 0 if p.fits("train") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
