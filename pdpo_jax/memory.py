@@ -268,8 +268,10 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     kv_heads = c.num_kv_heads // mesh.tensor if c.num_kv_heads % mesh.tensor == 0 else c.num_kv_heads
     kv = 2 * c.num_layers * brows * S * kv_heads * c.head_dim * c.compute_dtype.itemsize
     sampling = {
-        "parameters": (tree_bytes(params, mesh, shd.SAMPLING_RULES),
-                       f"{pdt}, SAMPLING_RULES (tensor-parallel only)"),
+        # The negatives stage loads the weights in the compute dtype (no fp32 master copy).
+        "parameters": (tree_bytes(params, mesh, shd.SAMPLING_RULES) * c.compute_dtype.itemsize
+                       // c.params_dtype.itemsize,
+                       f"{c.dtype}, SAMPLING_RULES (tensor-parallel only)"),
         "kv cache": (kv, f"2 x {c.num_layers} layers x {brows} rows x S={S} "
                          f"({prompt} prompt + {window} new) x {kv_heads} kv heads x "
                          f"{c.head_dim} ({c.dtype})"),
