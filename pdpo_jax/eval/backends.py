@@ -171,7 +171,7 @@ class LocalJudge:
 
         from pdpo_jax.eval.io import checkpoint_fingerprint
         from pdpo_jax.models import from_pretrained
-        folder = pathlib.Path(checkpoint)
+        folder = pathlib.Path(checkpoint).expanduser()
         if not (folder / "config.json").is_file():
             raise JudgeError(f"judge.local_checkpoint={str(checkpoint)!r} is not an HF checkpoint "
                              "folder (no config.json); set judge.local_checkpoint")

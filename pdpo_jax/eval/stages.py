@@ -73,7 +73,7 @@ def check_judge_settings(cfg: JudgeSection) -> None:
         raise JudgeError(f"judge.backend='openai' reads its API key from ${cfg.api_key_env}, "
                          "which is not set; export it (the key is never logged or written) or "
                          "point judge.api_key_env at the variable that holds it")
-    if cfg.backend == "local" and not (pathlib.Path(cfg.local_checkpoint) / "config.json").is_file():
+    if cfg.backend == "local" and not (pathlib.Path(cfg.local_checkpoint).expanduser() / "config.json").is_file():
         raise JudgeError(f"judge.backend='local' needs judge.local_checkpoint to be an HF "
                          f"checkpoint folder; got {cfg.local_checkpoint!r}")
 
