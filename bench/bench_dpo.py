@@ -1,0 +1,397 @@
+"""DPO step throughput and MFU: pdpo_jax vs a hand-written PyTorch step vs trl's DPOTrainer.
+
+    .venv/bin/python bench/bench_dpo.py --all [--tcmalloc] [--quick]    # everything (~10 min)
+    .venv/bin/python bench/bench_dpo.py jax --precision bf16 --window 32  # one pdpo_jax worker
+
+`--all` runs every record in its own subprocess (torch's OpenMP pool and XLA's thread pool
+never compete, and peak RSS is per record), in this order: the GEMM peak (matmul_peak.py),
+the anchor-shape rows (pdpo_jax × {fp32, bf16} × {window 32, no window}, hand-written torch,
+trl), SmolLM2-135M-size rows, then a sequence-length and a batch sweep of pdpo_jax. Each
+worker prints one JSON line on stdout; `--all` echoes them, then writes
+bench/results/dpo-<stamp>.json (records + summary + target ratios) and dpo-<stamp>.md.
+
+The pdpo_jax worker times the project's own step: `make_dpo_step` (policy + frozen reference
+in one compiled step, AdamW from `make_optimizer`) jitted by `jit_dpo_step`, on batches from
+`shard_batch`. Compile time (`lower().compile()`) is reported apart from the steady state.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+TCMALLOC = "libtcmalloc_minimal.so.4"
+
+
+# ---------------------------------------------------------------------------------------------
+# pdpo_jax worker
+
+
+def model_config(name: str, precision: str, seq_len: int):
+    from pdpo_jax.models import ModelConfig
+    m = common.MODELS[name]
+    return ModelConfig(
+        arch="llama", vocab_size=m["vocab_size"], d_model=m["hidden_size"],
+        num_layers=m["num_hidden_layers"], num_heads=m["num_attention_heads"],
+        num_kv_heads=m["num_key_value_heads"], head_dim=m["head_dim"], mlp_dim=m["intermediate_size"],
+        norm_eps=m["rms_norm_eps"], max_positions=seq_len, rope_theta=m["rope_theta"],
+        tie_embeddings=m["tie_word_embeddings"],
+        dtype="bfloat16" if precision == "bf16" else "float32", param_dtype="float32")
+
+
+def jax_batch(seed: int, vocab: int, pairs: int, seq_len: int) -> dict:
+    """[1, pairs, seq_len] leaves (one micro-batch) in the layout of pdpo_jax.train.steps."""
+    import numpy as np
+    prompt, chosen, rejected = common.preference_ids(seed, vocab, pairs, seq_len)
+    out = {}
+    for side, response in (("chosen", chosen), ("rejected", rejected)):
+        tokens = np.concatenate([prompt, response], axis=1).astype(np.int32)
+        loss = np.zeros(tokens.shape, bool)
+        loss[:, -common.RESPONSE:] = True
+        fields = {"tokens": tokens, "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape),
+                  "attention_mask": np.ones(tokens.shape, bool), "loss_mask": loss}
+        out.update({f"{side}_{k}": np.ascontiguousarray(v)[None] for k, v in fields.items()})
+    return out
+
+
+def source_of(module) -> dict:
+    """Where the measured pdpo_jax came from: its folder and git commit (+ uncommitted changes)."""
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
+    git = lambda *a: subprocess.run(["git", "-C", folder, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return dict(pdpo_src=folder, pdpo_commit=git("rev-parse", "--short", "HEAD"),
+                pdpo_dirty=bool(git("status", "--porcelain", "--", "pdpo_jax")))
+
+
+def run_jax(args) -> dict:
+    import jax
+    import pdpo_jax
+    from pdpo_jax.config import OptimizerConfig
+    from pdpo_jax.sharding import make_mesh
+    from pdpo_jax.train.optim import make_optimizer
+    from pdpo_jax.train.state import create_state, init_params, jit_dpo_step, shard_batch
+    from pdpo_jax.train.steps import DpoObjective, make_dpo_step
+
+    cfg = model_config(args.model, args.precision, args.seq_len)
+    mesh = make_mesh()
+    graphdef, params = init_params(cfg, mesh, seed=0)
+    _, ref_params = init_params(cfg, mesh, seed=0)  # own buffers: the policy state is donated
+    tx, lr = make_optimizer(OptimizerConfig(lr=common.LR, schedule="constant", warmup_ratio=0.0),
+                            args.warmup + args.steps)
+    state, state_sh = create_state(params, tx, mesh)
+    step = make_dpo_step(graphdef, tx, lr, DpoObjective(beta=common.BETA), window=args.window,
+                         chunk=args.chunk)
+    jitted = jit_dpo_step(step, state_sh, mesh)
+    batches = [shard_batch(jax_batch(seed, cfg.vocab_size, args.pairs, args.seq_len), mesh)
+               for seed in range(2)]
+
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, ref_params, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    times, first_s, metrics = [], 0.0, None
+    for i in range(args.warmup):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, ref_params, batches[i % 2])
+        jax.block_until_ready((state, metrics))
+        first_s = first_s or time.perf_counter() - t0
+    with common.Meter() as meter:
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, ref_params, batches[i % 2])
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t0)
+    loss = float(metrics["loss"])
+    if not bool(metrics["finite"]):
+        raise RuntimeError(f"non-finite DPO step: loss {loss}")
+    label = f"pdpo_jax-{args.precision}-" + ("full" if args.window is None else f"win{args.window}")
+    record = dict(bench="dpo", framework="pdpo_jax", label=label, model=args.model,
+                  precision=args.precision, window=args.window, chunk=args.chunk, pairs=args.pairs,
+                  seq_len=args.seq_len, compile_s=round(compile_s, 2), final_loss=loss,
+                  jax_version=jax.__version__, **source_of(pdpo_jax), **meter.result)
+    return common.finish(record, times, first_s, common.load_peaks(args.peaks))
+
+
+# ---------------------------------------------------------------------------------------------
+# --all: every record in its own subprocess, then the summary and the table
+
+ANCHOR_ROWS = [  # (script, args): interleaved by framework so slow drifts hit all of them
+    ("jax", ["--precision", "fp32", "--window", "32"]),
+    ("torch", ["--precision", "fp32", "--window", "none"]),
+    ("trl", []),
+    ("jax", ["--precision", "bf16", "--window", "32"]),
+    ("torch", ["--precision", "bf16", "--window", "none"]),
+    ("trl", ["--defaults"]),
+    ("jax", ["--precision", "fp32", "--window", "none"]),
+    ("torch", ["--precision", "fp32", "--window", "32"]),
+    ("jax", ["--precision", "bf16", "--window", "none"]),
+    ("torch", ["--precision", "bf16", "--window", "32"]),
+]
+SMOL = ["--model", "smollm2-135m", "--pairs", "2", "--warmup", "1", "--steps", "5"]
+SMOLLM_ROWS = [
+    ("jax", SMOL + ["--precision", "fp32", "--window", "32"]),
+    ("torch", SMOL + ["--precision", "fp32", "--window", "none"]),
+    ("jax", SMOL + ["--precision", "bf16", "--window", "32"]),
+    ("torch", SMOL + ["--precision", "bf16", "--window", "none"]),
+    ("torch", SMOL + ["--precision", "bf16", "--window", "32"]),
+]
+SWEEP = ["--window", "32", "--warmup", "1", "--steps", "5"]
+SWEEP_ROWS = ([("jax", SWEEP + ["--seq-len", str(t)]) for t in (256, 512, 1024)]
+              + [("jax", SWEEP + ["--pairs", str(p)]) for p in (4, 16, 32)])
+GROUPS = {"anchor": ANCHOR_ROWS, "smollm": SMOLLM_ROWS, "sweep": SWEEP_ROWS}
+SCRIPTS = {"jax": [os.path.abspath(__file__), "jax"], "torch": [os.path.join(HERE, "torch_dpo.py")],
+           "trl": [os.path.join(HERE, "trl_dpo.py")]}
+
+
+def find_tcmalloc() -> str | None:
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if TCMALLOC in line and "=>" in line:
+            return line.split("=>")[1].strip()
+    return None
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Waits (at most max_wait s) until the other processes use < threshold of the CPUs over a
+    2 s sample; returns the seconds waited. The machine is shared: this keeps a worker from
+    starting in the middle of someone else's burst."""
+    t0 = time.perf_counter()
+    while True:
+        with common.Meter() as meter:
+            time.sleep(2.0)
+        waited = time.perf_counter() - t0
+        if meter.result["others_cpu_frac"] < threshold or waited >= max_wait:
+            return round(waited, 1)
+
+
+def run_worker(cmd: list[str], env: dict, group: str, timeout: float, quiet: float = 0.0) -> dict:
+    waited = wait_quiet(quiet) if quiet > 0 else 0.0
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=REPO,
+                           timeout=timeout)
+        rc, out, err = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        rc, out, err = "timeout", text(e.stdout), text(e.stderr)
+    lines = [line for line in (out or "").splitlines() if line.startswith("{")]
+    if rc == 0 and lines:
+        record = json.loads(lines[-1])
+    else:
+        record = dict(bench="dpo", error=f"rc={rc}", stderr_tail=(err or "")[-2000:])
+    shown = " ".join(os.path.relpath(c, REPO) if c.startswith("/") else c for c in cmd)
+    record.update(group=group, cmd=shown, waited_for_quiet_s=waited,
+                  process_wall_s=round(time.perf_counter() - t0, 1))
+    return record
+
+
+def run_all(args) -> None:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    os.makedirs(args.results, exist_ok=True)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.pop("LD_PRELOAD", None)
+    if args.tcmalloc:
+        lib = find_tcmalloc()
+        if lib is None:
+            sys.exit(f"--tcmalloc: {TCMALLOC} not found (apt-get install -y libtcmalloc-minimal4)")
+        env["LD_PRELOAD"] = lib
+    groups = ["anchor"] if args.quick else [g for g in args.groups.split(",") if g]
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        sys.exit(f"unknown --groups {sorted(unknown)}; choose from {sorted(GROUPS)}")
+    plan = []  # (group, script, extra args, variant, env)
+    for group in groups:
+        for script, extra in GROUPS[group]:
+            extra = list(extra) + (["--warmup", "1", "--steps", "5"] if args.quick else [])
+            plan.append((group, script, extra, None, env))
+            if args.proposed and script == "jax" and group != "sweep":
+                alt = dict(env, PYTHONPATH=os.pathsep.join([os.path.abspath(args.proposed), env["PYTHONPATH"]]))
+                plan.append((group, script, extra, "proposed", alt))
+    t_start = time.perf_counter()
+    peaks_path = os.path.join(args.results, f"peaks-{stamp}.json")
+    peaks = run_worker([os.path.join(HERE, "matmul_peak.py"), "--out", peaks_path], env, "peak", 600,
+                       args.wait_quiet)
+    print(json.dumps(peaks, sort_keys=True), flush=True)
+    if "error" in peaks:
+        sys.exit(f"matmul_peak failed: {peaks['stderr_tail']}")
+    records = []
+    for group, script, extra, variant, worker_env in plan:
+        cmd = [*SCRIPTS[script], *extra, "--peaks", peaks_path]
+        record = run_worker(cmd, worker_env, group, args.timeout, args.wait_quiet)
+        if variant and "label" in record:
+            record.update(variant=variant, label=record["label"] + "+" + variant)
+        records.append(record)
+        print(json.dumps(record, sort_keys=True), flush=True)
+        common.log(f"[{time.strftime('%H:%M:%S')}] {group:7s} {record.get('label', record.get('error')):28s} "
+                   f"{record.get('model', '')} P={record.get('pairs')} T={record.get('seq_len')}: "
+                   f"{record.get('step_ms')} ms/step  load {record.get('load1_start')} "
+                   f"others {record.get('others_cpu_frac')}  ({record['process_wall_s']} s)")
+    summary = dict(stamp=stamp, allocator="tcmalloc" if args.tcmalloc else "glibc",
+                   command=" ".join(sys.argv), total_wall_s=round(time.perf_counter() - t_start, 1),
+                   targets=targets(records, None))
+    if args.proposed:
+        summary["targets_proposed"] = targets(records, "proposed")
+        summary["proposed_src"] = os.path.abspath(args.proposed)
+    summary["noise"] = noise(records)
+    json_path = os.path.join(args.results, f"dpo-{stamp}.json")
+    with open(json_path, "w") as fh:
+        json.dump(dict(summary=summary, peaks=peaks, records=records), fh, indent=1, sort_keys=True)
+    table = markdown(summary, peaks, records)
+    with open(os.path.join(args.results, f"dpo-{stamp}.md"), "w") as fh:
+        fh.write(table)
+    print(json.dumps({"summary": summary}, sort_keys=True), flush=True)
+    print(table)
+    common.log(f"wrote {json_path} and .md ({summary['total_wall_s']} s)")
+
+
+def _fastest(records, **match):
+    rows = [r for r in records if "step_ms" in r and all(r.get(k) == v for k, v in match.items())]
+    return min(rows, key=lambda r: r["step_ms"]) if rows else None
+
+
+def targets(records, variant) -> dict:
+    """The issue's targets on the anchor shapes: pdpo_jax rows of `variant` (None = the code as
+    it is) against the torch and trl rows of the same run (same allocator)."""
+    anchor = [r for r in records if r.get("group") == "anchor" and "step_ms" in r]
+    ours = [r for r in anchor if r["framework"] == "pdpo_jax" and r.get("variant") == variant]
+    peers = [r for r in anchor if r["framework"] in ("torch", "trl")]
+    best, best32 = _fastest(ours), _fastest(ours, precision="fp32")
+    out = {}
+
+    def ratio(name, a, b, target):
+        if a and b:
+            value = b["step_ms"] / a["step_ms"]
+            out[name] = dict(ours=a["label"], peer=b["label"], ours_ms=a["step_ms"], peer_ms=b["step_ms"],
+                             ratio=round(value, 3), target=target, met=bool(value >= target))
+    ratio("best vs fastest torch (any row)", best, _fastest(peers), 1.2)
+    ratio("best vs fastest torch as users write it (full vocab)", best,
+          _fastest([r for r in peers if r["window"] is None]), 1.2)
+    ratio("fp32 vs trl fp32", best32, _fastest(peers, label="trl-fp32"), 2.5)
+    ratio("fp32 vs hand-written torch fp32", best32, _fastest(peers, label="torch-fp32-full"), 1.5)
+    if best32 and "mfu" in best32:
+        out["fp32 MFU vs machine fp32 GEMM peak"] = dict(
+            ours=best32["label"], mfu=round(best32["mfu"], 3), mfu_8N=round(best32["mfu_model_flops"], 3),
+            target=0.55, met=bool(best32["mfu"] >= 0.55))
+    hand = [r for r in peers if r["framework"] == "torch"]
+    if best and hand:
+        same = _fastest(hand, precision=best["precision"], window=None) or hand[0]
+        out["peak RSS vs hand-written torch"] = dict(
+            ours=best["label"], ours_mib=best["peak_rss_mib"], peer=same["label"],
+            peer_mib=same["peak_rss_mib"], torch_min_mib=min(r["peak_rss_mib"] for r in hand),
+            met=bool(best["peak_rss_mib"] <= same["peak_rss_mib"]))
+    return out
+
+
+def noise(records) -> dict:
+    timed = [r for r in records if "others_cpu_frac" in r]
+    return dict(max_load1=max((r["load1_start"] for r in timed), default=None),
+                max_others_cpu_frac=max((r["others_cpu_frac"] for r in timed), default=None),
+                contaminated=[f"{r['label']}/{r['model']}/{r['pairs']}x{r['seq_len']}"
+                              for r in timed if r["others_cpu_frac"] > 0.1],
+                failed=[r["cmd"] for r in records if "error" in r])
+
+
+def markdown(summary, peaks, records) -> str:
+    g = lambda key: (peaks.get(key) or 0) / 1e9  # noqa: E731
+    lines = [
+        f"# DPO step benchmark {summary['stamp']} (allocator: {summary['allocator']})", "",
+        f"`{summary['command']}` — {summary['total_wall_s']:.0f} s. GEMM 2048³ peak (GFLOP/s, best call): "
+        f"fp32 jax {g('jax_fp32'):.0f}, torch/MKL {g('torch_fp32'):.0f}, torch/oneDNN {g('torch_onednn_fp32'):.0f} "
+        f"→ machine {g('machine_fp32'):.0f}; bf16 jax {g('jax_bf16'):.0f}, torch {g('torch_bf16'):.0f} → "
+        f"machine {g('machine_bf16'):.0f}.", "",
+        "tokens/step = 2 × pairs × T (chosen + rejected; policy and reference read the same tokens), "
+        "model FLOPs = 8·N·tokens. MFU = executed FLOPs / median step / machine peak of the row's "
+        "precision (win rows run the LM head on the 32 response positions only, as the anchors' "
+        "lmhead_resp rows); MFU(8N) credits 8·N·tokens to every row. `others` = share of the CPUs "
+        "other processes used while the row was timed.", "",
+        "| group | row | model | pairs×T | ms/step | steps/s | tokens/s | GFLOP exec | MFU | MFU(8N) | "
+        "compile s | 1st step s | peak RSS MiB | load1 | others | steal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "step_ms" not in r:
+            lines.append(f"| {r['group']} | FAILED `{r['cmd']}` ({r.get('error')}) |" + " |" * 14)
+            continue
+        lines.append(
+            f"| {r['group']} | {r['label']} | {r['model']} | {r['pairs']}×{r['seq_len']} | {r['step_ms']:.0f} | "
+            f"{r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['executed_flops_per_step'] / 1e9:.1f} | "
+            f"{r.get('mfu', 0):.1%} | {r.get('mfu_model_flops', 0):.1%} | "
+            f"{'' if r.get('compile_s') is None else r['compile_s']} | {r['first_step_s']} | "
+            f"{r['peak_rss_mib']:.0f} | {r['load1_start']} | {r['others_cpu_frac']:.0%} | {r['cpu_steal_frac']:.1%} |")
+    for key, title in (("targets", "pdpo_jax as it is"), ("targets_proposed", "with the proposed change")):
+        if key not in summary:
+            continue
+        lines += ["", f"Targets ({title}; anchor shapes, this run):", "",
+                  "| target | ours | peer | value | target | met |", "|---|---|---|---|---|---|"]
+        for name, t in summary[key].items():
+            met = "yes" if t["met"] else "**no**"
+            if "ratio" in t:
+                lines.append(f"| {name} | {t['ours']} ({t['ours_ms']:.0f} ms) | {t['peer']} ({t['peer_ms']:.0f} ms) "
+                             f"| {t['ratio']:.2f}× | ≥ {t['target']}× | {met} |")
+            elif "mfu" in t:
+                lines.append(f"| {name} | {t['ours']} | | {t['mfu']:.1%} (8N: {t['mfu_8N']:.1%}) | ≥ 55% | {met} |")
+            else:
+                lines.append(f"| {name} | {t['ours']} ({t['ours_mib']:.0f} MiB) | {t['peer']} "
+                             f"({t['peer_mib']:.0f} MiB; torch min {t['torch_min_mib']:.0f}) | | ≤ | {met} |")
+    n = summary["noise"]
+    lines += ["", f"Noise: max load1 {n['max_load1']}, max CPU share of other processes while timing "
+              f"{n['max_others_cpu_frac']}; rows with others > 10 %: {', '.join(n['contaminated']) or 'none'}; "
+              f"failed: {', '.join(n['failed']) or 'none'}.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def worker_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", choices=sorted(common.MODELS), default="anchor")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--window", type=lambda s: None if s in ("none", "None", "0") else int(s), default=32,
+                    help="response positions through the LM head; 'none' = every position")
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--peaks", default=None, help="peaks JSON written by matmul_peak.py")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--all", action="store_true", help="run every record, write bench/results/")
+    ap.add_argument("--tcmalloc", action="store_true",
+                    help="LD_PRELOAD libtcmalloc_minimal.so.4 into every worker (all frameworks alike)")
+    ap.add_argument("--groups", default="anchor,smollm,sweep", help=f"subset of {sorted(GROUPS)}")
+    ap.add_argument("--quick", action="store_true", help="anchor rows only, 1 warm-up + 5 steps")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per worker process")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each worker, wait up to S s for other processes to use < 15%% CPU")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--proposed", metavar="SRC", default=None,
+                    help="also run every anchor/smollm pdpo_jax row with pdpo_jax imported from SRC "
+                         "(a checkout carrying a proposed change), labelled +proposed")
+    sub = ap.add_subparsers(dest="cmd")
+    worker_args(sub.add_parser("jax", help="one pdpo_jax record"))
+    args = ap.parse_args()
+    if args.all:
+        run_all(args)
+    elif args.cmd == "jax":
+        record = run_jax(args)
+        common.log(f"[{record['label']}] {record['model']} pairs={args.pairs} T={args.seq_len}: "
+                   f"{record['step_ms']} ms/step, {record['tokens_per_s']:.0f} tok/s, "
+                   f"compile {record['compile_s']} s, rss {record['peak_rss_mib']} MiB")
+        common.emit(record)
+    else:
+        ap.print_help()
+
+
+if __name__ == "__main__":
+    main()
