@@ -45,7 +45,8 @@ def model_config(name: str, precision: str, seq_len: int):
         num_kv_heads=m["num_key_value_heads"], head_dim=m["head_dim"], mlp_dim=m["intermediate_size"],
         norm_eps=m["rms_norm_eps"], max_positions=seq_len, rope_theta=m["rope_theta"],
         tie_embeddings=m["tie_word_embeddings"],
-        dtype="bfloat16" if precision == "bf16" else "float32", param_dtype="float32")
+        dtype="bfloat16" if precision == "bf16" else "float32", param_dtype="float32",
+        unroll_layers=True)
 
 
 def jax_batch(seed: int, vocab: int, pairs: int, seq_len: int) -> dict:
@@ -158,6 +159,9 @@ def find_tcmalloc() -> str | None:
     return None
 
 
+NOISY = 0.1  # others_cpu_frac above which a row counts as contaminated
+
+
 def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
     """Waits (at most max_wait s) until the other processes use < threshold of the CPUs over a
     2 s sample; returns the seconds waited. The machine is shared: this keeps a worker from
@@ -226,6 +230,14 @@ def run_all(args) -> None:
     for group, script, extra, variant, worker_env in plan:
         cmd = [*SCRIPTS[script], *extra, "--peaks", peaks_path]
         record = run_worker(cmd, worker_env, group, args.timeout, args.wait_quiet)
+        for attempt in range(args.retries):  # someone else's burst: wait for quiet, time it again
+            if record.get("others_cpu_frac", 0) <= NOISY:
+                break
+            common.log(f"  {record.get('label')}: others used {record['others_cpu_frac']:.0%} of the CPUs; retrying")
+            again = run_worker(cmd, worker_env, group, args.timeout, max(args.wait_quiet, 60))
+            again["noisy_attempts"] = record.get("noisy_attempts", []) + [
+                {k: record.get(k) for k in ("step_ms", "others_cpu_frac", "load1_start")}]
+            record = again
         if variant and "label" in record:
             record.update(variant=variant, label=record["label"] + "+" + variant)
         records.append(record)
@@ -295,7 +307,7 @@ def noise(records) -> dict:
     return dict(max_load1=max((r["load1_start"] for r in timed), default=None),
                 max_others_cpu_frac=max((r["others_cpu_frac"] for r in timed), default=None),
                 contaminated=[f"{r['label']}/{r['model']}/{r['pairs']}x{r['seq_len']}"
-                              for r in timed if r["others_cpu_frac"] > 0.1],
+                              for r in timed if r["others_cpu_frac"] > NOISY],
                 failed=[r["cmd"] for r in records if "error" in r])
 
 
@@ -374,6 +386,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=600, help="seconds per worker process")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each worker, wait up to S s for other processes to use < 15%% CPU")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="re-time a row up to N times when other processes took > 10%% of the CPUs")
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--proposed", metavar="SRC", default=None,
                     help="also run every anchor/smollm pdpo_jax row with pdpo_jax imported from SRC "

@@ -40,6 +40,7 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots_saveable"] = "none"
+    unroll_layers: bool = False  # unrolled layer loop: faster training on CPU, slower compile
 
 
 @dataclasses.dataclass(frozen=True)

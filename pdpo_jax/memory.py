@@ -139,7 +139,7 @@ def model_config(cfg: Config) -> ModelConfig:
         raise ValueError("the plan needs the model's shape: set model.architecture or point "
                          "model.checkpoint at a folder with config.json")
     return config_from_hf(hf, source="model.architecture").replace(
-        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, unroll_layers=m.unroll_layers)
 
 
 # Bytes kept per token per layer for the backward pass: (compute-dtype elements, fp32 elements)

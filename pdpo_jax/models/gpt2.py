@@ -49,10 +49,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, mask_BTS, keys, kv_cache):
         dt = x_BTD.dtype
-        qkv = jnp.einsum("BTD,DCNH->CBTNH", x_BTD, self.qkv_D3NH[...].astype(dt))
+        qkv = common.dense("BTD,DCNH->CBTNH", x_BTD, self.qkv_D3NH[...].astype(dt))
         qkv = qkv + self.qkv_bias_3NH[...].astype(dt)[:, None, None]
         out_BTNH, kv_cache = common.attend(self.cfg, qkv[0], qkv[1], qkv[2], mask_BTS, keys, kv_cache)
-        out = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(dt))
+        out = common.dense("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(dt))
         return out + self.o_bias_D[...].astype(dt)[None, None], kv_cache
 
 
@@ -66,9 +66,11 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = x_BTD.dtype
-        h = jax.nn.gelu(x_BTD @ self.fc_DF[...].astype(dt) + self.fc_bias_F[...].astype(dt)[None, None],
+        h = common.dense("BTD,DF->BTF", x_BTD, self.fc_DF[...].astype(dt))
+        h = jax.nn.gelu(h + self.fc_bias_F[...].astype(dt)[None, None],
                         approximate=True)  # gelu_new is the tanh approximation
-        return h @ self.proj_FD[...].astype(dt) + self.proj_bias_D[...].astype(dt)[None, None]
+        h = common.dense("BTF,FD->BTD", h, self.proj_FD[...].astype(dt))
+        return h + self.proj_bias_D[...].astype(dt)[None, None]
 
 
 class Block(nnx.Module):

@@ -216,16 +216,18 @@ def _read_config(folder: pathlib.Path) -> dict:
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
                     mesh: Mesh | None = None, rules=shd.TRAIN_RULES, remat: str = "none",
-                    allow_pickle: bool = False):
+                    unroll_layers: bool = False, allow_pickle: bool = False):
     """Loads an HF causal-LM checkpoint folder into our model (GPT2 or Llama).
 
     dtype: compute dtype; param_dtype: stored weights; mesh: place each parameter straight
-    into its sharding (rules: logical axis → mesh axis table).
+    into its sharding (rules: logical axis → mesh axis table); remat, unroll_layers: see
+    ModelConfig.
     """
     from pdpo_jax.models import build_model  # local: models/__init__ imports this module
     folder = pathlib.Path(path).expanduser()
     cfg = config_from_hf(_read_config(folder), source=str(folder / "config.json"))
-    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, remat=remat,
+                      unroll_layers=unroll_layers)
     src = _Source(folder, allow_pickle)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
     table = mapping_table(cfg)

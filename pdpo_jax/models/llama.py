@@ -22,7 +22,7 @@ def rms_norm(x_BTD, scale_D, eps: float):
     """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
     x = x_BTD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return scale_D.astype(x_BTD.dtype)[None, None] * x.astype(x_BTD.dtype)
+    return common.scale(x.astype(x_BTD.dtype), scale_D)
 
 
 class Attention(nnx.Module):
@@ -38,19 +38,19 @@ class Attention(nnx.Module):
             self.k_bias_KH = param(_zeros, rngs.params(), (K, H), pd, ("kv_heads", "head_dim"))
             self.v_bias_KH = param(_zeros, rngs.params(), (K, H), pd, ("kv_heads", "head_dim"))
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, keys, kv_cache):
+    def __call__(self, x_BTD, rope_table, mask_BTS, keys, kv_cache):
         cfg, dt = self.cfg, x_BTD.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(dt))
+        q = common.dense("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(dt))
+        k = common.dense("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(dt))
+        v = common.dense("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(dt))
         if cfg.qkv_bias:
             q = q + self.q_bias_NH[...].astype(dt)[None, None]
             k = k + self.k_bias_KH[...].astype(dt)[None, None]
             v = v + self.v_bias_KH[...].astype(dt)[None, None]
-        q = common.rope(q, positions_BT, cfg.rope_theta)
-        k = common.rope(k, positions_BT, cfg.rope_theta)
+        q = common.rope(q, rope_table)
+        k = common.rope(k, rope_table)
         out_BTNH, kv_cache = common.attend(cfg, q, k, v, mask_BTS, keys, kv_cache)
-        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(dt)), kv_cache
+        return common.dense("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(dt)), kv_cache
 
 
 class Mlp(nnx.Module):
@@ -64,8 +64,9 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = x_BTD.dtype
-        gate = jax.nn.silu(x_BTD @ self.gate_DF[...].astype(dt))
-        return (gate * (x_BTD @ self.up_DF[...].astype(dt))) @ self.down_FD[...].astype(dt)
+        gate = jax.nn.silu(common.dense("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt)))
+        up = common.dense("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
+        return common.dense("BTF,FD->BTD", gate * up, self.down_FD[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -77,10 +78,10 @@ class Block(nnx.Module):
         self.mlp_norm_D = param(_ones, rngs.params(), (D,), pd, ("norm",))
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, h_BTD, positions_BT, mask_BTS, keys, kv_cache):
+    def __call__(self, h_BTD, rope_table, mask_BTS, keys, kv_cache):
         eps = self.cfg.norm_eps
         attn_out, kv_cache = self.attn(rms_norm(h_BTD, self.attn_norm_D[...], eps),
-                                       positions_BT, mask_BTS, keys, kv_cache)
+                                       rope_table, mask_BTS, keys, kv_cache)
         h_BTD = h_BTD + attn_out
         h_BTD = h_BTD + self.mlp(rms_norm(h_BTD, self.mlp_norm_D[...], eps))
         return h_BTD, kv_cache
@@ -107,7 +108,9 @@ class Llama(nnx.Module):
         """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache."""
         cfg = self.cfg
         h = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cfg.compute_dtype)
-        h, cache = common.scan_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache)
+        table = common.rope_table(positions_BT, cfg.head_dim, cfg.rope_theta)
+        h, cache = common.scan_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
+                                      per_position=table)
         return rms_norm(h, self.final_norm_D[...], cfg.norm_eps), cache
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pdpo_jax.models.common import unembed
+
 
 def response_window(loss_mask_BT, window: int):
     """Indices of the `window` positions whose next token starts the response.
@@ -42,7 +44,7 @@ def token_logps(h_BRD, unembed_VD, targets_BR, chunk: int = 128):
 
     @jax.checkpoint
     def one(h_BCD, y_BC):
-        logits = jnp.einsum("BCD,VD->BCV", h_BCD, w, preferred_element_type=jnp.float32)
+        logits = unembed(h_BCD, w)  # fp32 logits; backward matmuls in the compute dtype
         target = jnp.einsum("BCD,BCD->BC", h_BCD, jnp.take(w, y_BC, axis=0),
                             preferred_element_type=jnp.float32)
         return target - jax.nn.logsumexp(logits, axis=-1)

@@ -45,6 +45,14 @@ def _apply(state: TrainState, tx, grads, finite):
     return new, norms
 
 
+def _accumulate(body, init, batch):
+    """Folds `body(carry, micro_batch) -> (carry, None)` over the leading micro-batch axis;
+    a single micro-batch runs without a loop (XLA keeps the step one straight-line graph)."""
+    if jax.tree.leaves(batch)[0].shape[0] == 1:
+        return body(init, jax.tree.map(lambda x: x[0], batch))[0]
+    return jax.lax.scan(body, init, batch)[0]
+
+
 def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: int | None,
                   chunk: int = 128):
     """step(state, batch) -> (state, metrics); token-normalised next-token NLL on responses."""
@@ -60,7 +68,7 @@ def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: 
             return (jax.tree.map(jnp.add, grads, g), nll_sum + micro_nll, count + micro_count), None
 
         init = (_zeros_like(state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, nll_sum, count), _ = jax.lax.scan(body, init, batch)
+        grads, nll_sum, count = _accumulate(body, init, batch)
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll_sum / denom
@@ -138,7 +146,7 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
 
         zero_stats = {k: jnp.zeros((), jnp.float32) for k in ("loss", *losses.METRIC_NAMES)}
         zero_stats["pairs"] = jnp.zeros((), jnp.int32)
-        (grads, sums), _ = jax.lax.scan(body, (_zeros_like(state.params), zero_stats), batch)
+        grads, sums = _accumulate(body, (_zeros_like(state.params), zero_stats), batch)
         pairs = jnp.maximum(sums.pop("pairs"), 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / pairs, grads)
         metrics = {k: v / pairs for k, v in sums.items()}
