@@ -93,7 +93,36 @@ def allocator() -> str:
 
 
 def peak_rss_mib() -> float:
+    """Peak RSS of the whole process so far (imports, model build, compilation, steps)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+_RSS_RESET = False
+
+
+def reset_peak_rss() -> None:
+    """Restarts the kernel's peak-RSS counter (VmHWM) so that `steps_peak_rss_mib` covers only
+    what follows: call it just before the first training step, after model building and (JAX)
+    compilation. Linux ≥ 4.0 (`echo 5 > /proc/self/clear_refs`); elsewhere a no-op."""
+    global _RSS_RESET
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        _RSS_RESET = True
+    except OSError:
+        pass
+
+
+def vm_hwm_mib() -> float | None:
+    """VmHWM: peak RSS since the last `reset_peak_rss` (or process start)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def _cpu_ticks() -> tuple[int, int, int]:
@@ -165,6 +194,9 @@ def finish(record: dict, times: list[float], first_s: float, peaks: dict | None 
         record["mfu_model_flops"] = fl["model"] / step_s / peak  # 8·N·tokens credited
     record.setdefault("allocator", allocator())
     record["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    hwm = vm_hwm_mib()
+    if _RSS_RESET and hwm is not None:
+        record["steps_peak_rss_mib"] = round(hwm, 1)  # the training steps alone (see reset_peak_rss)
     record["host"] = host()
     return record
 

@@ -97,6 +97,7 @@ def main():
 
     assert args.window is None or args.window == R, "the synthetic responses are exactly 32 tokens"
     first_s = 0.0
+    common.reset_peak_rss()
     for i in range(args.warmup):
         t0 = time.perf_counter()
         loss = step(i)

@@ -97,6 +97,7 @@ def main():
         raise RuntimeError(f"trl collated {tuple(batch['input_ids'].shape)} with "
                            f"{int(batch['completion_mask'].sum())} completion tokens; expected "
                            f"{(2 * args.pairs, args.seq_len)} and {2 * args.pairs * common.RESPONSE}")
+    common.reset_peak_rss()
     with common.Meter() as meter:  # covers warm-up steps too: the trainer runs them in one call
         trainer.train()
     gaps = [b - a for a, b in zip(stamps[:-1], stamps[1:])]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import transformers
 
 from pdpo_jax.models.common import ModelConfig
 
@@ -116,7 +115,7 @@ def _token_ids(cfg: ModelConfig) -> dict:
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """config.json for transformers 5, with `rope_theta`/`torch_dtype` too for 4.x readers."""
-    common = {"transformers_version": transformers.__version__, "dtype": dtype,
+    common = {"transformers_version": _transformers_version(), "dtype": dtype,
               "torch_dtype": dtype, "vocab_size": cfg.vocab_size, "use_cache": True,
               "tie_word_embeddings": cfg.tie_embeddings, **_token_ids(cfg)}
     if cfg.arch == "gpt2":
@@ -153,4 +152,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
 
 
 def generation_config(cfg: ModelConfig) -> dict:
-    return {"transformers_version": transformers.__version__, **_token_ids(cfg)}
+    return {"transformers_version": _transformers_version(), **_token_ids(cfg)}
+
+
+def _transformers_version() -> str:
+    """Installed transformers version, read without importing it (seconds and ~100 MB)."""
+    from importlib.metadata import version
+    return version("transformers")
