@@ -1,21 +1,48 @@
 #!/usr/bin/env bash
-# The DPO step benchmark of issue 4, every framework side by side in one run (~10 min on 2 cores):
+# Every benchmark, one command: the DPO step of issue 4 (every framework side by side, ~10 min
+# on 2 cores), then the sampler vs transformers.generate of issue 5 (anchor + SmolLM2-135M,
+# ~8 min). Each writes JSON + markdown to bench/results/ (dpo-<stamp>.*, peaks-<stamp>.json,
+# sampler-<stamp>.*).
 #
 #   bash bench/run_all.sh              # tcmalloc for every worker when installed, else glibc malloc
 #   ALLOC=glibc bash bench/run_all.sh  # force glibc malloc
-#   bash bench/run_all.sh --quick      # anchor rows only, fewer steps (~3 min)
+#   bash bench/run_all.sh --quick      # DPO anchor rows only, fewer steps; sampler 1 round, fewer reps
+#   BENCHES=sampler bash bench/run_all.sh            # only the sampler bench (or BENCHES=dpo)
+#   SAMPLER_ARGS="--model anchor" bash bench/run_all.sh   # extra arguments for bench_sampler.py only
 #
-# Extra arguments go to bench/bench_dpo.py --all (see --help). tcmalloc: apt-get install -y
-# libtcmalloc-minimal4; it is LD_PRELOADed into every worker alike (pdpo_jax, torch, trl, GEMM).
-# Results: bench/results/dpo-<stamp>.{json,md} and peaks-<stamp>.json.
+# Arguments go to bench/bench_dpo.py --all (see --help); --quick, --wait-quiet S, --retries N,
+# --results DIR and --timeout S also go to bench/bench_sampler.py. tcmalloc: apt-get install -y
+# libtcmalloc-minimal4; it is LD_PRELOADed into every worker of both benches alike.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PY:-.venv/bin/python}"
 ALLOC="${ALLOC:-auto}"
-args=()
+BENCHES="${BENCHES:-dpo sampler}"
+dpo_args=()
+sampler_args=(--alloc glibc)
 if [[ "$ALLOC" == tcmalloc || ( "$ALLOC" == auto && -n "$(ldconfig -p | grep libtcmalloc_minimal.so.4 || true)" ) ]]; then
-  args+=(--tcmalloc)
+  dpo_args+=(--tcmalloc)
+  sampler_args=(--alloc tcmalloc)
 elif [[ "$ALLOC" == auto ]]; then
   echo "note: libtcmalloc_minimal.so.4 not installed -> glibc malloc (apt-get install -y libtcmalloc-minimal4)" >&2
 fi
-exec "$PY" bench/bench_dpo.py --all "${args[@]}" "$@"
+# the flags both benches understand
+while (($#)); do
+  case "$1" in
+    --quick) sampler_args+=("$1") ;;
+    --wait-quiet|--retries|--results|--timeout) sampler_args+=("$1" "${2:?$1 needs a value}") ;;
+    --wait-quiet=*|--retries=*|--results=*|--timeout=*) sampler_args+=("$1") ;;
+  esac
+  dpo_args+=("$1")
+  if [[ "$1" =~ ^--(wait-quiet|retries|results|timeout)$ ]]; then dpo_args+=("$2"); shift; fi
+  shift
+done
+status=0
+if [[ " $BENCHES " == *" dpo "* ]]; then
+  "$PY" bench/bench_dpo.py --all "${dpo_args[@]}" || status=$?
+fi
+if [[ " $BENCHES " == *" sampler "* ]]; then
+  # shellcheck disable=SC2086  # SAMPLER_ARGS is a word list
+  "$PY" bench/bench_sampler.py "${sampler_args[@]}" ${SAMPLER_ARGS:-} || status=$((status ? status : $?))
+fi
+exit "$status"
