@@ -36,7 +36,7 @@ TCMALLOC = "libtcmalloc_minimal.so.4"
 # pdpo_jax worker
 
 
-def model_config(name: str, precision: str, seq_len: int):
+def model_config(name: str, precision: str, seq_len: int, unroll: bool = True):
     from pdpo_jax.models import ModelConfig
     m = common.MODELS[name]
     return ModelConfig(
@@ -46,7 +46,7 @@ def model_config(name: str, precision: str, seq_len: int):
         norm_eps=m["rms_norm_eps"], max_positions=seq_len, rope_theta=m["rope_theta"],
         tie_embeddings=m["tie_word_embeddings"],
         dtype="bfloat16" if precision == "bf16" else "float32", param_dtype="float32",
-        unroll_layers=True)
+        unroll_layers=unroll)
 
 
 def jax_batch(seed: int, vocab: int, pairs: int, seq_len: int) -> dict:
@@ -81,7 +81,7 @@ def run_jax(args) -> dict:
     from pdpo_jax.train.state import create_state, init_params, jit_dpo_step, shard_batch
     from pdpo_jax.train.steps import DpoObjective, make_dpo_step
 
-    cfg = model_config(args.model, args.precision, args.seq_len)
+    cfg = model_config(args.model, args.precision, args.seq_len, unroll=args.layers == "unrolled")
     mesh = make_mesh()
     graphdef, params = init_params(cfg, mesh, seed=0)
     _, ref_params = init_params(cfg, mesh, seed=0)  # own buffers: the policy state is donated
@@ -114,6 +114,7 @@ def run_jax(args) -> dict:
     if not bool(metrics["finite"]):
         raise RuntimeError(f"non-finite DPO step: loss {loss}")
     label = f"pdpo_jax-{args.precision}-" + ("full" if args.window is None else f"win{args.window}")
+    label += "" if args.layers == "unrolled" else "-scan"
     record = dict(bench="dpo", framework="pdpo_jax", label=label, model=args.model,
                   precision=args.precision, window=args.window, chunk=args.chunk, pairs=args.pairs,
                   seq_len=args.seq_len, compile_s=round(compile_s, 2), final_loss=loss,
@@ -146,7 +147,9 @@ SMOLLM_ROWS = [
 ]
 SWEEP = ["--window", "32", "--warmup", "1", "--steps", "5"]
 SWEEP_ROWS = ([("jax", SWEEP + ["--seq-len", str(t)]) for t in (256, 512, 1024)]
-              + [("jax", SWEEP + ["--pairs", str(p)]) for p in (4, 16, 32)])
+              + [("jax", SWEEP + ["--pairs", str(p)]) for p in (4, 16, 32)]
+              + [("jax", SWEEP + ["--layers", "scan"]), ("jax", SWEEP + ["--layers", "scan", "--seq-len", "1024"]),
+                 ("jax", SMOL + ["--precision", "fp32", "--window", "32", "--layers", "scan"])])
 GROUPS = {"anchor": ANCHOR_ROWS, "smollm": SMOLLM_ROWS, "sweep": SWEEP_ROWS}
 SCRIPTS = {"jax": [os.path.abspath(__file__), "jax"], "torch": [os.path.join(HERE, "torch_dpo.py")],
            "trl": [os.path.join(HERE, "trl_dpo.py")]}
@@ -377,6 +380,9 @@ def worker_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--peaks", default=None, help="peaks JSON written by matmul_peak.py")
+    ap.add_argument("--layers", choices=["unrolled", "scan"], default="unrolled",
+                    help="pdpo_jax layer loop (model.unroll_layers): unrolled is faster on CPU, "
+                         "scan holds less memory")
 
 
 def main():
