@@ -358,10 +358,7 @@ def markdown(summary, peaks, records) -> str:
             else:
                 lines.append(f"| {name} | {t['ours']} ({t['ours_mib']:.0f} MiB) | {t['peer']} "
                              f"({t['peer_mib']:.0f} MiB; torch min {t['torch_min_mib']:.0f}) | | ≤ | {met} |")
-    n = summary["noise"]
-    lines += ["", f"Noise: max load1 {n['max_load1']}, max CPU share of other processes while timing "
-              f"{n['max_others_cpu_frac']}; rows with others > 10 %: {', '.join(n['contaminated']) or 'none'}; "
-              f"failed: {', '.join(n['failed']) or 'none'}.", ""]
+    lines += ["", common.noise_line(summary["noise"]), ""]
     return "\n".join(lines)
 
 

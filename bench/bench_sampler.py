@@ -410,10 +410,7 @@ def markdown(result: dict) -> str:
                          f"{b['hf']['kv'] / 2**20:.1f} MiB at S={b['hf']['kv_len']}); greedy tokens equal "
                          f"to HF's: {m['greedy_token_agreement_with_hf']:.1%}; rounds × reps "
                          f"{m['rounds']} × {m['reps']}; failed: {', '.join(m['failed']) or 'none'}.")
-    n = result["noise"]
-    lines += ["", f"Noise: max load1 {n['max_load1']}, max CPU share of other processes while timing "
-              f"{n['max_others_cpu_frac']}; workers with others > 10 %: "
-              f"{', '.join(n['contaminated']) or 'none'}.", ""]
+    lines += ["", common.noise_line(result["noise"], "workers"), ""]
     return "\n".join(lines)
 
 

@@ -208,6 +208,16 @@ def load_peaks(path: str | None) -> dict:
         return json.load(fh)
 
 
+def noise_line(noise: dict, unit: str = "rows") -> str:
+    """The markdown sentence summing up a run's noise (see Meter and the benches' `noise`)."""
+    line = (f"Noise: max load1 {noise['max_load1']}, max CPU share of other processes while timing "
+            f"{noise['max_others_cpu_frac']}; {unit} with others > 10 %: "
+            f"{', '.join(noise['contaminated']) or 'none'}")
+    if "failed" in noise:
+        line += f"; failed: {', '.join(noise['failed']) or 'none'}"
+    return line + "."
+
+
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
