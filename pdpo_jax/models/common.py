@@ -344,8 +344,8 @@ def scan_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, atten
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         # Unrolled, no [L, ...] stacked residual buffers for XLA:CPU to update by copying
-        # (measured −24% step time at SmolLM2-135M size, −7% at the anchor shape; compile
-        # 5 s → 12 s for 30 layers, bench/README.md).
+        # (measured 4–24% less step time at SmolLM2-135M size, ~7% at the anchor shape;
+        # compile 5 s → 11 s for 30 layers; bench/results/).
         return jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0], None
 
     def cached_body(carry, xs):
