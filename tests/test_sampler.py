@@ -213,6 +213,17 @@ def test_draws_follow_filtered_softmax():
         assert np.sum((counts[kept] - expected) ** 2 / expected) < 24.3
 
 
+def test_draw_from_never_draws_zero_weight_tokens():
+    """Inverse-CDF draws: zero weights at the ends and inside are never drawn; one weight wins."""
+    keys = jax.random.split(jax.random.key(3), 20_000)
+    from pdpo_jax.sampling import draw_from
+    for weights, allowed in (([0.0, 0.7, 0.0, 0.3, 0.0], {1, 3}), ([0.0, 0.0, 0.0, 2.5], {3}),
+                             ([1e-30, 0.0, 1.0, 0.0], {0, 2})):
+        w = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (keys.shape[0], len(weights)))
+        drawn = set(np.unique(np.asarray(jax.jit(draw_from)(keys, w))).tolist())
+        assert drawn <= allowed and (len(allowed) == 1 or drawn >= {i for i in allowed if weights[i] > 0.1})
+
+
 def test_first_token_of_model_follows_softmax(llama):
     """n=3000 samples of one prompt's first token vs softmax of the prefill logits.
 

@@ -98,13 +98,34 @@ def sample_tokens(keys_B: jax.Array, logits_BV: jax.Array, *, greedy: bool, temp
                   top_k: int, top_p: float) -> jax.Array:
     """int32 [B]: argmax, or one draw per row from the filtered softmax with that row's key.
 
-    The draw is Gumbel-max (argmax of logits + Gumbel noise), an exact sample of the softmax,
-    as in `jax.random.categorical`. Each row draws its noise with its own key (vmap), so a
-    row's token never depends on its neighbours.
+    Same distribution as `filter_logits` then softmax: logits / temperature, top-k, then the
+    nucleus of the (top-k renormalised) softmax; the kept probabilities are drawn from by
+    `draw_from`, without renormalising again.
     """
     if greedy:
         return argmax_first(logits_BV)
-    filtered_BV = filter_logits(logits_BV, temperature, top_k, top_p)
-    vocab = logits_BV.shape[-1]
-    noise_BV = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_B)
-    return argmax_first(filtered_BV + noise_BV)
+    logits_BV = logits_BV.astype(jnp.float32) / jnp.float32(temperature)
+    if 0 < top_k < logits_BV.shape[-1]:
+        logits_BV = jnp.where(top_k_mask(logits_BV, top_k), logits_BV, -jnp.inf)
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    if top_p < 1.0:
+        probs_BV = jnp.where(top_p_mask(probs_BV, top_p), probs_BV, 0.0)
+    return draw_from(keys_B, probs_BV)
+
+
+def draw_from(keys_B: jax.Array, weights_BV: jax.Array) -> jax.Array:
+    """int32 [B]: token i with probability weights[i] / Σ weights, by inverse CDF.
+
+    One uniform per row (its own key: a row's token never depends on its neighbours) against
+    the running sum of the weights: the first token whose cumulative weight exceeds u·Σ. Exact
+    up to fp32 rounding of the running sum, and ~3x cheaper per decode step on XLA:CPU than
+    Gumbel-max, which draws V random numbers per row. Zero-weight tokens are never drawn.
+    """
+    cumulative_BV = jnp.cumsum(weights_BV, axis=-1)
+    u_B = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys_B)
+    target_B1 = (u_B * cumulative_BV[:, -1])[:, None]
+    index_B = jnp.sum(cumulative_BV <= target_B1, axis=-1, dtype=jnp.int32)
+    # u·Σ can round up to Σ itself: fall back to the last token with weight, never a dropped one.
+    vocab = weights_BV.shape[-1]
+    last_B = vocab - 1 - argmax_first((weights_BV > 0)[:, ::-1].astype(jnp.float32))
+    return jnp.minimum(index_B, last_B)
