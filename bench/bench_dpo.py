@@ -166,7 +166,7 @@ def find_tcmalloc() -> str | None:
 NOISY = 0.1  # others_cpu_frac above which a row counts as contaminated
 
 
-def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+def wait_quiet(max_wait: float, threshold: float = NOISY) -> float:
     """Waits (at most max_wait s) until the other processes use < threshold of the CPUs over a
     2 s sample; returns the seconds waited. The machine is shared: this keeps a worker from
     starting in the middle of someone else's burst."""
@@ -179,7 +179,19 @@ def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
             return round(waited, 1)
 
 
-def run_worker(cmd: list[str], env: dict, group: str, timeout: float, quiet: float = 0.0) -> dict:
+def worker_env(preload: str | None, *paths: str) -> dict:
+    """The environment of every worker: the repo (and `paths`) importable, the allocator
+    `preload` (a library path, or None for glibc malloc) and nothing else preloaded."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=os.pathsep.join(
+        [REPO, *paths, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.pop("LD_PRELOAD", None)
+    if preload:
+        env["LD_PRELOAD"] = preload
+    return env
+
+
+def run_worker(cmd: list[str], env: dict, group: str, timeout: float, quiet: float = 0.0,
+               bench: str = "dpo") -> dict:
     waited = wait_quiet(quiet) if quiet > 0 else 0.0
     t0 = time.perf_counter()
     try:
@@ -193,24 +205,38 @@ def run_worker(cmd: list[str], env: dict, group: str, timeout: float, quiet: flo
     if rc == 0 and lines:
         record = json.loads(lines[-1])
     else:
-        record = dict(bench="dpo", error=f"rc={rc}", stderr_tail=(err or "")[-2000:])
+        record = dict(bench=bench, error=f"rc={rc}", stderr_tail=(err or "")[-2000:])
     shown = " ".join(os.path.relpath(c, REPO) if c.startswith("/") else c for c in cmd)
     record.update(group=group, cmd=shown, waited_for_quiet_s=waited,
                   process_wall_s=round(time.perf_counter() - t0, 1))
     return record
 
 
+def run_retimed(cmd: list[str], env: dict, group: str, timeout: float, quiet: float,
+                retries: int, kept=lambda r: {"step_ms": r.get("step_ms")}, bench: str = "dpo") -> dict:
+    """`run_worker`, run again (after waiting up to 60 s for quiet) while other processes took
+    more than NOISY of the CPUs, at most `retries` times; the noisy attempts stay in the record
+    (`kept(record)` of each, plus its noise)."""
+    record = run_worker(cmd, env, group, timeout, quiet, bench)
+    for _ in range(retries):  # someone else's burst: wait for quiet, time it again
+        if record.get("others_cpu_frac", 0) <= NOISY:
+            break
+        common.log(f"  {record.get('label', cmd[-1])}: others used {record['others_cpu_frac']:.0%} "
+                   "of the CPUs; re-timing")
+        again = run_worker(cmd, env, group, timeout, max(quiet, 60), bench)
+        again["noisy_attempts"] = record.get("noisy_attempts", []) + [
+            {k: record.get(k) for k in ("others_cpu_frac", "load1_start")} | kept(record)]
+        record = again
+    return record
+
+
 def run_all(args) -> None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     os.makedirs(args.results, exist_ok=True)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
-               PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    env.pop("LD_PRELOAD", None)
-    if args.tcmalloc:
-        lib = find_tcmalloc()
-        if lib is None:
-            sys.exit(f"--tcmalloc: {TCMALLOC} not found (apt-get install -y libtcmalloc-minimal4)")
-        env["LD_PRELOAD"] = lib
+    lib = find_tcmalloc() if args.tcmalloc else None
+    if args.tcmalloc and lib is None:
+        sys.exit(f"--tcmalloc: {TCMALLOC} not found (apt-get install -y libtcmalloc-minimal4)")
+    env = worker_env(lib)
     groups = ["anchor"] if args.quick else [g for g in args.groups.split(",") if g]
     unknown = set(groups) - set(GROUPS)
     if unknown:
@@ -225,23 +251,15 @@ def run_all(args) -> None:
                 plan.append((group, script, extra, "proposed", alt))
     t_start = time.perf_counter()
     peaks_path = os.path.join(args.results, f"peaks-{stamp}.json")
-    peaks = run_worker([os.path.join(HERE, "matmul_peak.py"), "--out", peaks_path], env, "peak", 600,
-                       args.wait_quiet)
+    peaks = run_worker([os.path.join(HERE, "matmul_peak.py"), "--out", peaks_path], env, "peak",
+                       args.timeout, args.wait_quiet)
     print(json.dumps(peaks, sort_keys=True), flush=True)
     if "error" in peaks:
         sys.exit(f"matmul_peak failed: {peaks['stderr_tail']}")
     records = []
     for group, script, extra, variant, worker_env in plan:
         cmd = [*SCRIPTS[script], *extra, "--peaks", peaks_path]
-        record = run_worker(cmd, worker_env, group, args.timeout, args.wait_quiet)
-        for attempt in range(args.retries):  # someone else's burst: wait for quiet, time it again
-            if record.get("others_cpu_frac", 0) <= NOISY:
-                break
-            common.log(f"  {record.get('label')}: others used {record['others_cpu_frac']:.0%} of the CPUs; retrying")
-            again = run_worker(cmd, worker_env, group, args.timeout, max(args.wait_quiet, 60))
-            again["noisy_attempts"] = record.get("noisy_attempts", []) + [
-                {k: record.get(k) for k in ("step_ms", "others_cpu_frac", "load1_start")}]
-            record = again
+        record = run_retimed(cmd, worker_env, group, args.timeout, args.wait_quiet, args.retries)
         if variant and "label" in record:
             record.update(variant=variant, label=record["label"] + "+" + variant)
         records.append(record)
@@ -287,8 +305,8 @@ def targets(records, variant) -> dict:
             value = b["step_ms"] / a["step_ms"]
             out[name] = dict(ours=a["label"], peer=b["label"], ours_ms=a["step_ms"], peer_ms=b["step_ms"],
                              ratio=round(value, 3), target=target, met=bool(value >= target))
-    ratio("best vs fastest torch (any row)", best, _fastest(peers), 1.2)
-    ratio("best vs fastest torch as users write it (full vocab)", best,
+    ratio("best vs fastest PyTorch row (hand-written or trl)", best, _fastest(peers), 1.2)
+    ratio("best vs fastest PyTorch row as users write it (full vocab)", best,
           _fastest([r for r in peers if r["window"] is None]), 1.2)
     ratio("fp32 vs trl fp32", best32, _fastest(peers, label="trl-fp32"), 2.5)
     ratio("fp32 vs hand-written torch fp32", best32, _fastest(peers, label="torch-fp32-full"), 1.5)
@@ -308,12 +326,13 @@ def targets(records, variant) -> dict:
     return out
 
 
-def noise(records) -> dict:
+def noise(records, name=lambda r: f"{r['label']}/{r['model']}/{r['pairs']}x{r['seq_len']}") -> dict:
+    """The run's worst load and other processes' CPU share while timing, the records above
+    NOISY (by `name`), and the failed commands."""
     timed = [r for r in records if "others_cpu_frac" in r]
     return dict(max_load1=max((r["load1_start"] for r in timed), default=None),
                 max_others_cpu_frac=max((r["others_cpu_frac"] for r in timed), default=None),
-                contaminated=[f"{r['label']}/{r['model']}/{r['pairs']}x{r['seq_len']}"
-                              for r in timed if r["others_cpu_frac"] > NOISY],
+                contaminated=[name(r) for r in timed if r["others_cpu_frac"] > NOISY],
                 failed=[r["cmd"] for r in records if "error" in r])
 
 
@@ -367,16 +386,8 @@ def markdown(summary, peaks, records) -> str:
 
 
 def worker_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", choices=sorted(common.MODELS), default="anchor")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--window", type=lambda s: None if s in ("none", "None", "0") else int(s), default=32,
-                    help="response positions through the LM head; 'none' = every position")
+    common.step_args(ap, window=32)
     ap.add_argument("--chunk", type=int, default=128)
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=7)
-    ap.add_argument("--peaks", default=None, help="peaks JSON written by matmul_peak.py")
     ap.add_argument("--layers", choices=["unrolled", "scan"], default="unrolled",
                     help="pdpo_jax layer loop (model.unroll_layers): unrolled is faster on CPU, "
                          "scan holds less memory")
@@ -391,7 +402,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="anchor rows only, 1 warm-up + 5 steps")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per worker process")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help="before each worker, wait up to S s for other processes to use < 15%% CPU")
+                    help="before each worker, wait up to S s for other processes to use < 10%% CPU")
     ap.add_argument("--retries", type=int, default=2,
                     help="re-time a row up to N times when other processes took > 10%% of the CPUs")
     ap.add_argument("--results", default=os.path.join(HERE, "results"))

@@ -54,9 +54,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402  (offline env vars before transformers)
-import bench_dpo  # noqa: E402  (run_worker, wait_quiet, find_tcmalloc, source_of; light imports)
+import bench_dpo  # noqa: E402  (worker_env, run_retimed, noise, find_tcmalloc, source_of; light imports)
 
-REPO = os.path.dirname(HERE)
 BATCH, PROMPT, NEW, TOP_P = 16, 96, 32, 0.9
 MODES = ("greedy", "top_p")
 TARGETS = {"greedy": 2.5, "top_p": 3.5}  # issue 5: our new tok/s ÷ HF generate's, same run
@@ -238,36 +237,23 @@ class Runner:
 
     def __init__(self, args):
         self.args = args
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
-                   PYTHONPATH=os.pathsep.join([REPO, HERE, *filter(None, [os.environ.get("PYTHONPATH")])]))
-        env.pop("LD_PRELOAD", None)
         lib = bench_dpo.find_tcmalloc() if args.alloc != "glibc" else None
         if args.alloc == "tcmalloc" and lib is None:
             sys.exit(f"--alloc tcmalloc: {bench_dpo.TCMALLOC} not found (apt-get install -y libtcmalloc-minimal4)")
-        if lib:
-            env["LD_PRELOAD"] = lib
-        elif args.alloc == "auto":
+        if lib is None and args.alloc == "auto":
             common.log(f"note: {bench_dpo.TCMALLOC} not installed -> glibc malloc")
-        self.env = env
+        self.env = bench_dpo.worker_env(lib, HERE)
         self.allocator = "tcmalloc" if lib else "glibc"
 
     def worker(self, group: str, kind: str, *extra: str, retime: bool = True) -> dict:
         cmd = [os.path.abspath(__file__), "--worker", kind, *extra]
         if kind == "hf" and self.args.torch_threads:
             cmd += ["--torch-threads", str(self.args.torch_threads)]
-        record = bench_dpo.run_worker(cmd, self.env, group, self.args.timeout, self.args.wait_quiet)
-        for _ in range(self.args.retries if retime else 0):
-            if record.get("others_cpu_frac", 0) <= bench_dpo.NOISY:
-                break
-            common.log(f"  [{kind}] others used {record['others_cpu_frac']:.0%} of the CPUs; re-timing")
-            again = bench_dpo.run_worker(cmd, self.env, group, self.args.timeout,
-                                         max(self.args.wait_quiet, 60))
-            again["noisy_attempts"] = record.get("noisy_attempts", []) + [
-                {k: record.get(k) for k in ("others_cpu_frac", "load1_start")}
-                | {f"{m}_new_tok_s": record[m]["new_tokens_per_s"] for m in MODES if m in record}]
-            record = again
+        record = bench_dpo.run_retimed(
+            cmd, self.env, group, self.args.timeout, self.args.wait_quiet,
+            self.args.retries if retime else 0, bench="sampler",
+            kept=lambda r: {f"{m}_new_tok_s": r[m]["new_tokens_per_s"] for m in MODES if m in r})
         if "error" in record:
-            record["bench"] = "sampler"
             common.log(f"  [{kind}] FAILED ({record['error']}):\n{record['stderr_tail']}")
         elif kind in ("jax", "hf"):
             common.log(f"  [{kind}] " + ", ".join(
@@ -359,11 +345,8 @@ def summarise(model: str, folder: str, rounds: int, reps: int, records: list[dic
 
 
 def noise(models: dict, membw: dict) -> dict:
-    timed_records = [r for m in models.values() for r in m.get("records", []) if "others_cpu_frac" in r]
-    return dict(max_load1=max((r["load1_start"] for r in timed_records), default=None),
-                max_others_cpu_frac=max((r["others_cpu_frac"] for r in timed_records), default=None),
-                contaminated=[f"{r['group']}/{r['framework']}" for r in timed_records
-                              if r["others_cpu_frac"] > bench_dpo.NOISY],
+    records = [r for m in models.values() for r in m.get("records", [])]
+    return dict(bench_dpo.noise(records, name=lambda r: f"{r['group']}/{r['framework']}"),
                 membw_waited_for_quiet_s=membw.get("waited_for_quiet_s"))
 
 
@@ -457,7 +440,7 @@ def main():
     ap.add_argument("--tcmalloc", dest="alloc", action="store_const", const="tcmalloc",
                     help="= --alloc tcmalloc (as bench_dpo.py)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help="before each worker, wait up to S s for other processes to use < 15%% CPU")
+                    help="before each worker, wait up to S s for other processes to use < 10%% CPU")
     ap.add_argument("--retries", type=int, default=1,
                     help="re-time a worker up to N times when other processes took > 10%% of the CPUs")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per worker process")

@@ -218,6 +218,23 @@ def noise_line(noise: dict, unit: str = "rows") -> str:
     return line + "."
 
 
+def step_args(ap, *, model: bool = True, window: int | None = None) -> None:
+    """The shape and timing flags every DPO-step worker shares (one copy, so the frameworks
+    cannot drift onto different defaults); model=False for trl, which has the anchor only.
+    `--all` always passes --window, so the per-worker default only matters when run alone."""
+    if model:
+        ap.add_argument("--model", choices=sorted(MODELS), default="anchor")
+        ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+        ap.add_argument("--window", type=lambda s: None if s in ("none", "None", "0") else int(s),
+                        default=window,
+                        help="response positions through the LM head; 'none' = every position")
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--peaks", default=None, help="peaks JSON written by matmul_peak.py")
+
+
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 

@@ -29,12 +29,11 @@ fi
 # the flags both benches understand
 while (($#)); do
   case "$1" in
-    --quick) sampler_args+=("$1") ;;
-    --wait-quiet|--retries|--results|--timeout) sampler_args+=("$1" "${2:?$1 needs a value}") ;;
-    --wait-quiet=*|--retries=*|--results=*|--timeout=*) sampler_args+=("$1") ;;
+    --wait-quiet|--retries|--results|--timeout)
+      sampler_args+=("$1" "${2:?$1 needs a value}"); dpo_args+=("$1" "$2"); shift 2; continue ;;
+    --quick|--wait-quiet=*|--retries=*|--results=*|--timeout=*) sampler_args+=("$1") ;;
   esac
   dpo_args+=("$1")
-  if [[ "$1" =~ ^--(wait-quiet|retries|results|timeout)$ ]]; then dpo_args+=("$2"); shift; fi
   shift
 done
 status=0

@@ -49,14 +49,7 @@ def torch_batch(seed: int, vocab: int, pairs: int, seq_len: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(common.MODELS), default="anchor")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--window", type=lambda s: None if s in ("none", "None", "0") else int(s), default=None)
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=7)
-    ap.add_argument("--peaks", default=None)
+    common.step_args(ap)
     args = ap.parse_args()
 
     import torch

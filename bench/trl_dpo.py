@@ -53,11 +53,7 @@ def text_pairs(n_batches: int, vocab: int, pairs: int, seq_len: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--defaults", action="store_true", help="trl out of the box (bf16 + grad ckpt)")
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=7)
-    ap.add_argument("--peaks", default=None)
+    common.step_args(ap, model=False)
     args = ap.parse_args()
 
     import torch
@@ -73,7 +69,8 @@ def main():
     total = args.warmup + args.steps
     data = Dataset.from_dict(text_pairs(total + 1, vocab, args.pairs, args.seq_len))
     overrides = {} if args.defaults else dict(bf16=False, gradient_checkpointing=False)
-    cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=args.pairs,
+    scratch = tempfile.TemporaryDirectory(prefix="bench-trl-")  # removed when the worker exits
+    cfg = DPOConfig(output_dir=scratch.name, per_device_train_batch_size=args.pairs,
                     max_steps=total, learning_rate=common.LR, beta=common.BETA, loss_type=["sigmoid"],
                     max_length=args.seq_len, use_cpu=True, report_to="none", save_strategy="no",
                     logging_steps=10_000, disable_tqdm=True, seed=0, lr_scheduler_type="constant",

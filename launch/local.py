@@ -140,7 +140,7 @@ def run(args, rest: list[str]) -> int:
         failed = None
         while failed is None and any(p.poll() is None for p in procs):
             failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-            if time.monotonic() > deadline:
+            if failed is None and time.monotonic() > deadline:
                 print(f"launch/local.py: timed out after {args.timeout:.0f} s; stopping all "
                       "processes", file=sys.stderr)
                 return 124

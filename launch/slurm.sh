@@ -12,21 +12,21 @@
 # --dry_run prints the sbatch script and the command, and submits nothing.
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
 die() { echo "launch/slurm.sh: $*" >&2; exit 2; }
 
 nodes="" gpus="" partition="" account="" time_limit="04:00:00" workdir="$PWD" script=""
 python=".venv/bin/python" dry_run=0
 while (($#)); do
   case "$1" in
-    --nodes) nodes="${2:-}"; shift 2 ;;
-    --gpus_per_node) gpus="${2:-}"; shift 2 ;;
-    --partition) partition="${2:-}"; shift 2 ;;
-    --account) account="${2:-}"; shift 2 ;;
-    --time) time_limit="${2:-}"; shift 2 ;;
-    --workdir) workdir="${2:-}"; shift 2 ;;
-    --script) script="${2:-}"; shift 2 ;;
-    --python) python="${2:-}"; shift 2 ;;
+    --nodes) nodes="${2:?--nodes needs a value}"; shift 2 ;;
+    --gpus_per_node) gpus="${2:?--gpus_per_node needs a value}"; shift 2 ;;
+    --partition) partition="${2:?--partition needs a value}"; shift 2 ;;
+    --account) account="${2:?--account needs a value}"; shift 2 ;;
+    --time) time_limit="${2:?--time needs a value}"; shift 2 ;;
+    --workdir) workdir="${2:?--workdir needs a value}"; shift 2 ;;
+    --script) script="${2:?--script needs a value}"; shift 2 ;;
+    --python) python="${2:?--python needs a value}"; shift 2 ;;
     --dry_run) dry_run=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;

@@ -42,6 +42,12 @@ class ModelSection:
     remat: Literal["none", "full", "dots_saveable"] = "none"
     unroll_layers: bool = False  # unrolled layer loop: faster training on CPU, slower compile
 
+    def runtime(self) -> dict:
+        """What this section sets on the ModelConfig read from config.json (the keyword
+        arguments of `from_pretrained` and `ModelConfig.replace`)."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+                    unroll_layers=self.unroll_layers)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:

@@ -34,6 +34,7 @@ import math
 import pathlib
 import re
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +45,11 @@ from pdpo_jax import sharding as shd
 from pdpo_jax.config import Config, ConfigError, load_config
 from pdpo_jax.data import bucket_length
 from pdpo_jax.models import ModelConfig, build_model, config_from_hf
+from pdpo_jax.sampling.sampler import PROMPT_BUCKET
 from pdpo_jax.train import optim
+from pdpo_jax.train.logprobs import LOGIT_CHUNK
 
 GiB = 2**30
-LOGIT_CHUNK = 128  # train.logprobs.token_logps's default chunk
-PROMPT_BUCKET = 32  # sampling.sampler's default prompt_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,23 +70,15 @@ class MeshShape:
     @classmethod
     def resolve(cls, data: int, fsdp: int, tensor: int, num_devices: int) -> "MeshShape":
         """Sizes with one -1 filled in from `num_devices` (as `sharding.make_mesh` does)."""
-        sizes = [data, fsdp, tensor]
-        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: sizes must be "
-                             "positive, at most one -1")
-        if -1 in sizes:
-            known = math.prod(s for s in sizes if s != -1)
-            if num_devices % known:
-                raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes "
-                                 f"({known}); pass --mesh with every axis or --num_devices")
-            sizes[sizes.index(-1)] = num_devices // known
-        return cls(*sizes)
+        try:
+            return cls(*shd.mesh_sizes(data, fsdp, tensor, num_devices))
+        except ValueError as e:
+            raise ValueError(f"{e}; pass --mesh with every axis, or --num_devices") from None
 
 
-def parse_mesh(text: str, base: MeshShape | tuple[int, int, int]) -> tuple[int, int, int]:
-    """`data=1,fsdp=8,tensor=1` (any subset) over `base`'s sizes."""
-    sizes = dict(zip(shd.MESH_AXES, dataclasses.astuple(base) if isinstance(base, MeshShape)
-                     else base))
+def parse_mesh(text: str, base: tuple[int, int, int]) -> tuple[int, int, int]:
+    """`data=1,fsdp=8,tensor=1` (any subset) over the `base` sizes."""
+    sizes = dict(zip(shd.MESH_AXES, base))
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, _, value = item.partition("=")
         if key not in sizes or not re.fullmatch(r"-?\d+", value):
@@ -138,8 +131,7 @@ def model_config(cfg: Config) -> ModelConfig:
     else:
         raise ValueError("the plan needs the model's shape: set model.architecture or point "
                          "model.checkpoint at a folder with config.json")
-    return config_from_hf(hf, source="model.architecture").replace(
-        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, unroll_layers=m.unroll_layers)
+    return config_from_hf(hf, source="model.architecture").replace(**m.runtime())
 
 
 # Bytes kept per token per layer for the backward pass: (compute-dtype elements, fp32 elements)
@@ -157,42 +149,53 @@ _LAYER_TERMS = {
 }
 
 
-def _qh(c: ModelConfig) -> int:
+def _qh(c) -> int:
     return c.num_heads * c.head_dim
 
 
-def _kh(c: ModelConfig) -> int:
+def _kh(c) -> int:
     return c.num_kv_heads * c.head_dim
+
+
+def _per_device(n: int, tensor: int) -> int:
+    """An axis of size n on one device: split over `tensor` when it divides, else whole (as
+    `sharding.logical_to_spec` replicates a dimension the mesh axis does not divide)."""
+    return n // tensor if n % tensor == 0 else n
 
 
 def layer_activation_bytes(c: ModelConfig, rows: int, T: int, remat: str, tensor: int = 1) -> int:
     """Bytes one layer keeps for backward for `rows` sequences of T tokens: the per-token table,
     plus (remat=none, compute dtype ≠ param dtype) the layer's weights cast to the compute
-    dtype. With tensor parallelism the head and mlp terms split over `tensor`; D-sized terms
-    do not."""
-    if tensor > 1:
-        c = c.replace(num_heads=max(c.num_heads // tensor, 1),
-                      num_kv_heads=max(c.num_kv_heads // tensor, 1),
-                      mlp_dim=max(c.mlp_dim // tensor, 1))
-    compute, fp32 = _LAYER_TERMS[(c.arch, remat)](c, T)
+    dtype. With tensor parallelism the head and mlp terms split over `tensor` (when it divides
+    them); D-sized terms do not."""
+    shard = types.SimpleNamespace(
+        d_model=c.d_model, head_dim=c.head_dim, num_heads=_per_device(c.num_heads, tensor),
+        num_kv_heads=_per_device(c.num_kv_heads, tensor), mlp_dim=_per_device(c.mlp_dim, tensor))
+    compute, fp32 = _LAYER_TERMS[(c.arch, remat)](shard, T)
     casts = 0
     if remat == "none" and c.compute_dtype != c.params_dtype:
-        weights = (c.d_model * (2 * _qh(c) + 2 * _kh(c)) + 3 * c.d_model * c.mlp_dim
-                   if c.arch == "llama" else 4 * c.d_model * _qh(c) + 2 * c.d_model * c.mlp_dim)
+        s, D = shard, c.d_model
+        weights = (D * (2 * _qh(s) + 2 * _kh(s)) + 3 * D * s.mlp_dim
+                   if c.arch == "llama" else 4 * D * _qh(s) + 2 * D * s.mlp_dim)
         casts = weights * c.compute_dtype.itemsize
     return rows * T * (compute * c.compute_dtype.itemsize + fp32 * 4) + casts
 
 
 def _once_activation_bytes(c: ModelConfig, rows: int, T: int, remat: str, tensor: int) -> int:
     """Saved once, not per layer: the attention mask (without remat per head, as bool and as
-    fp32 bias; else one bool [T, T] per row), RoPE tables (llama, without remat), and a few
-    fp32 [rows, T, D] buffers: embedding output, final norm, the loss's gather, and GPT-2's
-    learned positions."""
-    buffers = (3 if c.arch == "llama" else 4) * rows * T * c.d_model * 4
+    fp32 bias; else one bool [T, T] per row), the RoPE cos/sin tables (llama; fp32 [rows, T,
+    head_dim], with their rotated copies without remat), and a few [rows, T, D] buffers: the
+    embedding output (llama: in the compute dtype), final norm, the loss's gather, and GPT-2's
+    learned positions (fp32)."""
+    D = c.d_model
+    if c.arch == "llama":
+        buffers = rows * T * D * (2 * 4 + c.compute_dtype.itemsize)
+        rope = (4 if remat == "none" else 2) * rows * T * c.head_dim * 4
+    else:
+        buffers, rope = 4 * rows * T * D * 4, 0
     if remat != "none":
-        return rows * T * T + buffers
-    heads = max(c.num_heads // tensor, 1)
-    rope = 4 * rows * T * c.head_dim * 4 if c.arch == "llama" else 0
+        return rows * T * T + rope + buffers
+    heads = _per_device(c.num_heads, tensor)
     return rows * heads * T * T * (1 + 4) + rope + buffers
 
 
@@ -239,7 +242,7 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     saved = per_layer[c.remat] * c.num_layers + _once_activation_bytes(c, rows, T, c.remat,
                                                                       mesh.tensor)
     window = cfg.data.max_response_tokens
-    logits = rows * min(LOGIT_CHUNK, window) * -(-c.vocab_size // mesh.tensor) * 4 * 2
+    logits = rows * min(LOGIT_CHUNK, window) * _per_device(c.vocab_size, mesh.tensor) * 4 * 2
     transient = logits + (per_layer["none"] if c.remat != "none" else 0)
     pdt = c.params_dtype.name
     train = {
@@ -265,7 +268,7 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     prompt = -(-(cfg.data.max_total_tokens - window) // PROMPT_BUCKET) * PROMPT_BUCKET
     S = prompt + window
     brows = -(-neg.batch_size // batch_shards)
-    kv_heads = c.num_kv_heads // mesh.tensor if c.num_kv_heads % mesh.tensor == 0 else c.num_kv_heads
+    kv_heads = _per_device(c.num_kv_heads, mesh.tensor)
     kv = 2 * c.num_layers * brows * S * kv_heads * c.head_dim * c.compute_dtype.itemsize
     sampling = {
         # The negatives stage loads the weights in the compute dtype (no fp32 master copy).

@@ -46,17 +46,24 @@ TRAIN_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 SAMPLING_RULES = tuple((name, None if name == "embed" else axes) for name, axes in TRAIN_RULES)
 
 
+def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with at most one -1 filled in from `num_devices`."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: sizes must be positive, "
+                         "at most one -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes ({known})")
+        sizes[sizes.index(-1)] = num_devices // known
+    return tuple(sizes)
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one axis may be -1 to take the devices left over."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide by the fixed mesh axes ({known})")
-        sizes[sizes.index(-1)] = len(devices) // known
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} must equal the "
                          f"{len(devices)} devices; set mesh.data/fsdp/tensor")

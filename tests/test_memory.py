@@ -80,6 +80,22 @@ def test_tensor_parallel_splits_heads_mlp_and_vocab():
     assert p.sampling["parameters"][0] == 4 * MATRICES // 2 + 4 * NORMS
 
 
+def test_tensor_parallel_activations_split_only_what_divides():
+    """Heads/kv heads/mlp split over `tensor` only when it divides them (else the sharding
+    rules replicate them): a 9/3-head model with mlp 1536 on tensor=2 splits only the mlp, so
+    it plans like the same model with mlp 768 on one device; 8 heads over 8 kv-replicated
+    devices (4 kv heads) must plan, not fail ModelConfig's heads/kv check."""
+    hf = dict(model_type="llama", vocab_size=512, hidden_size=576, intermediate_size=1536,
+              num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3)
+    c = config_from_hf(hf)
+    for remat in ("none", "full", "dots_saveable"):
+        assert (memory.layer_activation_bytes(c, 2, 64, remat, tensor=2)
+                == memory.layer_activation_bytes(c.replace(mlp_dim=768), 2, 64, remat))
+    c8 = config_from_hf({**hf, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64})
+    assert (memory.layer_activation_bytes(c8, 2, 64, "none", tensor=8)
+            < memory.layer_activation_bytes(c8, 2, 64, "none"))
+
+
 def test_shard_bytes_rounds_up_uneven_dims():
     mesh = memory.MeshShape(1, 4, 2)
     assert memory.shard_bytes((10, 6), jnp.float32, ("fsdp", "tensor"), mesh) == 3 * 3 * 4
@@ -119,8 +135,9 @@ def _saved_bytes(arch, layers, remat, dtype, rows=2, T=64):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layer_table_equals_saved_residuals(arch, remat, dtype):
     """One more layer adds the table's bytes (up to a few broadcast norm scales and biases,
-    < 4·D fp32 values per layer); what is saved once is within 25% of the planner's term (it
-    is O(rows·T·D), small next to the layers of any real model)."""
+    < 4·D fp32 values per layer); what is saved once is within 5% of the planner's term (the
+    planner's buffers are calibrated on this test's loss, sum(h²), not the chunked log-prob
+    head, whose gather differs a little)."""
     rows, T = 2, 64
     cfg2, two = _saved_bytes(arch, 2, remat, dtype, rows, T)
     _, three = _saved_bytes(arch, 3, remat, dtype, rows, T)
@@ -128,7 +145,7 @@ def test_layer_table_equals_saved_residuals(arch, remat, dtype):
     assert 0 <= (three - two) - per_layer <= 4 * cfg2.d_model * 4
     once = two - 2 * (three - two)
     planned = memory._once_activation_bytes(cfg2, rows, T, remat, tensor=1)
-    assert planned == pytest.approx(once, rel=0.25), (once, planned)
+    assert planned == pytest.approx(once, rel=0.05), (once, planned)
 
 
 # ---------------------------------------------------------------------------------------------

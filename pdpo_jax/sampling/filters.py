@@ -122,10 +122,9 @@ def draw_from(keys_B: jax.Array, weights_BV: jax.Array) -> jax.Array:
     Gumbel-max, which draws V random numbers per row. Zero-weight tokens are never drawn.
     """
     cumulative_BV = jnp.cumsum(weights_BV, axis=-1)
+    total_B = cumulative_BV[:, -1]
     u_B = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys_B)
-    target_B1 = (u_B * cumulative_BV[:, -1])[:, None]
-    index_B = jnp.sum(cumulative_BV <= target_B1, axis=-1, dtype=jnp.int32)
-    # u·Σ can round up to Σ itself: fall back to the last token with weight, never a dropped one.
-    vocab = weights_BV.shape[-1]
-    last_B = vocab - 1 - argmax_first((weights_BV > 0)[:, ::-1].astype(jnp.float32))
-    return jnp.minimum(index_B, last_B)
+    # u·Σ can round up to Σ: keep it below, so some token's running sum always exceeds it (and
+    # the first that does has weight > 0: a zero weight leaves the running sum unchanged).
+    target_B1 = jnp.minimum(u_B * total_B, jnp.nextafter(total_B, 0.0))[:, None]
+    return jnp.sum(cumulative_BV <= target_B1, axis=-1, dtype=jnp.int32)

@@ -23,6 +23,8 @@ from pdpo_jax import sharding as shd
 from pdpo_jax.models.common import KVCache, logits_from_hidden
 from pdpo_jax.sampling.filters import sample_tokens
 
+PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (few compiled shapes)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -251,7 +253,7 @@ class Sampler:
     """
 
     def __init__(self, model, cfg: SamplingConfig, *, mesh: Mesh | None = None,
-                 prompt_bucket: int = 32):
+                 prompt_bucket: int = PROMPT_BUCKET):
         graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
         self.model_cfg = nnx.merge(graphdef, params).cfg
         self.cfg, self.mesh, self.prompt_bucket = cfg, mesh, prompt_bucket
@@ -342,7 +344,7 @@ class Sampler:
 
 
 def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-             mesh: Mesh | None = None, prompt_bucket: int = 32, seed: int | None = None,
+             mesh: Mesh | None = None, prompt_bucket: int = PROMPT_BUCKET, seed: int | None = None,
              example_ids: Sequence[int] | None = None) -> SampleOutput:
     """Left-pads python lists of prompt ids, buckets them and samples; see `Sampler`.
 

@@ -30,8 +30,7 @@ def abstract_batch(cfg: Config) -> dict:
 def lower_dpo_step(cfg: Config, mesh: Mesh):
     """jax.stages.Lowered of the config's DPO step on `mesh`."""
     m = cfg.model
-    model_cfg = config_from_hf(m.architecture, source="model.architecture").replace(
-        dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, unroll_layers=m.unroll_layers)
+    model_cfg = config_from_hf(m.architecture, source="model.architecture").replace(**m.runtime())
     graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg)))
     tx, lr = optim.make_optimizer(cfg.dpo.optimizer, total_steps=1000)
     param_sh = st.tree_shardings(params, mesh)

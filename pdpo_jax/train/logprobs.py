@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from pdpo_jax.models.common import unembed
 
+LOGIT_CHUNK = 128  # time steps of fp32 logits built at once (the default `chunk`)
+
 
 def response_window(loss_mask_BT, window: int):
     """Indices of the `window` positions whose next token starts the response.
@@ -31,7 +33,7 @@ def response_window(loss_mask_BT, window: int):
     return target_BR - 1, target_BR, valid_BR
 
 
-def token_logps(h_BRD, unembed_VD, targets_BR, chunk: int = 128):
+def token_logps(h_BRD, unembed_VD, targets_BR, chunk: int = LOGIT_CHUNK):
     """fp32 log p(targets) [B, R] from hidden states, `chunk` time steps of logits at a time."""
     B, R, D = h_BRD.shape
     chunk = min(chunk, R)
@@ -56,7 +58,7 @@ def token_logps(h_BRD, unembed_VD, targets_BR, chunk: int = 128):
 
 
 def response_logps(model, tokens_BT, positions_BT, attention_mask_BT, loss_mask_BT, *,
-                   window: int | None = None, chunk: int = 128):
+                   window: int | None = None, chunk: int = LOGIT_CHUNK):
     """Per-token log-probs of the response tokens and their mask, both [B, R].
 
     window: static number of response positions to score (≥ the longest response in the

@@ -60,8 +60,7 @@ def load_params(ctx: RunContext, checkpoint: str | None):
     """(graphdef, params, ModelConfig) from an HF folder, or random weights of
     `model.architecture` when `checkpoint` is None; placed on the mesh either way."""
     m = ctx.cfg.model
-    dtypes = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                  unroll_layers=m.unroll_layers)
+    dtypes = m.runtime()
     if checkpoint is not None:
         model = from_pretrained(checkpoint, mesh=ctx.mesh, **dtypes)
         if m.architecture is not None:

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from pdpo_jax.train import losses
-from pdpo_jax.train.logprobs import response_logps, sequence_logps
+from pdpo_jax.train.logprobs import LOGIT_CHUNK, response_logps, sequence_logps
 
 FIELDS = ("tokens", "positions", "attention_mask", "loss_mask")
 
@@ -54,7 +54,7 @@ def _accumulate(body, init, batch):
 
 
 def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: int | None,
-                  chunk: int = 128):
+                  chunk: int = LOGIT_CHUNK):
     """step(state, batch) -> (state, metrics); token-normalised next-token NLL on responses."""
     def nll(params, mb):
         model = nnx.merge(graphdef, params)
@@ -115,7 +115,7 @@ class DpoObjective:
 
 
 def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: DpoObjective, *,
-                  window: int | None, chunk: int = 128, precomputed_ref: bool = False):
+                  window: int | None, chunk: int = LOGIT_CHUNK, precomputed_ref: bool = False):
     """step(state, ref_params, batch) -> (state, metrics).
 
     Reference log-probs come first, under stop_gradient and outside value_and_grad (or from
