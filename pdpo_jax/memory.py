@@ -21,7 +21,9 @@ reuse some of them, so read the total as a planning figure, not a measurement.
 
 The KV cache (sampling pseudo-negatives) is [L, B, K, S, H] for keys and values in the compute
 dtype, with S = prompt bucket + data.max_response_tokens; sampling holds weights under
-SAMPLING_RULES (no fsdp), so it gets its own total and verdict.
+SAMPLING_RULES (no fsdp), so it gets its own total and verdict. The plan assumes one
+process; with several, the negatives stage samples on each host's own devices (a data-only
+mesh), so there the rows per device are negatives.batch_size / local devices.
 
 Exit status: 0 when the training step fits, 1 when it does not, 2 for a bad config or flag.
 """
