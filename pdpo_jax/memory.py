@@ -19,8 +19,8 @@ counted once as transient; so are the [rows, 128, V] fp32 logits the loss builds
 The table matches the residuals of the traced program; XLA's buffer assignment may fuse or
 reuse some of them, so read the total as a planning figure, not a measurement.
 
-The KV cache (sampling pseudo-negatives) is [L, B, K, S, H] for keys and values in the compute
-dtype, with S = prompt bucket + data.max_response_tokens; sampling holds weights under
+The KV cache (sampling pseudo-negatives) is one [B, K, S, H] array per layer for keys and for
+values in the compute dtype, with S = prompt bucket + data.max_response_tokens; sampling holds weights under
 SAMPLING_RULES (no fsdp), so it gets its own total and verdict. The plan assumes one
 process; with several, the negatives stage samples on each host's own devices (a data-only
 mesh), so there the rows per device are negatives.batch_size / local devices.

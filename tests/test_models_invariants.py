@@ -139,6 +139,27 @@ def test_kv_cache_decode_equals_full_forward(arch):
     assert int(cache.length) == tokens.shape[1]
 
 
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_unstacked_layers_equal_stacked(arch):
+    """`unstack_layers` (what the decode loop runs) changes no logit, with or without a cache."""
+    from pdpo_jax.models.common import unstack_layers
+    tokens, mask, positions = _batch(lengths=(12, 8))
+    stacked = build_model(CONFIGS[arch], seed=4)
+    unstacked = unstack_layers(build_model(CONFIGS[arch], seed=4))
+    assert len(unstacked.layers) == stacked.cfg.num_layers
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5,
+                                                    rtol=1e-5)  # scan vs loop: fusion order
+    close(unstacked(tokens, positions, mask)[0], stacked(tokens, positions, mask)[0])
+    for model in (stacked, unstacked):
+        cache = KVCache.init(model.cfg, batch=2, max_len=16)
+        logits, cache = model(tokens[:, :6], positions[:, :6], mask[:, :6], cache)
+        step, _ = model(tokens[:, 6:7], positions[:, 6:7], mask[:, 6:7], cache)
+        if model is stacked:
+            want = np.asarray(step)
+        else:
+            close(step, want)
+
+
 def test_bf16_compute_gives_fp32_logits():
     model = build_model(LLAMA.replace(dtype="bfloat16"), seed=5)
     tokens, mask, positions = _batch()

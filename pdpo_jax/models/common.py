@@ -98,11 +98,14 @@ class KVCache:
 
     Left-padded prompts keep rows aligned: padding slots are simply not `valid`, and each
     slot remembers the position of the token it holds, so causality is `pos_k <= pos_q`.
-      k, v: [L, B, K, S, H] (the layout the decode einsums read without copies);
+      k, v: one [B, K, S, H] array per layer (tuples of L): the layout the decode einsums
+        read as they are. One stacked [L, ...] array would make XLA:CPU copy a layer's slice
+        out of it for every read (a dynamic slice per layer and step: ~40% of a decode step
+        at the anchor shape, bench/README.md);
       positions: int32 [B, S]; valid: bool [B, S]; length: int32 [].
     """
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     positions: jax.Array
     valid: jax.Array
     length: jax.Array
@@ -110,15 +113,16 @@ class KVCache:
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros(), v=zeros(),
                    positions=jnp.zeros((batch, max_len), jnp.int32),
                    valid=jnp.zeros((batch, max_len), bool),
                    length=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
 
 @jax.tree_util.register_dataclass
@@ -156,8 +160,8 @@ def attention_mask_BTS(cfg: ModelConfig, positions_BT, keys: KeyInfo):
 def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv_cache):
     """Attention of the new tokens; with a cache, their keys/values are written into it first.
 
-    kv_cache: None, or (k_LBKSH, v_LBKSH, layer) — the whole stacked cache and this layer's
-    index. Returns (out_BTNH, None or the updated (k_LBKSH, v_LBKSH)).
+    kv_cache: None, or this layer's (k_BKSH, v_BKSH). Returns (out_BTNH, None or the updated
+    (k_BKSH, v_BKSH)).
     Without a cache (training, scoring) this is `jax.nn.dot_product_attention`
     (`cfg.attn_implementation` picks cudnn/xla). With one, two einsums read the cache in its
     stored [B, K, S, H] layout: dot_product_attention wants [B, S, K, H] and XLA would
@@ -167,12 +171,11 @@ def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv
         return jax.nn.dot_product_attention(
             q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None],
             implementation=cfg.attn_implementation), None
-    k_all, v_all, layer = kv_cache
-    at = (layer, 0, 0, keys.write_at, 0)
-    k_all = jax.lax.dynamic_update_slice(k_all, k_BTKH.swapaxes(1, 2)[None].astype(k_all.dtype), at)
-    v_all = jax.lax.dynamic_update_slice(v_all, v_BTKH.swapaxes(1, 2)[None].astype(v_all.dtype), at)
-    out = cached_attention(q_BTNH, k_all[layer], v_all[layer], mask_BTS)
-    return out, (k_all, v_all)
+    k_BKSH, v_BKSH = kv_cache
+    at = (0, 0, keys.write_at, 0)
+    k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BTKH.swapaxes(1, 2).astype(k_BKSH.dtype), at)
+    v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BTKH.swapaxes(1, 2).astype(v_BKSH.dtype), at)
+    return cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS), (k_BKSH, v_BKSH)
 
 
 def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
@@ -314,39 +317,61 @@ def scan_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, atten
     with pos = `per_position` (what the blocks need per token, e.g. RoPE tables, computed once
     for all layers) or else positions_BT.
 
-    The loop is a lax.scan over the stacked layer parameters (compile time independent of
-    depth), optionally rematerialised per block; without a cache it can be unrolled
-    (cfg.unroll_layers). A cache is carried through the scan whole,
-    each layer writing only its new slots, so nothing copies it per layer.
+    Without a cache (training, scoring) the loop is a lax.scan over the stacked layer
+    parameters (compile time independent of depth), optionally rematerialised per block and
+    unrolled (cfg.unroll_layers). With a cache, or with unstacked layers (`unstack_layers`),
+    it is a Python loop: each layer updates its own cache arrays in place.
     """
-    graphdef, state = nnx.split(layers)
     keys = key_info(positions_BT, attention_mask_BT, cache)
     mask_BTS = attention_mask_BTS(cfg, positions_BT, keys)
     pos = positions_BT if per_position is None else per_position
+    if isinstance(layers, nnx.List):  # unstacked (see `unstack_layers`): one module per layer
+        blocks = list(layers)
+    else:
+        graphdef, state = nnx.split(layers)
+        if cache is None:
+            def body(h, layer_state):
+                h, _ = nnx.merge(graphdef, layer_state)(h, pos, mask_BTS, keys, None)
+                return h, None
 
+            if cfg.remat != "none":
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            # Unrolled, no [L, ...] stacked residual buffers for XLA:CPU to update by copying
+            # (measured 4–24% less step time at SmolLM2-135M size, ~7% at the anchor shape;
+            # compile 5 s → 11 s for 30 layers; bench/results/).
+            return jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0], None
+        blocks = [nnx.merge(graphdef, jax.tree.map(lambda x: x[layer], state))
+                  for layer in range(cfg.num_layers)]
+
+    # Python loop over the blocks (a cache, or unstacked layers): each layer reads and writes
+    # its own cache arrays in place (a scan would dynamic-slice every weight and cache array
+    # of every layer at every decode step).
+    ks = list(cache.k) if cache is not None else [None] * len(blocks)
+    vs = list(cache.v) if cache is not None else [None] * len(blocks)
+    for layer, block in enumerate(blocks):
+        kv = None if cache is None else (ks[layer], vs[layer])
+        h_BTD, kv = block(h_BTD, pos, mask_BTS, keys, kv)
+        if cache is not None:
+            ks[layer], vs[layer] = kv
     if cache is None:
-        def body(h, layer_state):
-            h, _ = nnx.merge(graphdef, layer_state)(h, pos, mask_BTS, keys, None)
-            return h, None
-
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        # Unrolled, no [L, ...] stacked residual buffers for XLA:CPU to update by copying
-        # (measured 4–24% less step time at SmolLM2-135M size, ~7% at the anchor shape;
-        # compile 5 s → 11 s for 30 layers; bench/results/).
-        return jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0], None
-
-    def cached_body(carry, xs):
-        h, k_all, v_all = carry
-        layer_state, layer = xs
-        h, (k_all, v_all) = nnx.merge(graphdef, layer_state)(h, pos, mask_BTS, keys,
-                                                              (k_all, v_all, layer))
-        return (h, k_all, v_all), None
-
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (h_BTD, k, v), _ = jax.lax.scan(cached_body, (h_BTD, cache.k, cache.v), (state, layer_ids))
+        return h_BTD, None
     new_len = cache.length + positions_BT.shape[1]
-    return h_BTD, KVCache(k=k, v=v, positions=keys.positions_BS, valid=keys.valid_BS, length=new_len)
+    return h_BTD, KVCache(k=tuple(ks), v=tuple(vs), positions=keys.positions_BS,
+                          valid=keys.valid_BS, length=new_len)
+
+
+def unstack_layers(model: nnx.Module) -> nnx.Module:
+    """The same model with `model.layers` as one module per layer (an `nnx.List`), sliced
+    out of the stacked parameters once.
+
+    For loops that run the model many times (decoding): every later call reads each layer's
+    weights in place, where the stacked form makes XLA:CPU copy a layer's slice out of the
+    [L, ...] arrays at every call (measured: ~1 ms of a 4 ms anchor decode step).
+    """
+    graphdef, state = nnx.split(model.layers)
+    model.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda x: x[layer], state))
+                             for layer in range(model.cfg.num_layers)])
+    return model
 
 
 def logits_from_hidden(h_BTD, unembed_VD):

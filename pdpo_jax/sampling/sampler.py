@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pdpo_jax import sharding as shd
-from pdpo_jax.models.common import KVCache, logits_from_hidden
+from pdpo_jax.models.common import KVCache, logits_from_hidden, unstack_layers
 from pdpo_jax.sampling.filters import sample_tokens
 
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (few compiled shapes)
@@ -123,8 +123,9 @@ class SamplingLoop:
         cfg, n = self.cfg, self.cfg.n
         logits_BV, cache, next_pos_B = self.prefill(params, tokens_BP, mask_BP)
         rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis) if n > 1 else x
-        cache = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), positions=rep(cache.positions),
-                        valid=rep(cache.valid), length=cache.length)
+        cache = KVCache(k=tuple(rep(k) for k in cache.k), v=tuple(rep(v) for v in cache.v),
+                        positions=rep(cache.positions), valid=rep(cache.valid),
+                        length=cache.length)
         B = tokens_BP.shape[0] * n
         new_BT = jnp.full((B, cfg.max_new_tokens), cfg.pad_id, jnp.int32)
         state = SamplerState(
@@ -158,31 +159,43 @@ class SamplingLoop:
         """Go on while there are tokens left to make and some row has not stopped."""
         return (state.step < self.cfg.max_new_tokens) & ~jnp.all(state.done_B)
 
-    def body_fn(self, params, state: SamplerState) -> SamplerState:
+    def body_fn(self, graphdef, params, head_DV, state: SamplerState) -> SamplerState:
         """Feed the last emitted token of every row through the cache, emit the next one."""
-        model = nnx.merge(self.graphdef, params)
+        model = nnx.merge(graphdef, params)
         column = state.tokens_BS.shape[1] - self.cfg.max_new_tokens + state.step - 1
         token_B1 = jax.lax.dynamic_slice_in_dim(state.tokens_BS, column, 1, axis=1)
         # Stopped rows keep running (static batch) but their keys are marked invalid.
-        logits_B1V, cache = model(token_B1, state.positions_B[:, None], ~state.done_B[:, None],
-                                  state.cache)
+        h_B1D, cache = model.hidden_states(token_B1, state.positions_B[:, None],
+                                           ~state.done_B[:, None], state.cache)
+        logits_BV = jnp.einsum("BD,DV->BV", h_B1D[:, 0], head_DV.astype(h_B1D.dtype),
+                               preferred_element_type=jnp.float32)
         state = dataclasses.replace(state, cache=cache, positions_B=state.positions_B + 1)
-        return self.emit(state, logits_B1V[:, 0])
+        return self.emit(state, logits_BV)
 
     def run(self, params, tokens_BP, mask_BP, live_B, example_ids_B, seed) -> SamplerState:
-        """The whole generation (prefill + decode loop); jitted by `_run`."""
+        """The whole generation (prefill + decode loop); jitted by `_run`.
+
+        The decode loop runs an unstacked copy of the model (one weight array per layer,
+        sliced once here, outside the loop): from the stacked arrays XLA would copy every
+        layer's weights out at every step.
+        """
         state = self.init_state(params, tokens_BP, mask_BP, live_B, example_ids_B, seed)
-        return jax.lax.while_loop(self.cond_fn, lambda s: self.body_fn(params, s), state)
+        model = unstack_layers(nnx.merge(self.graphdef, params))
+        head_DV = model.unembedding_VD().T  # the layout a one-token LM-head matmul reads fastest
+        graphdef, params = nnx.split(model)
+        body = lambda s: self.body_fn(graphdef, params, head_DV, s)
+        return jax.lax.while_loop(self.cond_fn, body, state)
 
     def _constrain(self, cache: KVCache) -> KVCache:
         """Batch over data x fsdp and kv heads over tensor, as the sampling rules say."""
         if self.mesh is None:
             return cache
-        kv = self._sharding(("layers", "batch", "kv_heads", None, "head_dim"), cache.k.shape)
+        kv = self._sharding(("batch", "kv_heads", None, "head_dim"), cache.k[0].shape)
         rows = self._sharding(("batch", None), cache.positions.shape)
         wsc = jax.lax.with_sharding_constraint
-        return KVCache(k=wsc(cache.k, kv), v=wsc(cache.v, kv), positions=wsc(cache.positions, rows),
-                       valid=wsc(cache.valid, rows), length=cache.length)
+        return KVCache(k=tuple(wsc(k, kv) for k in cache.k), v=tuple(wsc(v, kv) for v in cache.v),
+                       positions=wsc(cache.positions, rows), valid=wsc(cache.valid, rows),
+                       length=cache.length)
 
     def _sharding(self, names, shape) -> NamedSharding:
         spec = shd.logical_to_spec(names, shape, rules=shd.SAMPLING_RULES, mesh=self.mesh)
