@@ -5,8 +5,8 @@
 
 `--all` runs every record in its own subprocess (torch's OpenMP pool and XLA's thread pool
 never compete, and peak RSS is per record), in this order: the GEMM peak (matmul_peak.py),
-the anchor-shape rows (pdpo_jax × {fp32, bf16} × {window 32, no window}, hand-written torch,
-trl), SmolLM2-135M-size rows, then a sequence-length and a batch sweep of pdpo_jax. Each
+the anchor-shape rows (pdpo_jax × {fp32, bf16} × {window 32, no window}, and with
+dpo.share_prompt (the prompt run once per pair), hand-written torch, trl), SmolLM2-135M-size rows, then a sequence-length and a batch sweep of pdpo_jax. Each
 worker prints one JSON line on stdout; `--all` echoes them, then writes
 bench/results/dpo-<stamp>.json (records + summary + target ratios) and dpo-<stamp>.md.
 
@@ -89,7 +89,7 @@ def run_jax(args) -> dict:
                             args.warmup + args.steps)
     state, state_sh = create_state(params, tx, mesh)
     step = make_dpo_step(graphdef, tx, lr, DpoObjective(beta=common.BETA), window=args.window,
-                         chunk=args.chunk)
+                         chunk=args.chunk, share_prompt=args.share_prompt)
     jitted = jit_dpo_step(step, state_sh, mesh)
     batches = [shard_batch(jax_batch(seed, cfg.vocab_size, args.pairs, args.seq_len), mesh)
                for seed in range(2)]
@@ -114,9 +114,10 @@ def run_jax(args) -> dict:
     if not bool(metrics["finite"]):
         raise RuntimeError(f"non-finite DPO step: loss {loss}")
     label = f"pdpo_jax-{args.precision}-" + ("full" if args.window is None else f"win{args.window}")
-    label += "" if args.layers == "unrolled" else "-scan"
+    label += ("" if args.layers == "unrolled" else "-scan") + ("-shared" if args.share_prompt else "")
     record = dict(bench="dpo", framework="pdpo_jax", label=label, model=args.model,
                   precision=args.precision, window=args.window, chunk=args.chunk, pairs=args.pairs,
+                  share_prompt=args.share_prompt,
                   seq_len=args.seq_len, compile_s=round(compile_s, 2), final_loss=loss,
                   jax_version=jax.__version__, **source_of(pdpo_jax), **meter.result)
     return common.finish(record, times, first_s, common.load_peaks(args.peaks))
@@ -136,6 +137,8 @@ ANCHOR_ROWS = [  # (script, args): interleaved by framework so slow drifts hit a
     ("torch", ["--precision", "fp32", "--window", "32"]),
     ("jax", ["--precision", "bf16", "--window", "none"]),
     ("torch", ["--precision", "bf16", "--window", "32"]),
+    ("jax", ["--precision", "fp32", "--window", "32", "--share-prompt"]),
+    ("jax", ["--precision", "bf16", "--window", "32", "--share-prompt"]),
 ]
 SMOL = ["--model", "smollm2-135m", "--pairs", "2", "--warmup", "1", "--steps", "5"]
 SMOLLM_ROWS = [
@@ -144,6 +147,7 @@ SMOLLM_ROWS = [
     ("jax", SMOL + ["--precision", "bf16", "--window", "32"]),
     ("torch", SMOL + ["--precision", "bf16", "--window", "none"]),
     ("torch", SMOL + ["--precision", "bf16", "--window", "32"]),
+    ("jax", SMOL + ["--precision", "bf16", "--window", "32", "--share-prompt"]),
 ]
 SWEEP = ["--window", "32", "--warmup", "1", "--steps", "5"]
 SWEEP_ROWS = ([("jax", SWEEP + ["--seq-len", str(t)]) for t in (256, 512, 1024)]
@@ -270,7 +274,8 @@ def run_all(args) -> None:
                    f"others {record.get('others_cpu_frac')}  ({record['process_wall_s']} s)")
     summary = dict(stamp=stamp, allocator="tcmalloc" if args.tcmalloc else "glibc",
                    command=" ".join(sys.argv), total_wall_s=round(time.perf_counter() - t_start, 1),
-                   targets=targets(records, None))
+                   targets=targets(records, None),
+                   targets_unshared=targets(records, None, shared=False))
     if args.proposed:
         summary["targets_proposed"] = targets(records, "proposed")
         summary["proposed_src"] = os.path.abspath(args.proposed)
@@ -291,11 +296,13 @@ def _fastest(records, **match):
     return min(rows, key=lambda r: r["step_ms"]) if rows else None
 
 
-def targets(records, variant) -> dict:
+def targets(records, variant, shared: bool = True) -> dict:
     """The issue's targets on the anchor shapes: pdpo_jax rows of `variant` (None = the code as
-    it is) against the torch and trl rows of the same run (same allocator)."""
+    it is; shared=False leaves out the share_prompt rows) against the torch and trl rows of
+    the same run (same allocator)."""
     anchor = [r for r in records if r.get("group") == "anchor" and "step_ms" in r]
-    ours = [r for r in anchor if r["framework"] == "pdpo_jax" and r.get("variant") == variant]
+    ours = [r for r in anchor if r["framework"] == "pdpo_jax" and r.get("variant") == variant
+            and (shared or not r.get("share_prompt"))]
     peers = [r for r in anchor if r["framework"] in ("torch", "trl")]
     best, best32 = _fastest(ours), _fastest(ours, precision="fp32")
     out = {}
@@ -347,7 +354,8 @@ def markdown(summary, peaks, records) -> str:
         "tokens/step = 2 × pairs × T (chosen + rejected; policy and reference read the same tokens), "
         "model FLOPs = 8·N·tokens. MFU = executed FLOPs / median step / machine peak of the row's "
         "precision (win rows run the LM head on the 32 response positions only, as the anchors' "
-        "lmhead_resp rows); MFU(8N) credits 8·N·tokens to every row. `others` = share of the CPUs "
+        "lmhead_resp rows; -shared rows (dpo.share_prompt) run the blocks on prompt + 2 responses "
+        "per pair and are credited with those FLOPs); MFU(8N) credits 8·N·tokens to every row. `others` = share of the CPUs "
         "other processes used while the row was timed.", "",
         "| group | row | model | pairs×T | ms/step | steps/s | tokens/s | GFLOP exec | MFU | MFU(8N) | "
         "compile s | 1st step s | peak RSS MiB | steps RSS MiB | load1 | others | steal |",
@@ -362,7 +370,10 @@ def markdown(summary, peaks, records) -> str:
             f"{r.get('mfu', 0):.1%} | {r.get('mfu_model_flops', 0):.1%} | "
             f"{'' if r.get('compile_s') is None else r['compile_s']} | {r['first_step_s']} | "
             f"{r['peak_rss_mib']:.0f} | {r.get('steps_peak_rss_mib', float('nan')):.0f} | {r['load1_start']} | {r['others_cpu_frac']:.0%} | {r['cpu_steal_frac']:.1%} |")
-    for key, title in (("targets", "pdpo_jax as it is"), ("targets_proposed", "with the proposed change")):
+    for key, title in (("targets", "pdpo_jax, any configuration"),
+                       ("targets_unshared", "pdpo_jax without dpo.share_prompt: every row runs "
+                        "prompt + response, as the PyTorch peers do"),
+                       ("targets_proposed", "with the proposed change")):
         if key not in summary:
             continue
         lines += ["", f"Targets ({title}; anchor shapes, this run):", "",
@@ -388,6 +399,8 @@ def markdown(summary, peaks, records) -> str:
 def worker_args(ap: argparse.ArgumentParser) -> None:
     common.step_args(ap, window=32)
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--share-prompt", action="store_true",
+                    help="dpo.share_prompt: one row per pair holding the prompt once")
     ap.add_argument("--layers", choices=["unrolled", "scan"], default="unrolled",
                     help="pdpo_jax layer loop (model.unroll_layers): unrolled is faster on CPU, "
                          "scan holds less memory")

@@ -57,14 +57,18 @@ def tokens_per_step(pairs: int, seq_len: int) -> int:
     return 2 * pairs * seq_len
 
 
-def step_flops(name: str, pairs: int, seq_len: int, window: int | None) -> dict:
+def step_flops(name: str, pairs: int, seq_len: int, window: int | None,
+               shared: bool = False) -> dict:
     """model = 8·N·tokens (6N policy fwd+bwd + 2N reference fwd); executed = what a step with
     the LM head on `window` response positions only actually multiplies (the anchors credit
-    their lmhead_resp rows with this). Causal attention matmuls are not counted (as anchors)."""
+    their lmhead_resp rows with this), and with `shared` (pdpo_jax dpo.share_prompt) the blocks
+    on prompt + 2 responses per pair instead of 2 × (prompt + response). Causal attention
+    matmuls are not counted (as anchors)."""
     pc = param_counts(name)
     tok = tokens_per_step(pairs, seq_len)
     model = 8 * pc["n_flops"] * tok
-    executed = model if window is None else 8 * (pc["blocks"] * tok + pc["lm_head"] * 2 * pairs * window)
+    block_tok = pairs * (seq_len + RESPONSE) if shared else tok
+    executed = model if window is None else 8 * (pc["blocks"] * block_tok + pc["lm_head"] * 2 * pairs * window)
     m = MODELS[name]
     # causal attention QKᵀ and PV over the full T×T square (as computed): 4·T·N·H per token and
     # layer forward; × 3 for the policy's forward + backward, + 1 for the reference
@@ -180,7 +184,8 @@ def finish(record: dict, times: list[float], first_s: float, peaks: dict | None 
     """Adds steps/s, tokens/s, FLOPs, MFU (vs the peak of the same precision) and the host facts."""
     s = summarize(times)
     step_s = s["median_s"]
-    fl = step_flops(record["model"], record["pairs"], record["seq_len"], record.get("window"))
+    fl = step_flops(record["model"], record["pairs"], record["seq_len"], record.get("window"),
+                    record.get("share_prompt", False))
     record.update(step_time=s, step_ms=round(step_s * 1e3, 1), steps_per_s=1.0 / step_s,
                   tokens_per_step=fl["tokens"], tokens_per_s=fl["tokens"] / step_s,
                   sequence_tokens_per_step=2 * fl["tokens"],

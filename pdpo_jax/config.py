@@ -98,6 +98,10 @@ class DpoSection(StageSection):
     dev_pairs: str | None = None
     # Compute reference log-probs once (cached on disk) and hold one copy of the weights.
     precompute_ref: bool = False
+    # Run each pair's prompt once: chosen and rejected packed in one row [prompt | chosen |
+    # rejected] with a segment mask (P + 2R tokens per pair instead of 2(P + R)); the same
+    # log-probs up to fp32 summation order.
+    share_prompt: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -232,8 +232,14 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     if section.batch_size % batch_shards:
         raise ValueError(f"{stage}.batch_size={section.batch_size} must be divisible by "
                          f"data*fsdp = {batch_shards}; set {stage}.batch_size or the mesh")
-    rows = section.batch_size // batch_shards * (2 if stage == "dpo" else 1)
+    pairs = section.batch_size // batch_shards
+    window = cfg.data.max_response_tokens
     T = bucket_length(min(cfg.data.max_total_tokens, max(cfg.data.buckets)), cfg.data.buckets)
+    logit_rows = pairs * 2 if stage == "dpo" else pairs
+    if stage == "dpo" and cfg.dpo.share_prompt:  # one row per pair: [prompt | chosen | rejected]
+        rows, T = pairs, T + window
+    else:
+        rows = logit_rows
 
     _, params = nnx.split(nnx.eval_shape(lambda: build_model(c)))
     tx, _ = optim.make_optimizer(section.optimizer, total_steps=1)
@@ -243,8 +249,7 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
                  ("none", "full", "dots_saveable")}
     saved = per_layer[c.remat] * c.num_layers + _once_activation_bytes(c, rows, T, c.remat,
                                                                       mesh.tensor)
-    window = cfg.data.max_response_tokens
-    logits = rows * min(LOGIT_CHUNK, window) * _per_device(c.vocab_size, mesh.tensor) * 4 * 2
+    logits = logit_rows * min(LOGIT_CHUNK, window) * _per_device(c.vocab_size, mesh.tensor) * 4 * 2
     transient = logits + (per_layer["none"] if c.remat != "none" else 0)
     pdt = c.params_dtype.name
     train = {
@@ -263,7 +268,7 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
         train["reference parameters"] = (param_b, "frozen copy, sharded like params")
     train["activations"] = (saved, f"remat={c.remat}: {c.num_layers} layers x {rows} rows x "
                                    f"T={T} (estimate)")
-    train["transient"] = (transient, f"logits [{rows}, {min(LOGIT_CHUNK, window)}, V] fp32 x2"
+    train["transient"] = (transient, f"logits [{logit_rows}, {min(LOGIT_CHUNK, window)}, V] fp32 x2"
                                      + (" + one layer rebuilt" if c.remat != "none" else ""))
 
     neg = cfg.negatives

@@ -57,10 +57,11 @@ def _run_sft(mesh_shape, batch, A=1, steps=2):
     return losses, jax.device_get(state.params)
 
 
-def _run_dpo(mesh_shape, batch, steps=2, objective=DpoObjective()):
+def _run_dpo(mesh_shape, batch, steps=2, objective=DpoObjective(), share_prompt=False):
     mesh, graphdef, tx, lr, state, state_sh = _setup(mesh_shape)
     ref = jax.tree.map(lambda x: x.copy(), state.params)
-    step = st.jit_dpo_step(make_dpo_step(graphdef, tx, lr, objective, window=8, chunk=4), state_sh, mesh)
+    step = st.jit_dpo_step(make_dpo_step(graphdef, tx, lr, objective, window=8, chunk=4,
+                                         share_prompt=share_prompt), state_sh, mesh)
     history = []
     for _ in range(steps):
         state, metrics = step(state, ref, st.shard_batch(micro(batch), mesh))
@@ -121,3 +122,54 @@ def test_no_weight_decay_on_norms_and_biases():
     flags = {jtu.keystr(p): optim.decays(p) for p, _ in jtu.tree_flatten_with_path(state.params)[0]}
     assert any("q_DNH" in k and v for k, v in flags.items())
     assert all(not v for k, v in flags.items() if "norm" in k)
+
+
+SHARED_CONFIGS = {
+    "llama-gqa": CFG,
+    "mistral-window": CFG.replace(sliding_window=5),
+    "qwen2-bias-tied": CFG.replace(qkv_bias=True, tie_embeddings=True),
+    "gpt2": ModelConfig(arch="gpt2", hf_model_type="gpt2", vocab_size=64, d_model=32, num_layers=2,
+                        num_heads=4, num_kv_heads=4, head_dim=8, mlp_dim=64, norm_eps=1e-5,
+                        max_positions=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_CONFIGS))
+def test_shared_prompt_logps_equal_separate_rows(name):
+    """One row per pair holding the prompt once gives every response token the log-prob it
+    gets in its own row: any prompt/response lengths, a padding row, GQA, a sliding window
+    shorter than the replies, learned positions (GPT-2), biases and tied embeddings."""
+    from flax import nnx
+    from pdpo_jax.models import build_model
+    from pdpo_jax.train.steps import pair_logps
+    graphdef, params = nnx.split(build_model(SHARED_CONFIGS[name], seed=1))
+    rng = np.random.default_rng(2)
+    specs = [(9, 8, 1), (2, 1, 8), (5, 3, 7), (1, 8, 8), (7, 2, 2)]
+    batch = pair_rows(rng, 64, specs, T=17)
+    batch = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in batch.items()}  # + padding row
+    separate, shared = (jax.jit(lambda p, s=s: pair_logps(graphdef, p, batch, window=8, chunk=4,
+                                                          share_prompt=s))(params)
+                        for s in (False, True))
+    for a, b in zip(separate, shared):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    assert np.asarray(separate[2]).tolist() == [8, 1, 3, 8, 2, 0]
+    assert np.asarray(separate[0])[-1] == 0.0 and np.asarray(shared[1])[-1] == 0.0
+
+
+def test_shared_prompt_dpo_step_equals_separate_rows():
+    """Two DPO steps with share_prompt: same loss, trl metrics and updated params (rtol 1e-5)."""
+    batch = _dpo_batch()
+    separate_hist, separate_params = _run_dpo((1, 1, 1), batch)
+    shared_hist, shared_params = _run_dpo((1, 1, 1), batch, share_prompt=True)
+    for a, b in zip(separate_hist, shared_hist):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6),
+                 separate_params, shared_params)
+
+
+def test_shared_prompt_sharded_equals_one_device():
+    one, _ = _run_dpo((1, 1, 1), _dpo_batch(), share_prompt=True)
+    sharded, _ = _run_dpo((2, 2, 2), _dpo_batch(), share_prompt=True)
+    for a, b in zip(one, sharded):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)

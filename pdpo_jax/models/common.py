@@ -131,16 +131,31 @@ class KeyInfo:
     """What attention needs to know about the keys: where they sit and whether they are real.
 
     positions_BS, valid_BS describe the S keys; `write_at` is the cache slot of the first new
-    token (None when attending only over the new tokens, i.e. no cache).
+    token (None when attending only over the new tokens, i.e. no cache); segments_BS: the
+    keys' segment ids when the attention mask came as segments (see `key_info`), else None.
     """
     positions_BS: jax.Array
     valid_BS: jax.Array
     write_at: jax.Array | None
+    segments_BS: jax.Array | None = None
+
+
+SHARED_SEGMENT = 1  # segment id of a prefix that every other segment of its row attends to
 
 
 def key_info(positions_BT, attention_mask_BT, cache: KVCache | None) -> KeyInfo:
+    """attention_mask_BT: bool (True = real token), or int segment ids: 0 padding,
+    SHARED_SEGMENT (1) a prefix every token of the row may attend to, k >= 2 tokens that
+    attend only to their own segment and the shared prefix. Segments let one row hold a
+    prompt once and several continuations of it (DPO's chosen and rejected, each with
+    positions counted from the prompt's end); causality still follows the positions."""
+    segmented = jnp.issubdtype(attention_mask_BT.dtype, jnp.integer)
     if cache is None:
-        return KeyInfo(positions_BT, attention_mask_BT.astype(bool), None)
+        return KeyInfo(positions_BT, attention_mask_BT.astype(bool), None,
+                       attention_mask_BT if segmented else None)
+    if segmented:
+        raise ValueError("segment ids as the attention mask work without a KV cache only; "
+                         "pass a bool mask when decoding")
     start = cache.length
     pos = jax.lax.dynamic_update_slice(cache.positions, positions_BT.astype(jnp.int32), (0, start))
     valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BT.astype(bool), (0, start))
@@ -148,12 +163,16 @@ def key_info(positions_BT, attention_mask_BT, cache: KVCache | None) -> KeyInfo:
 
 
 def attention_mask_BTS(cfg: ModelConfig, positions_BT, keys: KeyInfo):
-    """bool [B, T, S]: key s is real, not in the future of query t, and inside the window."""
+    """bool [B, T, S]: key s is real, not in the future of query t, inside the window and (with
+    segments) in t's segment or the shared prefix."""
     q = positions_BT[:, :, None]
     k = keys.positions_BS[:, None, :]
     mask = keys.valid_BS[:, None, :] & (k <= q)
     if cfg.sliding_window is not None:
         mask &= (q - k) < cfg.sliding_window
+    if keys.segments_BS is not None:  # no cache: the queries are the keys
+        seg_q, seg_k = keys.segments_BS[:, :, None], keys.segments_BS[:, None, :]
+        mask &= (seg_k == SHARED_SEGMENT) | (seg_k == seg_q)
     return mask
 
 

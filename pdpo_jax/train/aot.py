@@ -39,5 +39,5 @@ def lower_dpo_step(cfg: Config, mesh: Mesh):
     state_sh = TrainState(NamedSharding(mesh, P()), param_sh, st.tree_shardings(opt_state, mesh))
     d = cfg.dpo
     step = make_dpo_step(graphdef, tx, lr, DpoObjective(d.loss, d.beta, d.label_smoothing, d.rpo_alpha),
-                         window=cfg.data.max_response_tokens)
+                         window=cfg.data.max_response_tokens, share_prompt=d.share_prompt)
     return st.jit_dpo_step(step, state_sh, mesh).lower(state, params, abstract_batch(cfg))

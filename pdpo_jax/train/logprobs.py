@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pdpo_jax.models.common import unembed
+from pdpo_jax.models.common import SHARED_SEGMENT, unembed
 
 LOGIT_CHUNK = 128  # time steps of fp32 logits built at once (the default `chunk`)
 
@@ -86,3 +86,60 @@ def sequence_logps(model, batch: dict, prefix: str = "", **kw):
     logp, valid = response_logps(model, batch[prefix + "tokens"], batch[prefix + "positions"],
                                  batch[prefix + "attention_mask"], batch[prefix + "loss_mask"], **kw)
     return logp.sum(axis=1), valid.sum(axis=1)
+
+
+def shared_prompt_rows(chosen: dict, rejected: dict, window: int):
+    """Packs each pair into one row [prompt | chosen | rejected | pad] of T + window columns.
+
+    chosen, rejected: the SFT layout ([prompt | response | pad], right-padded, T columns) of
+    the two sides of each pair, over the same prompt. Segments: 0 padding, SHARED_SEGMENT the
+    prompt, 2 chosen, 3 rejected; the rejected reply's positions continue from the prompt's
+    end, so each reply sees exactly what it sees in its own row. Returns (tokens, positions,
+    segments) [B, T + window] and, per side, (pred_idx, target_idx, valid) [B, window]:
+    column pred predicts the token at column target (the rejected reply's first token is
+    predicted from the prompt's last column).
+    """
+    B, T = chosen["tokens"].shape
+    prompt_B = jnp.argmax(chosen["loss_mask"], axis=1)  # first response column = prompt length
+    n_chosen_B = jnp.sum(chosen["loss_mask"], axis=1, dtype=jnp.int32)
+    n_rejected_B = jnp.sum(rejected["loss_mask"], axis=1, dtype=jnp.int32)
+    col = jnp.arange(T + window)[None, :]
+    rejected_start_B1 = (prompt_B + n_chosen_B)[:, None]
+    in_prompt = col < prompt_B[:, None]
+    in_chosen = ~in_prompt & (col < rejected_start_B1)
+    in_rejected = (col >= rejected_start_B1) & (col < rejected_start_B1 + n_rejected_B[:, None])
+    from_chosen = jnp.clip(col, 0, T - 1)
+    from_rejected = jnp.clip(col - n_chosen_B[:, None], 0, T - 1)  # same prompt, so same offset
+
+    def pick(name):
+        c = jnp.take_along_axis(chosen[name], jnp.broadcast_to(from_chosen, (B, T + window)), 1)
+        r = jnp.take_along_axis(rejected[name], from_rejected, axis=1)
+        return jnp.where(in_prompt | in_chosen, c, jnp.where(in_rejected, r, 0))
+
+    segments = jnp.select([in_prompt & (n_chosen_B[:, None] > 0), in_chosen, in_rejected],
+                          [SHARED_SEGMENT, 2, 3], 0).astype(jnp.int32)
+    step = jnp.arange(window)[None, :]
+    target_c = prompt_B[:, None] + step
+    target_r = rejected_start_B1 + step
+    pred_r = jnp.where(step == 0, prompt_B[:, None] - 1, target_r - 1)
+    last = T + window - 1
+    sides = ((jnp.clip(target_c - 1, 0, last), jnp.clip(target_c, 0, last), step < n_chosen_B[:, None]),
+             (jnp.clip(pred_r, 0, last), jnp.clip(target_r, 0, last), step < n_rejected_B[:, None]))
+    return pick("tokens"), pick("positions"), segments, sides
+
+
+def shared_prompt_logps(model, chosen: dict, rejected: dict, *, window: int,
+                        chunk: int = LOGIT_CHUNK):
+    """Per-token response log-probs and masks [2B, window] (chosen rows, then rejected) from
+    one forward over rows that hold each prompt once (`shared_prompt_rows`): for P prompt and
+    R response tokens, P + 2R tokens per pair instead of 2(P + R). Equal to `response_logps`
+    over the chosen and rejected rows concatenated, up to fp32 summation order."""
+    tokens, positions, segments, sides = shared_prompt_rows(chosen, rejected, window)
+    h_BTD, _ = model.hidden_states(tokens, positions, segments)
+    pred = jnp.concatenate([sides[0][0], sides[1][0]])
+    targets = jnp.concatenate([sides[0][1], sides[1][1]])
+    valid = jnp.concatenate([sides[0][2], sides[1][2]])
+    h_BRD = jnp.take_along_axis(jnp.concatenate([h_BTD, h_BTD]), pred[..., None], axis=1)
+    y_BR = jnp.take_along_axis(jnp.concatenate([tokens, tokens]), targets, axis=1)
+    logp = token_logps(h_BRD, model.unembedding_VD(), y_BR, chunk)
+    return jnp.where(valid, logp, 0.0), valid

@@ -54,9 +54,11 @@ def _gather(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def compute(graphdef, ref_params, batches, n: int, mesh, *, window: int) -> np.ndarray:
+def compute(graphdef, ref_params, batches, n: int, mesh, *, window: int,
+            share_prompt: bool = False) -> np.ndarray:
     """float32[n, 2]: (chosen, rejected) summed reference log-probs per example, in order."""
-    fn = jax.jit(lambda p, b: pair_logps(graphdef, p, b, window=window, chunk=128)[:2])
+    fn = jax.jit(lambda p, b: pair_logps(graphdef, p, b, window=window, chunk=128,
+                                         share_prompt=share_prompt)[:2])
     out = np.full((n, 2), np.nan, np.float32)
     for batch in tqdm(batches.iterator(), total=len(batches), desc="reference log-probs", unit="batch"):
         index = batch.pop("index")

@@ -225,9 +225,12 @@ def run_dpo(ctx: RunContext, init_checkpoint: str | None) -> pathlib.Path:
     state, state_sh = st.create_state(params, tx, ctx.mesh)
     objective = DpoObjective(stage.loss, stage.beta, stage.label_smoothing, stage.rpo_alpha)
     precomputed = stage.precompute_ref
-    step = make_dpo_step(graphdef, tx, lr, objective, window=window, precomputed_ref=precomputed)
+    share = stage.share_prompt
+    step = make_dpo_step(graphdef, tx, lr, objective, window=window, precomputed_ref=precomputed,
+                         share_prompt=share)
     step_fn = st.jit_dpo_step(step, state_sh, ctx.mesh, with_reference=not precomputed)
-    eval_fn = jax.jit(make_dpo_eval(graphdef, objective, window=window, precomputed_ref=precomputed))
+    eval_fn = jax.jit(make_dpo_eval(graphdef, objective, window=window, precomputed_ref=precomputed,
+                                    share_prompt=share))
 
     def evaluate(params):
         sums, pairs = {}, 0.0
@@ -256,7 +259,8 @@ def _cached_reference(ctx: RunContext, graphdef, params, encoded, pairs_path, ch
     path = ctx.run_dir / "dpo" / "ref_logps" / f"{pairs_path.stem}-{key}.npy"
     ordered = pdata.preference_batches(encoded, **_batch_kwargs(ctx, cfg.dpo, train=False))
     return reference.load_or_compute(path, lambda: reference.compute(
-        graphdef, params, ordered, len(encoded), ctx.mesh, window=cfg.data.max_response_tokens))
+        graphdef, params, ordered, len(encoded), ctx.mesh, window=cfg.data.max_response_tokens,
+        share_prompt=cfg.dpo.share_prompt))
 
 
 def make_context(cfg: Config) -> RunContext:

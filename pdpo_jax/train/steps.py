@@ -17,7 +17,8 @@ import optax
 from flax import nnx
 
 from pdpo_jax.train import losses
-from pdpo_jax.train.logprobs import LOGIT_CHUNK, response_logps, sequence_logps
+from pdpo_jax.train.logprobs import (LOGIT_CHUNK, response_logps, sequence_logps,
+                                     shared_prompt_logps)
 
 FIELDS = ("tokens", "positions", "attention_mask", "loss_mask")
 
@@ -80,21 +81,33 @@ def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: 
     return step
 
 
-def pair_logps(graphdef, params, mb, *, window, chunk):
-    """Chosen and rejected in one forward (concatenated on the batch axis): 4 arrays [B]."""
+def pair_logps(graphdef, params, mb, *, window, chunk, share_prompt: bool = False):
+    """Log-prob sums and lengths of chosen and rejected, 4 arrays [B], in one forward: the
+    two sides concatenated on the batch axis, or (share_prompt) packed into one row per pair
+    that holds the prompt once (`shared_prompt_logps`; needs a window)."""
     model = nnx.merge(graphdef, params)
-    both = {f: jnp.concatenate([mb["chosen_" + f], mb["rejected_" + f]]) for f in FIELDS}
-    logp_sum, length = sequence_logps(model, both, window=window, chunk=chunk)
     b = mb["chosen_tokens"].shape[0]
+    if share_prompt:
+        if window is None:
+            raise ValueError("share_prompt needs a response window (data.max_response_tokens)")
+        side = lambda s: {f: mb[f"{s}_{f}"] for f in FIELDS}  # noqa: E731
+        logp, valid = shared_prompt_logps(model, side("chosen"), side("rejected"),
+                                          window=window, chunk=chunk)
+        logp_sum, length = logp.sum(axis=1), valid.sum(axis=1)
+    else:
+        both = {f: jnp.concatenate([mb["chosen_" + f], mb["rejected_" + f]]) for f in FIELDS}
+        logp_sum, length = sequence_logps(model, both, window=window, chunk=chunk)
     return logp_sum[:b], logp_sum[b:], length[:b], length[b:]
 
 
-def reference_logps(graphdef, ref_params, mb, *, window, chunk, precomputed: bool):
+def reference_logps(graphdef, ref_params, mb, *, window, chunk, precomputed: bool,
+                    share_prompt: bool = False):
     """Reference log-prob sums of chosen and rejected [B], never differentiated: from the
     frozen reference params, or from the batch when they were precomputed once on disk."""
     if precomputed:
         return mb["ref_chosen_logps"], mb["ref_rejected_logps"]
-    rc, rr, _, _ = pair_logps(graphdef, ref_params, mb, window=window, chunk=chunk)
+    rc, rr, _, _ = pair_logps(graphdef, ref_params, mb, window=window, chunk=chunk,
+                              share_prompt=share_prompt)
     return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
 
 
@@ -115,16 +128,18 @@ class DpoObjective:
 
 
 def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: DpoObjective, *,
-                  window: int | None, chunk: int = LOGIT_CHUNK, precomputed_ref: bool = False):
+                  window: int | None, chunk: int = LOGIT_CHUNK, precomputed_ref: bool = False,
+                  share_prompt: bool = False):
     """step(state, ref_params, batch) -> (state, metrics).
 
     Reference log-probs come first, under stop_gradient and outside value_and_grad (or from
     the batch's `ref_chosen_logps`/`ref_rejected_logps` when precomputed); `ref_params` is a
     separate frozen argument. Metrics are trl's, averaged over the real pairs of the global batch.
+    share_prompt: each forward runs the prompt once per pair (see `pair_logps`).
     """
     def reference(ref_params, mb):
         return reference_logps(graphdef, ref_params, mb, window=window, chunk=chunk,
-                               precomputed=precomputed_ref)
+                               precomputed=precomputed_ref, share_prompt=share_prompt)
 
     def step(state: TrainState, ref_params, batch):
         def body(carry, mb):
@@ -132,7 +147,8 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
             ref_c, ref_r = reference(ref_params, mb)
 
             def loss_of(params):
-                pc, pr, nc, nr = pair_logps(graphdef, params, mb, window=window, chunk=chunk)
+                pc, pr, nc, nr = pair_logps(graphdef, params, mb, window=window, chunk=chunk,
+                                            share_prompt=share_prompt)
                 lp = losses.PairLogps(pc, pr, ref_c, ref_r, nc, nr)
                 real = (nc > 0) & (nr > 0)  # padding rows carry no response
                 per_pair = jnp.where(real, objective(lp), 0.0)
@@ -158,12 +174,14 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
     return step
 
 
-def make_dpo_eval(graphdef, objective: DpoObjective, *, window, chunk=128, precomputed_ref=False):
+def make_dpo_eval(graphdef, objective: DpoObjective, *, window, chunk=128, precomputed_ref=False,
+                  share_prompt: bool = False):
     """eval(params, ref_params, batch [B,...]) -> per-metric sums and the pair count."""
     def evaluate(params, ref_params, mb):
         rc, rr = reference_logps(graphdef, ref_params, mb, window=window, chunk=chunk,
-                                 precomputed=precomputed_ref)
-        pc, pr, nc, nr = pair_logps(graphdef, params, mb, window=window, chunk=chunk)
+                                 precomputed=precomputed_ref, share_prompt=share_prompt)
+        pc, pr, nc, nr = pair_logps(graphdef, params, mb, window=window, chunk=chunk,
+                                    share_prompt=share_prompt)
         lp = losses.PairLogps(pc, pr, rc, rr, nc, nr)
         real = (nc > 0) & (nr > 0)
         out = {k: jnp.sum(jnp.where(real, v, 0.0))
