@@ -75,6 +75,7 @@ def source_of(module) -> dict:
 def run_jax(args) -> dict:
     import jax
     import pdpo_jax
+    from pdpo_jax.allocator import release_free_memory
     from pdpo_jax.config import OptimizerConfig
     from pdpo_jax.sharding import make_mesh
     from pdpo_jax.train.optim import make_optimizer
@@ -97,6 +98,7 @@ def run_jax(args) -> dict:
     t0 = time.perf_counter()
     compiled = jitted.lower(state, ref_params, batches[0]).compile()
     compile_s = time.perf_counter() - t0
+    released = release_free_memory()  # as the training loop does once its step is compiled
     times, first_s, metrics = [], 0.0, None
     common.reset_peak_rss()
     for i in range(args.warmup):
@@ -117,7 +119,7 @@ def run_jax(args) -> dict:
     label += ("" if args.layers == "unrolled" else "-scan") + ("-shared" if args.share_prompt else "")
     record = dict(bench="dpo", framework="pdpo_jax", label=label, model=args.model,
                   precision=args.precision, window=args.window, chunk=args.chunk, pairs=args.pairs,
-                  share_prompt=args.share_prompt,
+                  share_prompt=args.share_prompt, released_after_compile=released,
                   seq_len=args.seq_len, compile_s=round(compile_s, 2), final_loss=loss,
                   jax_version=jax.__version__, **source_of(pdpo_jax), **meter.result)
     return common.finish(record, times, first_s, common.load_peaks(args.peaks))

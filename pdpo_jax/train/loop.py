@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from pdpo_jax.allocator import release_free_memory
 from pdpo_jax.checkpoint import Checkpointer
 from pdpo_jax.metrics import MetricsWriter
 from pdpo_jax.train.state import shard_batch
@@ -79,6 +80,8 @@ def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Ca
         host_batch = next(iterator)
         tokens = _tokens(host_batch)
         state, metrics = step_fn(state, shard_batch(micro_batches(host_batch, spec.grad_accum), mesh))
+        if step == start:  # the step is compiled now: return compile-time garbage to the OS
+            release_free_memory()
         if pending is not None:
             t0 = _report(spec, pending, writer, bar, t0)
         pending = (step + 1, metrics, tokens * jax.process_count())
