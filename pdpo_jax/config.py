@@ -101,7 +101,7 @@ class DpoSection(StageSection):
     # Run each pair's prompt once: chosen and rejected packed in one row [prompt | chosen |
     # rejected] with a segment mask (P + 2R tokens per pair instead of 2(P + R)); the same
     # log-probs up to fp32 summation order.
-    share_prompt: bool = False
+    share_prompt: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,13 +55,15 @@ def test_tiny_config_bytes_by_hand():
 
 
 def test_dpo_adds_reference_and_doubles_rows():
-    sft, dpo = _plan("sft", memory.MeshShape(), "dpo.batch_size=16"), _plan("dpo", memory.MeshShape(), "dpo.batch_size=16")
+    sft = _plan("sft", memory.MeshShape(), "dpo.batch_size=16")
+    dpo = _plan("dpo", memory.MeshShape(), "dpo.batch_size=16", "dpo.share_prompt=false")
     assert dpo.train["reference parameters"][0] == dpo.train["parameters"][0] == 4 * P
     assert dpo.per_layer["none"] == 2 * sft.per_layer["none"]  # chosen + rejected rows
-    shared = _plan("dpo", memory.MeshShape(), "dpo.batch_size=16", "dpo.share_prompt=true")
+    shared = _plan("dpo", memory.MeshShape(), "dpo.batch_size=16")  # share_prompt: the default
     assert shared.train["transient"] == dpo.train["transient"]  # the same 2 x 16 scored rows
     assert shared.per_layer["none"] < dpo.per_layer["none"]  # 16 rows of T + window, not 32 of T
-    precomputed = _plan("dpo", memory.MeshShape(), "dpo.batch_size=16", "dpo.precompute_ref=true")
+    precomputed = _plan("dpo", memory.MeshShape(), "dpo.batch_size=16", "dpo.share_prompt=false",
+                        "dpo.precompute_ref=true")
     assert "reference parameters" not in precomputed.train
     assert precomputed.total("train") == dpo.total("train") - 4 * P
 
