@@ -102,13 +102,16 @@ class KVCache:
         read as they are. One stacked [L, ...] array would make XLA:CPU copy a layer's slice
         out of it for every read (a dynamic slice per layer and step: ~40% of a decode step
         at the anchor shape, bench/README.md);
-      positions: int32 [B, S]; valid: bool [B, S]; length: int32 [].
+      positions: int32 [B, S]; valid: bool [B, S]; length: int32 [];
+      empty: static, True for a cache nothing was written to yet (`init`): its first call
+        (the prefill) attends over the new tokens alone, not over S mostly empty slots.
     """
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     positions: jax.Array
     valid: jax.Array
     length: jax.Array
+    empty: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -118,7 +121,7 @@ class KVCache:
         return cls(k=zeros(), v=zeros(),
                    positions=jnp.zeros((batch, max_len), jnp.int32),
                    valid=jnp.zeros((batch, max_len), bool),
-                   length=jnp.zeros((), jnp.int32))
+                   length=jnp.zeros((), jnp.int32), empty=True)
 
     @property
     def max_len(self) -> int:
@@ -132,12 +135,14 @@ class KeyInfo:
 
     positions_BS, valid_BS describe the S keys; `write_at` is the cache slot of the first new
     token (None when attending only over the new tokens, i.e. no cache); segments_BS: the
-    keys' segment ids when the attention mask came as segments (see `key_info`), else None.
+    keys' segment ids when the attention mask came as segments (see `key_info`), else None;
+    prefill: static, the cache was empty, so the keys are the S = T new tokens alone.
     """
     positions_BS: jax.Array
     valid_BS: jax.Array
-    write_at: jax.Array | None
+    write_at: jax.Array | int | None
     segments_BS: jax.Array | None = None
+    prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 SHARED_SEGMENT = 1  # segment id of a prefix that every other segment of its row attends to
@@ -156,6 +161,8 @@ def key_info(positions_BT, attention_mask_BT, cache: KVCache | None) -> KeyInfo:
     if segmented:
         raise ValueError("segment ids as the attention mask work without a KV cache only; "
                          "pass a bool mask when decoding")
+    if cache.empty:  # nothing to attend to but the new tokens, which go to slots 0..T-1
+        return KeyInfo(positions_BT, attention_mask_BT.astype(bool), 0, prefill=True)
     start = cache.length
     pos = jax.lax.dynamic_update_slice(cache.positions, positions_BT.astype(jnp.int32), (0, start))
     valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BT.astype(bool), (0, start))
@@ -194,6 +201,11 @@ def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv
     at = (0, 0, keys.write_at, 0)
     k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BTKH.swapaxes(1, 2).astype(k_BKSH.dtype), at)
     v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BTKH.swapaxes(1, 2).astype(v_BKSH.dtype), at)
+    if keys.prefill:  # the keys are the new tokens: attend to them as they are (no empty slots)
+        out = jax.nn.dot_product_attention(q_BTNH, k_BTKH.astype(q_BTNH.dtype),
+                                           v_BTKH.astype(q_BTNH.dtype), mask=mask_BTS[:, None],
+                                           implementation=cfg.attn_implementation)
+        return out, (k_BKSH, v_BKSH)
     return cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS), (k_BKSH, v_BKSH)
 
 
@@ -375,8 +387,12 @@ def scan_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, atten
     if cache is None:
         return h_BTD, None
     new_len = cache.length + positions_BT.shape[1]
-    return h_BTD, KVCache(k=tuple(ks), v=tuple(vs), positions=keys.positions_BS,
-                          valid=keys.valid_BS, length=new_len)
+    positions, valid = keys.positions_BS, keys.valid_BS
+    if keys.prefill:  # keys described the new tokens only; the cache describes all S slots
+        positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, 0))
+        valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, 0))
+    return h_BTD, KVCache(k=tuple(ks), v=tuple(vs), positions=positions, valid=valid,
+                          length=new_len)
 
 
 def unstack_layers(model: nnx.Module) -> nnx.Module:

@@ -195,7 +195,7 @@ class SamplingLoop:
         wsc = jax.lax.with_sharding_constraint
         return KVCache(k=tuple(wsc(k, kv) for k in cache.k), v=tuple(wsc(v, kv) for v in cache.v),
                        positions=wsc(cache.positions, rows), valid=wsc(cache.valid, rows),
-                       length=cache.length)
+                       length=cache.length, empty=cache.empty)
 
     def _sharding(self, names, shape) -> NamedSharding:
         spec = shd.logical_to_spec(names, shape, rules=shd.SAMPLING_RULES, mesh=self.mesh)
