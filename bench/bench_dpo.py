@@ -263,9 +263,9 @@ def run_all(args) -> None:
     if "error" in peaks:
         sys.exit(f"matmul_peak failed: {peaks['stderr_tail']}")
     records = []
-    for group, script, extra, variant, worker_env in plan:
+    for group, script, extra, variant, row_env in plan:
         cmd = [*SCRIPTS[script], *extra, "--peaks", peaks_path]
-        record = run_retimed(cmd, worker_env, group, args.timeout, args.wait_quiet, args.retries)
+        record = run_retimed(cmd, row_env, group, args.timeout, args.wait_quiet, args.retries)
         if variant and "label" in record:
             record.update(variant=variant, label=record["label"] + "+" + variant)
         records.append(record)

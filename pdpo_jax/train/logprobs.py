@@ -99,7 +99,7 @@ def shared_prompt_rows(chosen: dict, rejected: dict, window: int):
     column pred predicts the token at column target (the rejected reply's first token is
     predicted from the prompt's last column).
     """
-    B, T = chosen["tokens"].shape
+    T = chosen["tokens"].shape[1]
     prompt_B = jnp.argmax(chosen["loss_mask"], axis=1)  # first response column = prompt length
     n_chosen_B = jnp.sum(chosen["loss_mask"], axis=1, dtype=jnp.int32)
     n_rejected_B = jnp.sum(rejected["loss_mask"], axis=1, dtype=jnp.int32)
@@ -108,16 +108,15 @@ def shared_prompt_rows(chosen: dict, rejected: dict, window: int):
     in_prompt = col < prompt_B[:, None]
     in_chosen = ~in_prompt & (col < rejected_start_B1)
     in_rejected = (col >= rejected_start_B1) & (col < rejected_start_B1 + n_rejected_B[:, None])
-    from_chosen = jnp.clip(col, 0, T - 1)
     from_rejected = jnp.clip(col - n_chosen_B[:, None], 0, T - 1)  # same prompt, so same offset
 
-    def pick(name):
-        c = jnp.take_along_axis(chosen[name], jnp.broadcast_to(from_chosen, (B, T + window)), 1)
+    def pick(name):  # prompt + chosen sit where they sit in the chosen row (p + C <= T)
+        c = jnp.pad(chosen[name], ((0, 0), (0, window)))
         r = jnp.take_along_axis(rejected[name], from_rejected, axis=1)
         return jnp.where(in_prompt | in_chosen, c, jnp.where(in_rejected, r, 0))
 
-    segments = jnp.select([in_prompt & (n_chosen_B[:, None] > 0), in_chosen, in_rejected],
-                          [SHARED_SEGMENT, 2, 3], 0).astype(jnp.int32)
+    segments = jnp.select([in_prompt, in_chosen, in_rejected], [SHARED_SEGMENT, 2, 3],
+                          0).astype(jnp.int32)
     step = jnp.arange(window)[None, :]
     target_c = prompt_B[:, None] + step
     target_r = rejected_start_B1 + step
