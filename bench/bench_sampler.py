@@ -61,7 +61,7 @@ MODES = ("greedy", "top_p")
 TARGETS = {"greedy": 2.5, "top_p": 3.5}  # issue 5: our new tok/s ÷ HF generate's, same run
 MODELS = ("anchor", "smollm2-135m")
 # (rounds, reps) per model: a SmolLM2 generate call takes seconds on 2 cores, so fewer of them
-DEFAULT_PLAN = {"anchor": (2, 7), "smollm2-135m": (2, 3)}
+DEFAULT_PLAN = {"anchor": (4, 7), "smollm2-135m": (2, 3)}
 QUICK_PLAN = {"anchor": (1, 3), "smollm2-135m": (1, 2)}
 PREFILL_REPS = 5
 MEMBW_MIB = 512
@@ -329,6 +329,10 @@ def summarise(model: str, folder: str, rounds: int, reps: int, records: list[dic
                 row[f"{kind}_x_bound"] = round(decode / bound_s, 2)
         row["jax_compile_s_approx"] = round(ok["jax"][0][mode]["compile_s_approx"], 2)
         row["speedup"] = round(row["jax_new_tok_s"] / row["hf_new_tok_s"], 2)
+        # Calls run in one of two speeds on this 2-vCPU VM, fixed per compiled program (README):
+        # the best round of each framework is the other summary, the same for both
+        row["speedup_best_round"] = round(max(row["jax_new_tok_s_per_round"])
+                                          / max(row["hf_new_tok_s_per_round"]), 2)
         row["target"] = TARGETS[mode]
         row["met"] = bool(row["speedup"] >= TARGETS[mode])
         out[mode] = row
@@ -358,18 +362,20 @@ def markdown(result: dict) -> str:
         f"{NEW} new tokens (EOS off), fp32; top-p {TOP_P} at temperature 1 (HF top_k=0). "
         f"Memory bandwidth (best jitted `x + 1` over {MEMBW_MIB} MiB, read + write): "
         f"{bw if bw else 'not measured'} GB/s.", "",
-        "new tok/s = 16 · 32 / median call (prefill + decode). decode ms/step = (median call − "
+        "new tok/s = 16 · 32 / median call (prefill + decode), median over rounds; best round = "
+        "the fastest round of each framework (JAX calls run at one of two speeds per compiled "
+        "program on this VM). decode ms/step = (median call − "
         f"prefill) / {NEW - 1}. bound = (fp32 block weights + LM head + K,V cache of S slots) / "
         f"bandwidth, S = {PROMPT + NEW} for jax (full cache read every step), {PROMPT + NEW // 2} for "
         "HF (its growing cache, mean); ×bound = decode / bound. Cells with two values: jax / hf. "
         "compile s ≈ first call − median call (jax). `others` = share of the CPUs other processes "
         "used while timing (worst worker).", "",
-        "| model | mode | jax new tok/s | hf new tok/s | speedup | target | met? | compile s | "
-        "prefill ms | decode ms/step | bound ms/step | ×bound | peak RSS MiB | others |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| model | mode | jax new tok/s | hf new tok/s | speedup | best round | target | met? | "
+        "compile s | prefill ms | decode ms/step | bound ms/step | ×bound | peak RSS MiB | others |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
         if "skipped" in m or "error" in m:
-            lines.append(f"| {name} | {m.get('skipped') or 'FAILED: ' + m['error']} |" + " |" * 12)
+            lines.append(f"| {name} | {m.get('skipped') or 'FAILED: ' + m['error']} |" + " |" * 13)
             continue
         for mode in MODES:
             r = m[mode]
@@ -379,7 +385,8 @@ def markdown(result: dict) -> str:
                 return f"{r[f'jax_{key}']:{fmt}} / {r[f'hf_{key}']:{fmt}}" if f"jax_{key}" in r else ""
             lines.append(
                 f"| {name} | {mode} | {r['jax_new_tok_s']:.0f} | {r['hf_new_tok_s']:.0f} | "
-                f"{r['speedup']:.2f}× | ≥ {r['target']}× | {'yes' if r['met'] else '**no**'} | "
+                f"{r['speedup']:.2f}× | {r['speedup_best_round']:.2f}× | ≥ {r['target']}× | "
+                f"{'yes' if r['met'] else '**no**'} | "
                 f"{r['jax_compile_s_approx']:.1f} | {m['jax_prefill_ms']:.1f} / {m['hf_prefill_ms']:.1f} | "
                 f"{two('decode_ms_per_step', '.2f')} | {two('bound_ms_per_step', '.2f')} | "
                 f"{two('x_bound', '.1f')} | {m['jax_peak_rss_mib']:.0f} / {m['hf_peak_rss_mib']:.0f} | "

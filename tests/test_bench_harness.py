@@ -58,3 +58,37 @@ def test_all_writes_every_row_and_both_target_tables(tmp_path, monkeypatch, caps
     assert unshared["fp32 vs trl fp32"]["ratio"] == pytest.approx(800 / 300, rel=1e-3)
     table = next(tmp_path.glob("dpo-*.md")).read_text()
     assert "without dpo.share_prompt" in table and "pdpo_jax-fp32-win32-shared" in table
+
+
+def test_sampler_summary_and_table():
+    """bench_sampler's per-model summary (medians over rounds, best-round speedup, bound) and
+    its markdown row, on two rounds of made-up worker records."""
+    import bench_sampler as bs
+
+    def record(kind, call_ms, prefill_ms):
+        out = dict(framework=kind, prefill={"median_s": prefill_ms / 1e3}, peak_rss_mib=500.0,
+                   others_cpu_frac=0.0, versions={kind: "x"}, unroll_layers=False,
+                   attn_implementation="sdpa")
+        for mode in bs.MODES:
+            call = call_ms[mode] / 1e3
+            out[mode] = dict(call={"median_s": call}, new_tokens_per_s=bs.BATCH * bs.NEW / call,
+                             first_call_s=2.0, compile_s_approx=1.0,
+                             decode_step_s=bs.decode_step_s(call, prefill_ms / 1e3))
+        out["greedy"]["tokens"] = [[1, 2], [3, 4]]
+        return out
+    records = [record("jax", {"greedy": 160, "top_p": 200}, 65),
+               record("hf", {"greedy": 320, "top_p": 560}, 80),
+               record("jax", {"greedy": 220, "top_p": 340}, 85),
+               record("hf", {"greedy": 340, "top_p": 580}, 76)]
+    m = bs.summarise("anchor", "/tmp/x", 2, 7, records, bandwidth=50.0)
+    assert m["greedy"]["jax_call_ms"] == 190.0 and m["greedy"]["hf_call_ms"] == 330.0
+    assert m["greedy"]["speedup_best_round"] == pytest.approx(320 / 160, abs=0.01)
+    tok_s = lambda *ms: sum(512 / (t / 1e3) for t in ms) / len(ms)  # median of two = mean  # noqa: E731
+    assert m["greedy"]["speedup"] == pytest.approx(tok_s(160, 220) / tok_s(320, 340), abs=0.01)
+    assert m["greedy_token_agreement_with_hf"] == 1.0
+    table = bs.markdown(dict(stamp="s", allocator="tcmalloc", command="c", total_wall_s=1.0,
+                             membw={"bandwidth_gbs": 50.0}, models={"anchor": m},
+                             noise=dict(max_load1=0.1, max_others_cpu_frac=0.0, contaminated=[],
+                                        failed=[])))
+    row = next(line for line in table.splitlines() if line.startswith("| anchor | greedy"))
+    assert "2.00×" in row and row.count("|") == table.splitlines()[8].count("|")
