@@ -129,16 +129,21 @@ def shared_prompt_rows(chosen: dict, rejected: dict, window: int):
 
 def shared_prompt_logps(model, chosen: dict, rejected: dict, *, window: int,
                         chunk: int = LOGIT_CHUNK):
-    """Per-token response log-probs and masks [2B, window] (chosen rows, then rejected) from
-    one forward over rows that hold each prompt once (`shared_prompt_rows`): for P prompt and
-    R response tokens, P + 2R tokens per pair instead of 2(P + R). Equal to `response_logps`
-    over the chosen and rejected rows concatenated, up to fp32 summation order."""
+    """Per-token response log-probs and masks of each side, (logp, valid) [B, window] for chosen
+    then for rejected, from one forward over rows that hold each prompt once
+    (`shared_prompt_rows`): P + 2R tokens per pair instead of 2(P + R). Equal to
+    `response_logps` over the chosen and rejected rows, up to fp32 summation order.
+
+    Every gather stays inside a pair's row: the two sides' positions are scored as one
+    [B, 2 * window] block, so a batch-sharded step moves no rows between devices (concatenating
+    the sides on the batch axis did, and XLA:CPU's collectives then hung intermittently on
+    8 host devices)."""
     tokens, positions, segments, sides = shared_prompt_rows(chosen, rejected, window)
     h_BTD, _ = model.hidden_states(tokens, positions, segments)
-    pred = jnp.concatenate([sides[0][0], sides[1][0]])
-    targets = jnp.concatenate([sides[0][1], sides[1][1]])
-    valid = jnp.concatenate([sides[0][2], sides[1][2]])
-    h_BRD = jnp.take_along_axis(jnp.concatenate([h_BTD, h_BTD]), pred[..., None], axis=1)
-    y_BR = jnp.take_along_axis(jnp.concatenate([tokens, tokens]), targets, axis=1)
-    logp = token_logps(h_BRD, model.unembedding_VD(), y_BR, chunk)
-    return jnp.where(valid, logp, 0.0), valid
+    pred = jnp.concatenate([sides[0][0], sides[1][0]], axis=1)  # [B, 2 * window]
+    targets = jnp.concatenate([sides[0][1], sides[1][1]], axis=1)
+    valid = jnp.concatenate([sides[0][2], sides[1][2]], axis=1)
+    h_BRD = jnp.take_along_axis(h_BTD, pred[..., None], axis=1)
+    y_BR = jnp.take_along_axis(tokens, targets, axis=1)
+    logp = jnp.where(valid, token_logps(h_BRD, model.unembedding_VD(), y_BR, chunk), 0.0)
+    return (logp[:, :window], valid[:, :window]), (logp[:, window:], valid[:, window:])

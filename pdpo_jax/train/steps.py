@@ -91,12 +91,11 @@ def pair_logps(graphdef, params, mb, *, window, chunk, share_prompt: bool = Fals
         if window is None:
             raise ValueError("share_prompt needs a response window (data.max_response_tokens)")
         side = lambda s: {f: mb[f"{s}_{f}"] for f in FIELDS}  # noqa: E731
-        logp, valid = shared_prompt_logps(model, side("chosen"), side("rejected"),
-                                          window=window, chunk=chunk)
-        logp_sum, length = logp.sum(axis=1), valid.sum(axis=1)
-    else:
-        both = {f: jnp.concatenate([mb["chosen_" + f], mb["rejected_" + f]]) for f in FIELDS}
-        logp_sum, length = sequence_logps(model, both, window=window, chunk=chunk)
+        (lc, vc), (lr, vr) = shared_prompt_logps(model, side("chosen"), side("rejected"),
+                                                 window=window, chunk=chunk)
+        return lc.sum(axis=1), lr.sum(axis=1), vc.sum(axis=1), vr.sum(axis=1)
+    both = {f: jnp.concatenate([mb["chosen_" + f], mb["rejected_" + f]]) for f in FIELDS}
+    logp_sum, length = sequence_logps(model, both, window=window, chunk=chunk)
     return logp_sum[:b], logp_sum[b:], length[:b], length[b:]
 
 
