@@ -25,11 +25,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+from pdpo_jax.allocator import TCMALLOC, find_tcmalloc  # noqa: E402,F401  (light: ctypes only)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-TCMALLOC = "libtcmalloc_minimal.so.4"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def run_jax(args) -> dict:
     t0 = time.perf_counter()
     compiled = jitted.lower(state, ref_params, batches[0]).compile()
     compile_s = time.perf_counter() - t0
-    released = release_free_memory()  # as the training loop does once its step is compiled
+    release_fn = release_free_memory()  # as the training loop does once its step is compiled
     times, first_s, metrics = [], 0.0, None
     common.reset_peak_rss()
     for i in range(args.warmup):
@@ -119,7 +120,7 @@ def run_jax(args) -> dict:
     label += ("" if args.layers == "unrolled" else "-scan") + ("-shared" if args.share_prompt else "")
     record = dict(bench="dpo", framework="pdpo_jax", label=label, model=args.model,
                   precision=args.precision, window=args.window, chunk=args.chunk, pairs=args.pairs,
-                  share_prompt=args.share_prompt, released_after_compile=released,
+                  share_prompt=args.share_prompt, release_fn=release_fn,
                   seq_len=args.seq_len, compile_s=round(compile_s, 2), final_loss=loss,
                   jax_version=jax.__version__, **source_of(pdpo_jax), **meter.result)
     return common.finish(record, times, first_s, common.load_peaks(args.peaks))
@@ -159,14 +160,6 @@ SWEEP_ROWS = ([("jax", SWEEP + ["--seq-len", str(t)]) for t in (256, 512, 1024)]
 GROUPS = {"anchor": ANCHOR_ROWS, "smollm": SMOLLM_ROWS, "sweep": SWEEP_ROWS}
 SCRIPTS = {"jax": [os.path.abspath(__file__), "jax"], "torch": [os.path.join(HERE, "torch_dpo.py")],
            "trl": [os.path.join(HERE, "trl_dpo.py")]}
-
-
-def find_tcmalloc() -> str | None:
-    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if TCMALLOC in line and "=>" in line:
-            return line.split("=>")[1].strip()
-    return None
 
 
 NOISY = 0.1  # others_cpu_frac above which a row counts as contaminated
@@ -276,8 +269,9 @@ def run_all(args) -> None:
                    f"others {record.get('others_cpu_frac')}  ({record['process_wall_s']} s)")
     summary = dict(stamp=stamp, allocator="tcmalloc" if args.tcmalloc else "glibc",
                    command=" ".join(sys.argv), total_wall_s=round(time.perf_counter() - t_start, 1),
-                   targets=targets(records, None),
-                   targets_unshared=targets(records, None, shared=False))
+                   targets=targets(records, None))
+    if any(r.get("share_prompt") for r in records):  # else the same table twice
+        summary["targets_unshared"] = targets(records, None, shared=False)
     if args.proposed:
         summary["targets_proposed"] = targets(records, "proposed")
         summary["proposed_src"] = os.path.abspath(args.proposed)

@@ -439,9 +439,11 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="1 round; 3 reps (anchor), 2 reps (smollm2-135m)")
     ap.add_argument("--rounds", type=int, default=None,
-                    help="jax+hf process pairs per model (default: anchor 2, smollm2-135m 2)")
+                    help="jax+hf process pairs per model (default: " + ", ".join(
+                        f"{m} {r}" for m, (r, _) in DEFAULT_PLAN.items()) + ")")
     ap.add_argument("--reps", type=int, default=None,
-                    help="timed calls per mode and worker (default: anchor 7, smollm2-135m 3)")
+                    help="timed calls per mode and worker (default: " + ", ".join(
+                        f"{m} {n}" for m, (_, n) in DEFAULT_PLAN.items()) + ")")
     ap.add_argument("--alloc", choices=["auto", "tcmalloc", "glibc"], default="auto",
                     help="allocator of every worker: auto = tcmalloc (LD_PRELOAD) when installed")
     ap.add_argument("--tcmalloc", dest="alloc", action="store_const", const="tcmalloc",

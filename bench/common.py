@@ -215,12 +215,10 @@ def load_peaks(path: str | None) -> dict:
 
 def noise_line(noise: dict, unit: str = "rows") -> str:
     """The markdown sentence summing up a run's noise (see Meter and the benches' `noise`)."""
-    line = (f"Noise: max load1 {noise['max_load1']}, max CPU share of other processes while timing "
+    return (f"Noise: max load1 {noise['max_load1']}, max CPU share of other processes while timing "
             f"{noise['max_others_cpu_frac']}; {unit} with others > 10 %: "
-            f"{', '.join(noise['contaminated']) or 'none'}")
-    if "failed" in noise:
-        line += f"; failed: {', '.join(noise['failed']) or 'none'}"
-    return line + "."
+            f"{', '.join(noise['contaminated']) or 'none'}; failed: "
+            f"{', '.join(noise['failed']) or 'none'}.")
 
 
 def step_args(ap, *, model: bool = True, window: int | None = None) -> None:

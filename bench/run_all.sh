@@ -30,7 +30,8 @@ fi
 while (($#)); do
   case "$1" in
     --wait-quiet|--retries|--results|--timeout)
-      sampler_args+=("$1" "${2:?$1 needs a value}"); dpo_args+=("$1" "$2"); shift 2; continue ;;
+      (($# >= 2)) || { echo "bench/run_all.sh: $1 needs a value" >&2; exit 2; }
+      sampler_args+=("$1" "$2"); dpo_args+=("$1" "$2"); shift 2; continue ;;
     --quick|--wait-quiet=*|--retries=*|--results=*|--timeout=*) sampler_args+=("$1") ;;
   esac
   dpo_args+=("$1")

@@ -14,19 +14,20 @@ set -euo pipefail
 
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
 die() { echo "launch/slurm.sh: $*" >&2; exit 2; }
+need() { (($# >= 2)) && [[ -n $2 && $2 != --* ]] || die "$1 needs a value"; }
 
 nodes="" gpus="" partition="" account="" time_limit="04:00:00" workdir="$PWD" script=""
 python=".venv/bin/python" dry_run=0
 while (($#)); do
   case "$1" in
-    --nodes) nodes="${2:?--nodes needs a value}"; shift 2 ;;
-    --gpus_per_node) gpus="${2:?--gpus_per_node needs a value}"; shift 2 ;;
-    --partition) partition="${2:?--partition needs a value}"; shift 2 ;;
-    --account) account="${2:?--account needs a value}"; shift 2 ;;
-    --time) time_limit="${2:?--time needs a value}"; shift 2 ;;
-    --workdir) workdir="${2:?--workdir needs a value}"; shift 2 ;;
-    --script) script="${2:?--script needs a value}"; shift 2 ;;
-    --python) python="${2:?--python needs a value}"; shift 2 ;;
+    --nodes) need "$@"; nodes=$2; shift 2 ;;
+    --gpus_per_node) need "$@"; gpus=$2; shift 2 ;;
+    --partition) need "$@"; partition=$2; shift 2 ;;
+    --account) need "$@"; account=$2; shift 2 ;;
+    --time) need "$@"; time_limit=$2; shift 2 ;;
+    --workdir) need "$@"; workdir=$2; shift 2 ;;
+    --script) need "$@"; script=$2; shift 2 ;;
+    --python) need "$@"; python=$2; shift 2 ;;
     --dry_run) dry_run=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;

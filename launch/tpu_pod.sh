@@ -15,15 +15,16 @@ set -euo pipefail
 
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
 die() { echo "launch/tpu_pod.sh: $*" >&2; exit 2; }
+need() { (($# >= 2)) && [[ -n $2 && $2 != --* ]] || die "$1 needs a value"; }
 
 name="" zone="" project="" workdir="~/pdpo_jax" python=".venv/bin/python" dry_run=0
 while (($#)); do
   case "$1" in
-    --name) name="${2:?--name needs a value}"; shift 2 ;;
-    --zone) zone="${2:?--zone needs a value}"; shift 2 ;;
-    --project) project="${2:?--project needs a value}"; shift 2 ;;
-    --workdir) workdir="${2:?--workdir needs a value}"; shift 2 ;;
-    --python) python="${2:?--python needs a value}"; shift 2 ;;
+    --name) need "$@"; name=$2; shift 2 ;;
+    --zone) need "$@"; zone=$2; shift 2 ;;
+    --project) need "$@"; project=$2; shift 2 ;;
+    --workdir) need "$@"; workdir=$2; shift 2 ;;
+    --python) need "$@"; python=$2; shift 2 ;;
     --dry_run) dry_run=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;

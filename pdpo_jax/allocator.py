@@ -7,22 +7,24 @@ the process's RSS for the whole run (bench/README.md measures ~250 MiB at the an
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
+import subprocess
+
+TCMALLOC = "libtcmalloc_minimal.so.4"
 
 
 @functools.cache
 def _release_fn():
-    process = ctypes.CDLL(None)
-    try:  # tcmalloc (gperftools), e.g. LD_PRELOAD=libtcmalloc_minimal.so.4
+    process = ctypes.CDLL(None)  # the symbols of everything loaded, LD_PRELOADed tcmalloc first
+    try:  # tcmalloc (gperftools)
         return "tcmalloc", process.MallocExtension_ReleaseFreeMemory
     except AttributeError:
         pass
-    libc = ctypes.util.find_library("c")
-    try:
-        return "malloc_trim", (lambda: ctypes.CDLL(libc).malloc_trim(0)) if libc else None
-    except (AttributeError, OSError):
+    try:  # glibc; absent on macOS and musl
+        trim = process.malloc_trim
+    except AttributeError:
         return None, None
+    return "malloc_trim", lambda: trim(0)
 
 
 def release_free_memory() -> str | None:
@@ -33,3 +35,16 @@ def release_free_memory() -> str | None:
         return None
     fn()
     return name
+
+
+def find_tcmalloc() -> str | None:
+    """Path of libtcmalloc_minimal.so.4 as the dynamic linker knows it (`ldconfig -p`), or None
+    (install: apt-get install -y libtcmalloc-minimal4; use: LD_PRELOAD=<path>)."""
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    for line in out.splitlines():
+        if TCMALLOC in line and "=>" in line:
+            return line.split("=>")[1].strip()
+    return None

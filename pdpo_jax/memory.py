@@ -235,21 +235,20 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     pairs = section.batch_size // batch_shards
     window = cfg.data.max_response_tokens
     T = bucket_length(min(cfg.data.max_total_tokens, max(cfg.data.buckets)), cfg.data.buckets)
-    logit_rows = pairs * 2 if stage == "dpo" else pairs
+    rows, row_T, scored = (pairs * 2 if stage == "dpo" else pairs), T, window
     if stage == "dpo" and cfg.dpo.share_prompt:  # one row per pair: [prompt | chosen | rejected]
-        rows, T = pairs, T + window
-    else:
-        rows = logit_rows
+        rows, row_T, scored = pairs, T + window, 2 * window
+    chunk = min(LOGIT_CHUNK, scored)
 
     _, params = nnx.split(nnx.eval_shape(lambda: build_model(c)))
     tx, _ = optim.make_optimizer(section.optimizer, total_steps=1)
     param_b = tree_bytes(params, mesh)
     opt_b = tree_bytes(jax.eval_shape(tx.init, params), mesh)
-    per_layer = {r: layer_activation_bytes(c, rows, T, r, mesh.tensor) for r in
+    per_layer = {r: layer_activation_bytes(c, rows, row_T, r, mesh.tensor) for r in
                  ("none", "full", "dots_saveable")}
-    saved = per_layer[c.remat] * c.num_layers + _once_activation_bytes(c, rows, T, c.remat,
+    saved = per_layer[c.remat] * c.num_layers + _once_activation_bytes(c, rows, row_T, c.remat,
                                                                       mesh.tensor)
-    logits = logit_rows * min(LOGIT_CHUNK, window) * _per_device(c.vocab_size, mesh.tensor) * 4 * 2
+    logits = rows * chunk * _per_device(c.vocab_size, mesh.tensor) * 4 * 2
     transient = logits + (per_layer["none"] if c.remat != "none" else 0)
     pdt = c.params_dtype.name
     train = {
@@ -267,8 +266,8 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     elif stage == "dpo":
         train["reference parameters"] = (param_b, "frozen copy, sharded like params")
     train["activations"] = (saved, f"remat={c.remat}: {c.num_layers} layers x {rows} rows x "
-                                   f"T={T} (estimate)")
-    train["transient"] = (transient, f"logits [{logit_rows}, {min(LOGIT_CHUNK, window)}, V] fp32 x2"
+                                   f"T={row_T} (estimate)")
+    train["transient"] = (transient, f"logits [{rows}, {chunk}, V] fp32 x2"
                                      + (" + one layer rebuilt" if c.remat != "none" else ""))
 
     neg = cfg.negatives
@@ -277,11 +276,15 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     brows = -(-neg.batch_size // batch_shards)
     kv_heads = _per_device(c.num_kv_heads, mesh.tensor)
     kv = 2 * c.num_layers * brows * S * kv_heads * c.head_dim * c.compute_dtype.itemsize
+    as_compute = lambda b: b * c.compute_dtype.itemsize // c.params_dtype.itemsize  # noqa: E731
+    layers_b = as_compute(tree_bytes(params["layers"], mesh, shd.SAMPLING_RULES))
+    head_b = _per_device(c.vocab_size, mesh.tensor) * c.d_model * c.compute_dtype.itemsize
     sampling = {
         # The negatives stage loads the weights in the compute dtype (no fp32 master copy).
-        "parameters": (tree_bytes(params, mesh, shd.SAMPLING_RULES) * c.compute_dtype.itemsize
-                       // c.params_dtype.itemsize,
+        "parameters": (as_compute(tree_bytes(params, mesh, shd.SAMPLING_RULES)),
                        f"{c.dtype}, SAMPLING_RULES (tensor-parallel only)"),
+        "decode copies": (layers_b + head_b, "per generate call: the layers unstacked and the "
+                                             "LM head as [D, V] (sampler.SamplingLoop.model)"),
         "kv cache": (kv, f"2 x {c.num_layers} layers x {brows} rows x S={S} "
                          f"({prompt} prompt + {window} new) x {kv_heads} kv heads x "
                          f"{c.head_dim} ({c.dtype})"),

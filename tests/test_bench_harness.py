@@ -1,21 +1,37 @@
 """bench/bench_dpo.py --all end to end with its worker processes replaced by canned records:
 the plan, the record parsing, the target ratios and the report (not a performance test)."""
+import importlib
 import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-sys.path.insert(0, BENCH)
-import bench_dpo  # noqa: E402
-import common  # noqa: E402
-
 MS = {"pdpo_jax": 300.0, "torch": 400.0, "trl": 800.0}
 
 
-def _record(cmd: list[str]) -> dict:
+@pytest.fixture(scope="module")
+def bench():
+    """The bench modules, imported as the scripts import them (bench/ first on sys.path; their
+    `common` sets offline env vars at import); sys.path, sys.modules and os.environ are put
+    back afterwards, so no other test sees them."""
+    env, path, modules = dict(os.environ), list(sys.path), set(sys.modules)
+    sys.path.insert(0, BENCH)
+    try:
+        yield types.SimpleNamespace(**{m: importlib.import_module(m) for m in
+                                       ("common", "bench_dpo", "bench_sampler")})
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            del sys.modules[name]
+
+
+def _record(common, cmd: list[str]) -> dict:
     """What a worker prints for `cmd`: labels as the real workers build them, made-up times."""
     script = os.path.basename(cmd[0])
     if script == "matmul_peak.py":
@@ -39,9 +55,12 @@ def _record(cmd: list[str]) -> dict:
     return common.finish(record, [ms / 1e3] * 3, 0.5, {"machine_fp32": 2e11, "machine_bf16": 4e11})
 
 
-def test_all_writes_every_row_and_both_target_tables(tmp_path, monkeypatch, capsys):
+def test_all_writes_every_row_and_both_target_tables(bench, tmp_path, monkeypatch, capsys):
+    bench_dpo = bench.bench_dpo
+
     def fake_run(args, **kw):
-        return subprocess.CompletedProcess(args, 0, json.dumps(_record(args[1:])) + "\n", "")
+        record = _record(bench.common, args[1:])
+        return subprocess.CompletedProcess(args, 0, json.dumps(record) + "\n", "")
     monkeypatch.setattr(bench_dpo.subprocess, "run", fake_run)
     monkeypatch.setattr(sys, "argv", ["bench_dpo.py", "--all", "--quick", "--results", str(tmp_path)])
     bench_dpo.main()
@@ -60,10 +79,10 @@ def test_all_writes_every_row_and_both_target_tables(tmp_path, monkeypatch, caps
     assert "without dpo.share_prompt" in table and "pdpo_jax-fp32-win32-shared" in table
 
 
-def test_sampler_summary_and_table():
+def test_sampler_summary_and_table(bench):
     """bench_sampler's per-model summary (medians over rounds, best-round speedup, bound) and
     its markdown row, on two rounds of made-up worker records."""
-    import bench_sampler as bs
+    bs = bench.bench_sampler
 
     def record(kind, call_ms, prefill_ms):
         out = dict(framework=kind, prefill={"median_s": prefill_ms / 1e3}, peak_rss_mib=500.0,
@@ -90,5 +109,8 @@ def test_sampler_summary_and_table():
                              membw={"bandwidth_gbs": 50.0}, models={"anchor": m},
                              noise=dict(max_load1=0.1, max_others_cpu_frac=0.0, contaminated=[],
                                         failed=[])))
-    row = next(line for line in table.splitlines() if line.startswith("| anchor | greedy"))
-    assert "2.00×" in row and row.count("|") == table.splitlines()[8].count("|")
+    lines = table.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    row = next(line for line in lines if line.startswith("| anchor | greedy"))
+    assert "2.00×" in row
+    assert row.count("|") == lines[header].count("|") == lines[header + 1].count("|")

@@ -107,6 +107,8 @@ def test_local_dry_run():
     ("slurm.sh", ["--nodes", "0", "--gpus_per_node", "8", "--", *TRAIN_ARGS], "--nodes"),
     ("slurm.sh", ["--nodes", "2", "--", *TRAIN_ARGS], "--gpus_per_node"),
     ("slurm.sh", ["--nodes", "2", "--gpus_per_node", "8", "--", "sft.max_steps=3"], "--config"),
+    ("slurm.sh", ["--nodes", "2", "--gpus_per_node"], "--gpus_per_node needs a value"),
+    ("tpu_pod.sh", ["--name", "--", *TRAIN_ARGS], "--name needs a value"),
     ("local.py", ["-n", "0", "--", *TRAIN_ARGS], "--num_processes"),
     ("local.py", ["-k", "0", "--", *TRAIN_ARGS], "--devices_per_process"),
     ("local.py", ["--timeout", "0", "--", *TRAIN_ARGS], "--timeout"),

@@ -1,4 +1,4 @@
-"""What every model family shares: the config, the KV cache, attention, RoPE and the layer scan.
+"""What every model family shares: the config, the KV cache, attention, RoPE and the layer loop.
 
 Shape legend (used in names across the package):
   B batch, T time (new tokens), S cache/key length, L layers, D model width, N query heads,
@@ -54,9 +54,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: RematPolicy = "none"
-    # Unroll the layer loop of the no-cache forward (training, scoring): faster on XLA:CPU (no
-    # stacked per-layer residual buffers); compile time grows with depth. Decoding with a cache
-    # always scans (unrolled, a decode step was measured 15% slower on CPU).
+    # Unroll the layer scan of the no-cache forward (training, scoring): faster on XLA:CPU (no
+    # stacked per-layer residual buffers); compile time grows with depth. With a KV cache the
+    # layers always run as a Python loop, each reading its own cache arrays (`run_layers`).
     unroll_layers: bool = False
     # jax.nn.dot_product_attention implementation: None lets JAX pick (xla on CPU/TPU).
     attn_implementation: Literal["xla", "cudnn"] | None = None
@@ -133,10 +133,10 @@ class KVCache:
 class KeyInfo:
     """What attention needs to know about the keys: where they sit and whether they are real.
 
-    positions_BS, valid_BS describe the S keys; `write_at` is the cache slot of the first new
-    token (None when attending only over the new tokens, i.e. no cache); segments_BS: the
-    keys' segment ids when the attention mask came as segments (see `key_info`), else None;
-    prefill: static, the cache was empty, so the keys are the S = T new tokens alone.
+    positions_BS, valid_BS describe the S keys (with a cache: all its slots, the new tokens
+    written in); `write_at` is the cache slot of the first new token (None without a cache);
+    segments_BS: the keys' segment ids (see `key_info`) or None; prefill: static, the cache was
+    empty, so attention needs only its first T slots, the new tokens.
     """
     positions_BS: jax.Array
     valid_BS: jax.Array
@@ -148,33 +148,31 @@ class KeyInfo:
 SHARED_SEGMENT = 1  # segment id of a prefix that every other segment of its row attends to
 
 
-def key_info(positions_BT, attention_mask_BT, cache: KVCache | None) -> KeyInfo:
-    """attention_mask_BT: bool (True = real token), or int segment ids: 0 padding,
-    SHARED_SEGMENT (1) a prefix every token of the row may attend to, k >= 2 tokens that
-    attend only to their own segment and the shared prefix. Segments let one row hold a
-    prompt once and several continuations of it (DPO's chosen and rejected, each with
+def key_info(positions_BT, attention_mask_BT, cache: KVCache | None, segments_BT=None) -> KeyInfo:
+    """attention_mask_BT: bool, True = real token. segments_BT (no cache only): int segment
+    ids, 0 padding, SHARED_SEGMENT (1) a prefix every token of the row may attend to, k >= 2
+    tokens that attend only to their own segment and the shared prefix. Segments let one row
+    hold a prompt once and several continuations of it (DPO's chosen and rejected, each with
     positions counted from the prompt's end); causality still follows the positions."""
-    segmented = jnp.issubdtype(attention_mask_BT.dtype, jnp.integer)
     if cache is None:
-        return KeyInfo(positions_BT, attention_mask_BT.astype(bool), None,
-                       attention_mask_BT if segmented else None)
-    if segmented:
-        raise ValueError("segment ids as the attention mask work without a KV cache only; "
-                         "pass a bool mask when decoding")
-    if cache.empty:  # nothing to attend to but the new tokens, which go to slots 0..T-1
-        return KeyInfo(positions_BT, attention_mask_BT.astype(bool), 0, prefill=True)
-    start = cache.length
+        return KeyInfo(positions_BT, attention_mask_BT.astype(bool), None, segments_BT)
+    if segments_BT is not None:
+        raise ValueError("segments_BT works without a KV cache only")
+    start = 0 if cache.empty else cache.length
     pos = jax.lax.dynamic_update_slice(cache.positions, positions_BT.astype(jnp.int32), (0, start))
     valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BT.astype(bool), (0, start))
-    return KeyInfo(pos, valid, start)
+    return KeyInfo(pos, valid, start, prefill=cache.empty)
 
 
 def attention_mask_BTS(cfg: ModelConfig, positions_BT, keys: KeyInfo):
     """bool [B, T, S]: key s is real, not in the future of query t, inside the window and (with
-    segments) in t's segment or the shared prefix."""
+    segments) in t's segment or the shared prefix. At a prefill S = T: the new tokens alone."""
+    k_pos, k_valid = keys.positions_BS, keys.valid_BS
+    if keys.prefill:
+        k_pos, k_valid = k_pos[:, :positions_BT.shape[1]], k_valid[:, :positions_BT.shape[1]]
     q = positions_BT[:, :, None]
-    k = keys.positions_BS[:, None, :]
-    mask = keys.valid_BS[:, None, :] & (k <= q)
+    k = k_pos[:, None, :]
+    mask = k_valid[:, None, :] & (k <= q)
     if cfg.sliding_window is not None:
         mask &= (q - k) < cfg.sliding_window
     if keys.segments_BS is not None:  # no cache: the queries are the keys
@@ -324,7 +322,8 @@ def rope(x_BTNH, table):
 
 
 # --------------------------------------------------------------------------------------------
-# Stacked layers: built with nnx.vmap (a leading 'layers' axis), run with lax.scan.
+# Stacked layers: built with nnx.vmap (a leading 'layers' axis); run with lax.scan, or (with a
+# KV cache, or unstacked) as a Python loop over per-layer modules.
 
 
 def make_stacked_layers(build: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs):
@@ -342,57 +341,52 @@ _REMAT_POLICIES = {
 }
 
 
-def scan_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attention_mask_BT,
-                cache: KVCache | None, per_position=None):
+def run_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attention_mask_BT,
+               cache: KVCache | None, per_position=None, segments_BT=None):
     """Runs every layer over h; each layer is `block(h, pos, mask_BTS, keys, kv) -> (h, kv)`
     with pos = `per_position` (what the blocks need per token, e.g. RoPE tables, computed once
-    for all layers) or else positions_BT.
+    for all layers) or else positions_BT. segments_BT: see `key_info`.
 
     Without a cache (training, scoring) the loop is a lax.scan over the stacked layer
     parameters (compile time independent of depth), optionally rematerialised per block and
     unrolled (cfg.unroll_layers). With a cache, or with unstacked layers (`unstack_layers`),
-    it is a Python loop: each layer updates its own cache arrays in place.
+    it is a Python loop: each layer reads and writes its own cache arrays in place (a scan
+    would dynamic-slice every weight and cache array of every layer at every decode step).
     """
-    keys = key_info(positions_BT, attention_mask_BT, cache)
+    keys = key_info(positions_BT, attention_mask_BT, cache, segments_BT)
     mask_BTS = attention_mask_BTS(cfg, positions_BT, keys)
     pos = positions_BT if per_position is None else per_position
-    if isinstance(layers, nnx.List):  # unstacked (see `unstack_layers`): one module per layer
-        blocks = list(layers)
-    else:
+    if not isinstance(layers, nnx.List) and cache is None:
         graphdef, state = nnx.split(layers)
-        if cache is None:
-            def body(h, layer_state):
-                h, _ = nnx.merge(graphdef, layer_state)(h, pos, mask_BTS, keys, None)
-                return h, None
 
-            if cfg.remat != "none":
-                body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-            # Unrolled, no [L, ...] stacked residual buffers for XLA:CPU to update by copying
-            # (measured 4–24% less step time at SmolLM2-135M size, ~7% at the anchor shape;
-            # compile 5 s → 11 s for 30 layers; bench/results/).
-            return jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0], None
-        blocks = [nnx.merge(graphdef, jax.tree.map(lambda x: x[layer], state))
-                  for layer in range(cfg.num_layers)]
+        def body(h, layer_state):
+            h, _ = nnx.merge(graphdef, layer_state)(h, pos, mask_BTS, keys, None)
+            return h, None
 
-    # Python loop over the blocks (a cache, or unstacked layers): each layer reads and writes
-    # its own cache arrays in place (a scan would dynamic-slice every weight and cache array
-    # of every layer at every decode step).
-    ks = list(cache.k) if cache is not None else [None] * len(blocks)
-    vs = list(cache.v) if cache is not None else [None] * len(blocks)
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        # Unrolled, no [L, ...] stacked residual buffers for XLA:CPU to update by copying
+        # (measured 4–24% less step time at SmolLM2-135M size, ~7% at the anchor shape;
+        # compile 5 s → 11 s for 30 layers; bench/results/).
+        return jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0], None
+
+    blocks = list(layers) if isinstance(layers, nnx.List) else _layer_modules(layers)
+    kvs = list(zip(cache.k, cache.v)) if cache is not None else [None] * len(blocks)
     for layer, block in enumerate(blocks):
-        kv = None if cache is None else (ks[layer], vs[layer])
-        h_BTD, kv = block(h_BTD, pos, mask_BTS, keys, kv)
-        if cache is not None:
-            ks[layer], vs[layer] = kv
+        h_BTD, kvs[layer] = block(h_BTD, pos, mask_BTS, keys, kvs[layer])
     if cache is None:
         return h_BTD, None
-    new_len = cache.length + positions_BT.shape[1]
-    positions, valid = keys.positions_BS, keys.valid_BS
-    if keys.prefill:  # keys described the new tokens only; the cache describes all S slots
-        positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, 0))
-        valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, 0))
-    return h_BTD, KVCache(k=tuple(ks), v=tuple(vs), positions=positions, valid=valid,
-                          length=new_len)
+    ks, vs = zip(*kvs)
+    return h_BTD, KVCache(k=ks, v=vs, positions=keys.positions_BS, valid=keys.valid_BS,
+                          length=cache.length + positions_BT.shape[1])
+
+
+def _layer_modules(layers: nnx.Module) -> list[nnx.Module]:
+    """One module per layer, its parameters sliced out of the stacked [L, ...] arrays."""
+    graphdef, state = nnx.split(layers)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda x: x[layer], state))
+            for layer in range(num_layers)]
 
 
 def unstack_layers(model: nnx.Module) -> nnx.Module:
@@ -403,9 +397,7 @@ def unstack_layers(model: nnx.Module) -> nnx.Module:
     weights in place, where the stacked form makes XLA:CPU copy a layer's slice out of the
     [L, ...] arrays at every call (measured: ~1 ms of a 4 ms anchor decode step).
     """
-    graphdef, state = nnx.split(model.layers)
-    model.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda x: x[layer], state))
-                             for layer in range(model.cfg.num_layers)])
+    model.layers = nnx.List(_layer_modules(model.layers))
     return model
 
 

@@ -105,14 +105,17 @@ class GPT2(nnx.Module):
     def unembedding_VD(self) -> jax.Array:
         return self.embed_VD[...]
 
-    def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
-        """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache."""
+    def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None,
+                      segments_BT=None):
+        """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache.
+        segments_BT: int segment ids, no cache (see `common.key_info`)."""
         cfg = self.cfg
         h = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
         # Padding rows may carry any position; clip so the gather stays in range.
         positions = jnp.clip(positions_BT, 0, cfg.max_positions - 1)
         h = (h + jnp.take(self.pos_embed_PD[...], positions, axis=0)).astype(cfg.compute_dtype)
-        h, cache = common.scan_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache)
+        h, cache = common.run_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
+                                     segments_BT=segments_BT)
         return self.ln_f(h), cache
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):

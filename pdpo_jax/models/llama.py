@@ -104,13 +104,15 @@ class Llama(nnx.Module):
     def unembedding_VD(self) -> jax.Array:
         return self.embed_VD[...] if self.cfg.tie_embeddings else self.lm_head_VD[...]
 
-    def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
-        """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache."""
+    def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None,
+                      segments_BT=None):
+        """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache.
+        segments_BT: int segment ids, no cache (see `common.key_info`)."""
         cfg = self.cfg
         h = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cfg.compute_dtype)
         table = common.rope_table(positions_BT, cfg.head_dim, cfg.rope_theta)
-        h, cache = common.scan_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
-                                      per_position=table)
+        h, cache = common.run_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
+                                     per_position=table, segments_BT=segments_BT)
         return rms_norm(h, self.final_norm_D[...], cfg.norm_eps), cache
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):

@@ -73,25 +73,35 @@ def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: f
     top_k=0 and top_p=1 switch a filter off. All three are Python numbers: the filters are
     part of the compiled program, not traced values.
     """
-    logits_BV = logits_BV.astype(jnp.float32) / jnp.float32(temperature)
-    if 0 < top_k < logits_BV.shape[-1]:
-        logits_BV = jnp.where(top_k_mask(logits_BV, top_k), logits_BV, -jnp.inf)
+    logits_BV = _scaled_top_k(logits_BV, temperature, top_k)
     if top_p < 1.0:
         keep_BV = top_p_mask(jax.nn.softmax(logits_BV, axis=-1), top_p)
         logits_BV = jnp.where(keep_BV, logits_BV, -jnp.inf)
     return logits_BV
 
 
-def argmax_first(x_BV: jax.Array) -> jax.Array:
-    """int32 [B]: index of the row maximum, the lowest on ties (= jnp.argmax, without NaNs).
+def _scaled_top_k(logits_BV, temperature: float, top_k: int):
+    """fp32 logits / temperature, the ones outside the top k (0: off) set to -inf."""
+    logits_BV = logits_BV.astype(jnp.float32) / jnp.float32(temperature)
+    if 0 < top_k < logits_BV.shape[-1]:
+        logits_BV = jnp.where(top_k_mask(logits_BV, top_k), logits_BV, -jnp.inf)
+    return logits_BV
 
-    A max and a masked min over indices: two plain reductions run ~3x faster on XLA:CPU than
-    argmax's variadic (value, index) reduce, which is on the path of every decode step.
-    """
-    max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
-    index_1V = jnp.arange(x_BV.shape[-1], dtype=jnp.int32)[None]
-    first_B = jnp.min(jnp.where(x_BV == max_B1, index_1V, x_BV.shape[-1]), axis=-1)
-    return jnp.minimum(first_B, x_BV.shape[-1] - 1)  # a NaN row would otherwise give V
+
+def _first_true(mask_BV: jax.Array) -> jax.Array:
+    """int32 [B]: the lowest index where the row is True (the last index for an all-False row).
+
+    A masked min over indices: a plain reduction, ~3x faster on XLA:CPU than argmax's variadic
+    (value, index) reduce, which is on the path of every decode step."""
+    index_1V = jnp.arange(mask_BV.shape[-1], dtype=jnp.int32)[None]
+    first_B = jnp.min(jnp.where(mask_BV, index_1V, mask_BV.shape[-1]), axis=-1)
+    return jnp.minimum(first_B, mask_BV.shape[-1] - 1)
+
+
+def argmax_first(x_BV: jax.Array) -> jax.Array:
+    """int32 [B]: index of the row maximum, the lowest on ties (= jnp.argmax, without NaNs;
+    a NaN row gives the last index): a max and `_first_true`."""
+    return _first_true(x_BV == jnp.max(x_BV, axis=-1, keepdims=True))
 
 
 def sample_tokens(keys_B: jax.Array, logits_BV: jax.Array, *, greedy: bool, temperature: float,
@@ -104,10 +114,7 @@ def sample_tokens(keys_B: jax.Array, logits_BV: jax.Array, *, greedy: bool, temp
     """
     if greedy:
         return argmax_first(logits_BV)
-    logits_BV = logits_BV.astype(jnp.float32) / jnp.float32(temperature)
-    if 0 < top_k < logits_BV.shape[-1]:
-        logits_BV = jnp.where(top_k_mask(logits_BV, top_k), logits_BV, -jnp.inf)
-    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    probs_BV = jax.nn.softmax(_scaled_top_k(logits_BV, temperature, top_k), axis=-1)
     if top_p < 1.0:
         probs_BV = jnp.where(top_p_mask(probs_BV, top_p), probs_BV, 0.0)
     return draw_from(keys_B, probs_BV)
@@ -117,14 +124,15 @@ def draw_from(keys_B: jax.Array, weights_BV: jax.Array) -> jax.Array:
     """int32 [B]: token i with probability weights[i] / Σ weights, by inverse CDF.
 
     One uniform per row (its own key: a row's token never depends on its neighbours) against
-    the running sum of the weights: the first token whose cumulative weight exceeds u·Σ. Exact
-    up to fp32 rounding of the running sum, and ~3x cheaper per decode step on XLA:CPU than
-    Gumbel-max, which draws V random numbers per row. Zero-weight tokens are never drawn.
+    the running sum of the weights: the first token of weight > 0 whose cumulative weight
+    exceeds u·Σ. Exact up to fp32 rounding of the running sum, and ~3x cheaper per decode step
+    on XLA:CPU than Gumbel-max, which draws V random numbers per row. Zero-weight tokens are
+    never drawn (asked for explicitly: XLA sums the prefix in blocks, so the running sum is not
+    guaranteed monotone to the last bit across a run of zeros).
     """
     cumulative_BV = jnp.cumsum(weights_BV, axis=-1)
     total_B = cumulative_BV[:, -1]
     u_B = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys_B)
-    # u·Σ can round up to Σ: keep it below, so some token's running sum always exceeds it (and
-    # the first that does has weight > 0: a zero weight leaves the running sum unchanged).
+    # u·Σ can round up to Σ: keep it below, so some token's running sum always exceeds it.
     target_B1 = jnp.minimum(u_B * total_B, jnp.nextafter(total_B, 0.0))[:, None]
-    return jnp.sum(cumulative_BV <= target_B1, axis=-1, dtype=jnp.int32)
+    return _first_true((cumulative_BV > target_B1) & (weights_BV > 0))

@@ -103,13 +103,21 @@ class SamplingLoop:
     cfg: SamplingConfig
     mesh: Mesh | None = None
 
+    def model(self, params):
+        """The model as generation runs it: layers unstacked, one weight array per layer sliced
+        once per call (from the stacked arrays XLA would copy every layer's weights out at
+        every decode step). Holds a second copy of the layer weights while a call runs."""
+        return unstack_layers(nnx.merge(self.graphdef, params))
+
     def prefill(self, params, tokens_BP, mask_BP):
         """One model call over the whole left-padded prompt batch into a fresh cache.
 
         Returns (logits of each row's last prompt token fp32 [B, V], cache, next positions
         int32 [B]). Positions count from each row's first real token.
         """
-        model = nnx.merge(self.graphdef, params)
+        return self._prefill(self.model(params), tokens_BP, mask_BP)
+
+    def _prefill(self, model, tokens_BP, mask_BP):
         B, P = tokens_BP.shape
         positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1, dtype=jnp.int32) - 1, 0)
         cache = self._constrain(KVCache.init(model.cfg, B, P + self.cfg.max_new_tokens))
@@ -118,10 +126,10 @@ class SamplingLoop:
         logits_BV = logits_from_hidden(h_BPD[:, -1:], model.unembedding_VD())[:, 0]
         return logits_BV, cache, jnp.sum(mask_BP, axis=1, dtype=jnp.int32)
 
-    def init_state(self, params, tokens_BP, mask_BP, live_B, example_ids_B, seed) -> SamplerState:
+    def init_state(self, model, tokens_BP, mask_BP, live_B, example_ids_B, seed) -> SamplerState:
         """Prefill once per prompt, repeat everything n times, and emit the first token."""
         cfg, n = self.cfg, self.cfg.n
-        logits_BV, cache, next_pos_B = self.prefill(params, tokens_BP, mask_BP)
+        logits_BV, cache, next_pos_B = self._prefill(model, tokens_BP, mask_BP)
         rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis) if n > 1 else x
         cache = KVCache(k=tuple(rep(k) for k in cache.k), v=tuple(rep(v) for v in cache.v),
                         positions=rep(cache.positions), valid=rep(cache.valid),
@@ -167,21 +175,16 @@ class SamplingLoop:
         # Stopped rows keep running (static batch) but their keys are marked invalid.
         h_B1D, cache = model.hidden_states(token_B1, state.positions_B[:, None],
                                            ~state.done_B[:, None], state.cache)
-        logits_BV = jnp.einsum("BD,DV->BV", h_B1D[:, 0], head_DV.astype(h_B1D.dtype),
-                               preferred_element_type=jnp.float32)
+        logits_BV = jnp.einsum("BD,DV->BV", h_B1D[:, 0], head_DV, preferred_element_type=jnp.float32)
         state = dataclasses.replace(state, cache=cache, positions_B=state.positions_B + 1)
         return self.emit(state, logits_BV)
 
     def run(self, params, tokens_BP, mask_BP, live_B, example_ids_B, seed) -> SamplerState:
-        """The whole generation (prefill + decode loop); jitted by `_run`.
-
-        The decode loop runs an unstacked copy of the model (one weight array per layer,
-        sliced once here, outside the loop): from the stacked arrays XLA would copy every
-        layer's weights out at every step.
-        """
-        state = self.init_state(params, tokens_BP, mask_BP, live_B, example_ids_B, seed)
-        model = unstack_layers(nnx.merge(self.graphdef, params))
-        head_DV = model.unembedding_VD().T  # the layout a one-token LM-head matmul reads fastest
+        """The whole generation (prefill + decode loop); jitted by `_run`."""
+        model = self.model(params)
+        state = self.init_state(model, tokens_BP, mask_BP, live_B, example_ids_B, seed)
+        # The layout (and dtype) a one-token LM-head matmul reads fastest, made once per call.
+        head_DV = model.unembedding_VD().T.astype(model.cfg.compute_dtype)
         graphdef, params = nnx.split(model)
         body = lambda s: self.body_fn(graphdef, params, head_DV, s)
         return jax.lax.while_loop(self.cond_fn, body, state)

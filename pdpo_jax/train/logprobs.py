@@ -95,36 +95,36 @@ def shared_prompt_rows(chosen: dict, rejected: dict, window: int):
     the two sides of each pair, over the same prompt. Segments: 0 padding, SHARED_SEGMENT the
     prompt, 2 chosen, 3 rejected; the rejected reply's positions continue from the prompt's
     end, so each reply sees exactly what it sees in its own row. Returns (tokens, positions,
-    segments) [B, T + window] and, per side, (pred_idx, target_idx, valid) [B, window]:
-    column pred predicts the token at column target (the rejected reply's first token is
-    predicted from the prompt's last column).
+    segments) [B, T + window] and (pred, target, valid) [B, 2 * window], the chosen reply's
+    `window` positions then the rejected one's: column pred predicts the token at column
+    target (the rejected reply's first token is predicted from the prompt's last column).
     """
     T = chosen["tokens"].shape[1]
-    prompt_B = jnp.argmax(chosen["loss_mask"], axis=1)  # first response column = prompt length
-    n_chosen_B = jnp.sum(chosen["loss_mask"], axis=1, dtype=jnp.int32)
-    n_rejected_B = jnp.sum(rejected["loss_mask"], axis=1, dtype=jnp.int32)
+    prompt_B1 = jnp.argmax(chosen["loss_mask"], axis=1)[:, None]  # first response column
+    n_chosen_B1 = jnp.sum(chosen["loss_mask"], axis=1, dtype=jnp.int32)[:, None]
+    n_rejected_B1 = jnp.sum(rejected["loss_mask"], axis=1, dtype=jnp.int32)[:, None]
+    rejected_start_B1 = prompt_B1 + n_chosen_B1
     col = jnp.arange(T + window)[None, :]
-    rejected_start_B1 = (prompt_B + n_chosen_B)[:, None]
-    in_prompt = col < prompt_B[:, None]
-    in_chosen = ~in_prompt & (col < rejected_start_B1)
-    in_rejected = (col >= rejected_start_B1) & (col < rejected_start_B1 + n_rejected_B[:, None])
-    from_rejected = jnp.clip(col - n_chosen_B[:, None], 0, T - 1)  # same prompt, so same offset
+    from_chosen = col < rejected_start_B1  # prompt + chosen sit as in the chosen row (P + C <= T)
+    in_rejected = ~from_chosen & (col < rejected_start_B1 + n_rejected_B1)
+    from_rejected = jnp.clip(col - n_chosen_B1, 0, T - 1)  # same prompt, so same offset
 
-    def pick(name):  # prompt + chosen sit where they sit in the chosen row (p + C <= T)
+    def pick(name):
         c = jnp.pad(chosen[name], ((0, 0), (0, window)))
         r = jnp.take_along_axis(rejected[name], from_rejected, axis=1)
-        return jnp.where(in_prompt | in_chosen, c, jnp.where(in_rejected, r, 0))
+        return jnp.where(from_chosen, c, jnp.where(in_rejected, r, 0))
 
-    segments = jnp.select([in_prompt, in_chosen, in_rejected], [SHARED_SEGMENT, 2, 3],
+    segments = jnp.select([col < prompt_B1, from_chosen, in_rejected], [SHARED_SEGMENT, 2, 3],
                           0).astype(jnp.int32)
     step = jnp.arange(window)[None, :]
-    target_c = prompt_B[:, None] + step
-    target_r = rejected_start_B1 + step
-    pred_r = jnp.where(step == 0, prompt_B[:, None] - 1, target_r - 1)
+    target = jnp.concatenate([prompt_B1 + step, rejected_start_B1 + step], axis=1)
+    pred = jnp.concatenate([prompt_B1 + step - 1,
+                            jnp.where(step == 0, prompt_B1 - 1, rejected_start_B1 + step - 1)],
+                           axis=1)
+    valid = jnp.concatenate([step < n_chosen_B1, step < n_rejected_B1], axis=1)
     last = T + window - 1
-    sides = ((jnp.clip(target_c - 1, 0, last), jnp.clip(target_c, 0, last), step < n_chosen_B[:, None]),
-             (jnp.clip(pred_r, 0, last), jnp.clip(target_r, 0, last), step < n_rejected_B[:, None]))
-    return pick("tokens"), pick("positions"), segments, sides
+    return (pick("tokens"), pick("positions"), segments,
+            (jnp.clip(pred, 0, last), jnp.clip(target, 0, last), valid))
 
 
 def shared_prompt_logps(model, chosen: dict, rejected: dict, *, window: int,
@@ -138,12 +138,9 @@ def shared_prompt_logps(model, chosen: dict, rejected: dict, *, window: int,
     [B, 2 * window] block, so a batch-sharded step moves no rows between devices (concatenating
     the sides on the batch axis did, and XLA:CPU's collectives then hung intermittently on
     8 host devices)."""
-    tokens, positions, segments, sides = shared_prompt_rows(chosen, rejected, window)
-    h_BTD, _ = model.hidden_states(tokens, positions, segments)
-    pred = jnp.concatenate([sides[0][0], sides[1][0]], axis=1)  # [B, 2 * window]
-    targets = jnp.concatenate([sides[0][1], sides[1][1]], axis=1)
-    valid = jnp.concatenate([sides[0][2], sides[1][2]], axis=1)
+    tokens, positions, segments, (pred, target, valid) = shared_prompt_rows(chosen, rejected, window)
+    h_BTD, _ = model.hidden_states(tokens, positions, segments > 0, segments_BT=segments)
     h_BRD = jnp.take_along_axis(h_BTD, pred[..., None], axis=1)
-    y_BR = jnp.take_along_axis(tokens, targets, axis=1)
+    y_BR = jnp.take_along_axis(tokens, target, axis=1)
     logp = jnp.where(valid, token_logps(h_BRD, model.unembedding_VD(), y_BR, chunk), 0.0)
     return (logp[:, :window], valid[:, :window]), (logp[:, window:], valid[:, window:])

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pdpo_jax.train import state as st
+from pdpo_jax.train.logprobs import LOGIT_CHUNK
 from pdpo_jax.train.steps import pair_logps
 
 
@@ -57,7 +58,7 @@ def _gather(x) -> np.ndarray:
 def compute(graphdef, ref_params, batches, n: int, mesh, *, window: int,
             share_prompt: bool = False) -> np.ndarray:
     """float32[n, 2]: (chosen, rejected) summed reference log-probs per example, in order."""
-    fn = jax.jit(lambda p, b: pair_logps(graphdef, p, b, window=window, chunk=128,
+    fn = jax.jit(lambda p, b: pair_logps(graphdef, p, b, window=window, chunk=LOGIT_CHUNK,
                                          share_prompt=share_prompt)[:2])
     out = np.full((n, 2), np.nan, np.float32)
     for batch in tqdm(batches.iterator(), total=len(batches), desc="reference log-probs", unit="batch"):

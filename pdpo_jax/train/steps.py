@@ -86,7 +86,6 @@ def pair_logps(graphdef, params, mb, *, window, chunk, share_prompt: bool = Fals
     two sides concatenated on the batch axis, or (share_prompt) packed into one row per pair
     that holds the prompt once (`shared_prompt_logps`; needs a window)."""
     model = nnx.merge(graphdef, params)
-    b = mb["chosen_tokens"].shape[0]
     if share_prompt:
         if window is None:
             raise ValueError("share_prompt needs a response window (data.max_response_tokens)")
@@ -96,6 +95,7 @@ def pair_logps(graphdef, params, mb, *, window, chunk, share_prompt: bool = Fals
         return lc.sum(axis=1), lr.sum(axis=1), vc.sum(axis=1), vr.sum(axis=1)
     both = {f: jnp.concatenate([mb["chosen_" + f], mb["rejected_" + f]]) for f in FIELDS}
     logp_sum, length = sequence_logps(model, both, window=window, chunk=chunk)
+    b = mb["chosen_tokens"].shape[0]
     return logp_sum[:b], logp_sum[b:], length[:b], length[b:]
 
 
@@ -173,8 +173,8 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
     return step
 
 
-def make_dpo_eval(graphdef, objective: DpoObjective, *, window, chunk=128, precomputed_ref=False,
-                  share_prompt: bool = False):
+def make_dpo_eval(graphdef, objective: DpoObjective, *, window, chunk=LOGIT_CHUNK,
+                  precomputed_ref=False, share_prompt: bool = False):
     """eval(params, ref_params, batch [B,...]) -> per-metric sums and the pair count."""
     def evaluate(params, ref_params, mb):
         rc, rr = reference_logps(graphdef, ref_params, mb, window=window, chunk=chunk,
@@ -190,7 +190,7 @@ def make_dpo_eval(graphdef, objective: DpoObjective, *, window, chunk=128, preco
     return evaluate
 
 
-def make_sft_eval(graphdef, *, window, chunk=128):
+def make_sft_eval(graphdef, *, window, chunk=LOGIT_CHUNK):
     """eval(params, batch [B,...]) -> (NLL sum, token count)."""
     def evaluate(params, mb):
         model = nnx.merge(graphdef, params)
