@@ -47,12 +47,21 @@ class Attention(nnx.Module):
         self.o_NHD = param(_normal, rngs.params(), (N, H, D), pd, ("heads", "head_dim", "embed"))
         self.o_bias_D = param(_zeros, rngs.params(), (D,), pd, ("bias",))
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, keys, kv_cache):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, keys, kv_cache, select_BQ=None):
+        """Keys and values of every column; queries (and the output) at select_BQ's columns
+        only when it is given (`common.run_layers`), T of them otherwise."""
         dt = x_BTD.dtype
-        qkv = common.dense("BTD,DCNH->CBTNH", x_BTD, self.qkv_D3NH[...].astype(dt))
-        qkv = qkv + self.qkv_bias_3NH[...].astype(dt)[:, None, None]
-        out_BTNH, kv_cache = common.attend(self.cfg, qkv[0], qkv[1], qkv[2], mask_BTS, keys, kv_cache)
-        out = common.dense("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(dt))
+        w_D3NH, b_3NH = self.qkv_D3NH[...].astype(dt), self.qkv_bias_3NH[...].astype(dt)
+        if select_BQ is None:
+            qkv = common.dense("BTD,DCNH->CBTNH", x_BTD, w_D3NH) + b_3NH[:, None, None]
+            q, k, v, mask_BQS = qkv[0], qkv[1], qkv[2], mask_BTS
+        else:
+            x_BQD, _, mask_BQS = common.select_queries(select_BQ, x_BTD, None, mask_BTS)
+            q = common.dense("BTD,DNH->BTNH", x_BQD, w_D3NH[:, 0]) + b_3NH[0][None, None]
+            kv = common.dense("BTD,DCNH->CBTNH", x_BTD, w_D3NH[:, 1:]) + b_3NH[1:, None, None]
+            k, v = kv[0], kv[1]
+        out_BQNH, kv_cache = common.attend(self.cfg, q, k, v, mask_BQS, keys, kv_cache)
+        out = common.dense("BTNH,NHD->BTD", out_BQNH, self.o_NHD[...].astype(dt))
         return out + self.o_bias_D[...].astype(dt)[None, None], kv_cache
 
 
@@ -80,8 +89,12 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, h_BTD, positions_BT, mask_BTS, keys, kv_cache):
-        attn_out, kv_cache = self.attn(self.ln_1(h_BTD), positions_BT, mask_BTS, keys, kv_cache)
+    def __call__(self, h_BTD, positions_BT, mask_BTS, keys, kv_cache, select_BQ=None):
+        """One pre-norm block; with select_BQ, the output is [B, Q, D] at those columns."""
+        attn_out, kv_cache = self.attn(self.ln_1(h_BTD), positions_BT, mask_BTS, keys, kv_cache,
+                                       select_BQ)
+        if select_BQ is not None:
+            h_BTD = common.take_columns(h_BTD, select_BQ)
         h_BTD = h_BTD + attn_out
         return h_BTD + self.mlp(self.ln_2(h_BTD)), kv_cache
 
@@ -106,16 +119,17 @@ class GPT2(nnx.Module):
         return self.embed_VD[...]
 
     def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None,
-                      segments_BT=None):
+                      segments_BT=None, select_BQ=None):
         """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache.
-        segments_BT: int segment ids, no cache (see `common.key_info`)."""
+        segments_BT: int segment ids, no cache (see `common.key_info`). select_BQ: int [B, Q],
+        return [B, Q, D] at those columns only, computed with less work (`common.run_layers`)."""
         cfg = self.cfg
         h = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
         # Padding rows may carry any position; clip so the gather stays in range.
         positions = jnp.clip(positions_BT, 0, cfg.max_positions - 1)
         h = (h + jnp.take(self.pos_embed_PD[...], positions, axis=0)).astype(cfg.compute_dtype)
         h, cache = common.run_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
-                                     segments_BT=segments_BT)
+                                     segments_BT=segments_BT, select_BQ=select_BQ)
         return self.ln_f(h), cache
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):

@@ -38,19 +38,22 @@ class Attention(nnx.Module):
             self.k_bias_KH = param(_zeros, rngs.params(), (K, H), pd, ("kv_heads", "head_dim"))
             self.v_bias_KH = param(_zeros, rngs.params(), (K, H), pd, ("kv_heads", "head_dim"))
 
-    def __call__(self, x_BTD, rope_table, mask_BTS, keys, kv_cache):
+    def __call__(self, x_BTD, rope_table, mask_BTS, keys, kv_cache, select_BQ=None):
+        """Keys and values of every column; queries (and the output) at select_BQ's columns
+        only when it is given (`common.run_layers`), T of them otherwise."""
         cfg, dt = self.cfg, x_BTD.dtype
-        q = common.dense("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(dt))
+        x_BQD, table_q, mask_BQS = common.select_queries(select_BQ, x_BTD, rope_table, mask_BTS)
+        q = common.dense("BTD,DNH->BTNH", x_BQD, self.q_DNH[...].astype(dt))
         k = common.dense("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(dt))
         v = common.dense("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(dt))
         if cfg.qkv_bias:
             q = q + self.q_bias_NH[...].astype(dt)[None, None]
             k = k + self.k_bias_KH[...].astype(dt)[None, None]
             v = v + self.v_bias_KH[...].astype(dt)[None, None]
-        q = common.rope(q, rope_table)
+        q = common.rope(q, table_q)
         k = common.rope(k, rope_table)
-        out_BTNH, kv_cache = common.attend(cfg, q, k, v, mask_BTS, keys, kv_cache)
-        return common.dense("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(dt)), kv_cache
+        out_BQNH, kv_cache = common.attend(cfg, q, k, v, mask_BQS, keys, kv_cache)
+        return common.dense("BTNH,NHD->BTD", out_BQNH, self.o_NHD[...].astype(dt)), kv_cache
 
 
 class Mlp(nnx.Module):
@@ -78,10 +81,13 @@ class Block(nnx.Module):
         self.mlp_norm_D = param(_ones, rngs.params(), (D,), pd, ("norm",))
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, h_BTD, rope_table, mask_BTS, keys, kv_cache):
+    def __call__(self, h_BTD, rope_table, mask_BTS, keys, kv_cache, select_BQ=None):
+        """One pre-norm block; with select_BQ, the output is [B, Q, D] at those columns."""
         eps = self.cfg.norm_eps
         attn_out, kv_cache = self.attn(rms_norm(h_BTD, self.attn_norm_D[...], eps),
-                                       rope_table, mask_BTS, keys, kv_cache)
+                                       rope_table, mask_BTS, keys, kv_cache, select_BQ)
+        if select_BQ is not None:
+            h_BTD = common.take_columns(h_BTD, select_BQ)
         h_BTD = h_BTD + attn_out
         h_BTD = h_BTD + self.mlp(rms_norm(h_BTD, self.mlp_norm_D[...], eps))
         return h_BTD, kv_cache
@@ -105,14 +111,16 @@ class Llama(nnx.Module):
         return self.embed_VD[...] if self.cfg.tie_embeddings else self.lm_head_VD[...]
 
     def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None,
-                      segments_BT=None):
+                      segments_BT=None, select_BQ=None):
         """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache.
-        segments_BT: int segment ids, no cache (see `common.key_info`)."""
+        segments_BT: int segment ids, no cache (see `common.key_info`). select_BQ: int [B, Q],
+        return [B, Q, D] at those columns only, computed with less work (`common.run_layers`)."""
         cfg = self.cfg
         h = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cfg.compute_dtype)
         table = common.rope_table(positions_BT, cfg.head_dim, cfg.rope_theta)
         h, cache = common.run_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
-                                     per_position=table, segments_BT=segments_BT)
+                                     per_position=table, segments_BT=segments_BT,
+                                     select_BQ=select_BQ)
         return rms_norm(h, self.final_norm_D[...], cfg.norm_eps), cache
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):

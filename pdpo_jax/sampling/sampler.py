@@ -121,9 +121,11 @@ class SamplingLoop:
         B, P = tokens_BP.shape
         positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1, dtype=jnp.int32) - 1, 0)
         cache = self._constrain(KVCache.init(model.cfg, B, P + self.cfg.max_new_tokens))
-        # lm_head on the last column only: left padding puts every row's last token there.
-        h_BPD, cache = model.hidden_states(tokens_BP, positions_BP, mask_BP, cache)
-        logits_BV = logits_from_hidden(h_BPD[:, -1:], model.unembedding_VD())[:, 0]
+        # Left padding puts every row's last token in the last column: only its hidden state
+        # is needed (the last layer and lm_head run on that column alone).
+        last_B1 = jnp.full((B, 1), P - 1, jnp.int32)
+        h_B1D, cache = model.hidden_states(tokens_BP, positions_BP, mask_BP, cache, select_BQ=last_B1)
+        logits_BV = logits_from_hidden(h_B1D, model.unembedding_VD())[:, 0]
         return logits_BV, cache, jnp.sum(mask_BP, axis=1, dtype=jnp.int32)
 
     def init_state(self, model, tokens_BP, mask_BP, live_B, example_ids_B, seed) -> SamplerState:

@@ -64,12 +64,13 @@ def response_logps(model, tokens_BT, positions_BT, attention_mask_BT, loss_mask_
     window: static number of response positions to score (≥ the longest response in the
     batch); None scores every position (R = T - 1).
     """
-    h_BTD, _ = model.hidden_states(tokens_BT, positions_BT, attention_mask_BT)
-    if window is None:
-        pred, targets, valid = _all_positions(loss_mask_BT)
+    if window is None:  # T - 1 of T columns: no saving in selecting them inside the model
+        _, targets, valid = _all_positions(loss_mask_BT)
+        h_BTD, _ = model.hidden_states(tokens_BT, positions_BT, attention_mask_BT)
+        h_BRD = h_BTD[:, :-1]
     else:
         pred, targets, valid = response_window(loss_mask_BT, window)
-    h_BRD = jnp.take_along_axis(h_BTD, pred[..., None], axis=1)
+        h_BRD, _ = model.hidden_states(tokens_BT, positions_BT, attention_mask_BT, select_BQ=pred)
     y_BR = jnp.take_along_axis(tokens_BT, targets, axis=1)
     logp = token_logps(h_BRD, model.unembedding_VD(), y_BR, chunk)
     return jnp.where(valid, logp, 0.0), valid
@@ -139,8 +140,8 @@ def shared_prompt_logps(model, chosen: dict, rejected: dict, *, window: int,
     the sides on the batch axis did, and XLA:CPU's collectives then hung intermittently on
     8 host devices)."""
     tokens, positions, segments, (pred, target, valid) = shared_prompt_rows(chosen, rejected, window)
-    h_BTD, _ = model.hidden_states(tokens, positions, segments > 0, segments_BT=segments)
-    h_BRD = jnp.take_along_axis(h_BTD, pred[..., None], axis=1)
+    h_BRD, _ = model.hidden_states(tokens, positions, segments > 0, segments_BT=segments,
+                                   select_BQ=pred)
     y_BR = jnp.take_along_axis(tokens, target, axis=1)
     logp = jnp.where(valid, token_logps(h_BRD, model.unembedding_VD(), y_BR, chunk), 0.0)
     return (logp[:, :window], valid[:, :window]), (logp[:, window:], valid[:, window:])
