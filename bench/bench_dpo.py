@@ -121,6 +121,7 @@ def run_jax(args) -> dict:
     record = dict(bench="dpo", framework="pdpo_jax", label=label, model=args.model,
                   precision=args.precision, window=args.window, chunk=args.chunk, pairs=args.pairs,
                   share_prompt=args.share_prompt, release_fn=release_fn,
+                  last_layer_selected=True,  # hidden_states(select_BQ=) in the log-probs
                   seq_len=args.seq_len, compile_s=round(compile_s, 2), final_loss=loss,
                   jax_version=jax.__version__, **source_of(pdpo_jax), **meter.result)
     return common.finish(record, times, first_s, common.load_peaks(args.peaks))

@@ -41,11 +41,13 @@ def param_counts(name: str) -> dict:
     m = MODELS[name]
     d, f, L, V = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"], m["vocab_size"]
     hd, nq, nk = m["head_dim"], m["num_attention_heads"], m["num_key_value_heads"]
-    per_layer = d * nq * hd * 2 + d * nk * hd * 2 + 3 * d * f + 2 * d  # q,o + k,v + mlp + norms
+    kv = d * nk * hd * 2
+    per_layer = d * nq * hd * 2 + kv + 3 * d * f + 2 * d  # q,o + k,v + mlp + norms
     blocks = L * per_layer + d  # + final norm
     embed = lm_head = V * d  # tied: the same matrix, still one V×D matmul per scored position
     total = blocks + embed + (0 if m["tie_word_embeddings"] else lm_head)
-    return dict(blocks=blocks, embed=embed, lm_head=lm_head, total=total, n_flops=blocks + lm_head)
+    return dict(blocks=blocks, embed=embed, lm_head=lm_head, total=total, n_flops=blocks + lm_head,
+                last_layer_queries=per_layer - kv + d)  # what runs at scored columns only
 
 
 def tokens_per_step(pairs: int, seq_len: int) -> int:
@@ -58,17 +60,22 @@ def tokens_per_step(pairs: int, seq_len: int) -> int:
 
 
 def step_flops(name: str, pairs: int, seq_len: int, window: int | None,
-               shared: bool = False) -> dict:
+               shared: bool = False, last_layer_selected: bool = False) -> dict:
     """model = 8·N·tokens (6N policy fwd+bwd + 2N reference fwd); executed = what a step with
     the LM head on `window` response positions only actually multiplies (the anchors credit
     their lmhead_resp rows with this), and with `shared` (pdpo_jax dpo.share_prompt) the blocks
-    on prompt + 2 responses per pair instead of 2 × (prompt + response). Causal attention
+    on prompt + 2 responses per pair instead of 2 × (prompt + response); with
+    `last_layer_selected` (pdpo_jax's `hidden_states(select_BQ=)`) the last layer's queries,
+    output projection, MLP and final norm on the scored positions only. Causal attention
     matmuls are not counted (as anchors)."""
     pc = param_counts(name)
     tok = tokens_per_step(pairs, seq_len)
     model = 8 * pc["n_flops"] * tok
     block_tok = pairs * (seq_len + RESPONSE) if shared else tok
-    executed = model if window is None else 8 * (pc["blocks"] * block_tok + pc["lm_head"] * 2 * pairs * window)
+    scored = 2 * pairs * window if window is not None else 0
+    executed = model if window is None else 8 * (pc["blocks"] * block_tok + pc["lm_head"] * scored)
+    if window is not None and last_layer_selected:
+        executed -= 8 * pc["last_layer_queries"] * (block_tok - scored)
     m = MODELS[name]
     # causal attention QKᵀ and PV over the full T×T square (as computed): 4·T·N·H per token and
     # layer forward; × 3 for the policy's forward + backward, + 1 for the reference
@@ -185,7 +192,7 @@ def finish(record: dict, times: list[float], first_s: float, peaks: dict | None 
     s = summarize(times)
     step_s = s["median_s"]
     fl = step_flops(record["model"], record["pairs"], record["seq_len"], record.get("window"),
-                    record.get("share_prompt", False))
+                    record.get("share_prompt", False), record.get("last_layer_selected", False))
     record.update(step_time=s, step_ms=round(step_s * 1e3, 1), steps_per_s=1.0 / step_s,
                   tokens_per_step=fl["tokens"], tokens_per_s=fl["tokens"] / step_s,
                   sequence_tokens_per_step=2 * fl["tokens"],
