@@ -373,9 +373,9 @@ def run_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attent
     select_BQ: int [B, Q] columns of each row whose output is wanted (None: all). The result is
     then h at those columns, [B, Q, D], and the last layer computes only what they need: keys
     and values of every column, queries, attention, residual and MLP at the Q columns alone
-    (a prefill needs one column of T, a DPO step the 2·window scored ones). A rolled scan
-    keeps every layer in it (splitting off the last would copy the stacked weights) and
-    selects after it.
+    (a prefill needs one column of T, a DPO step the 2·window scored ones). Only where
+    `last_layer_selects` says so: a rolled scan keeps every layer in it (splitting off the last
+    would copy the stacked weights) and returns all T columns; the caller selects after it.
     """
     keys = key_info(positions_BT, attention_mask_BT, cache, segments_BT)
     mask_BTS = attention_mask_BTS(cfg, positions_BT, keys)
@@ -398,8 +398,7 @@ def run_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attent
         # (measured 4–24% less step time at SmolLM2-135M size, ~7% at the anchor shape;
         # compile 5 s → 11 s for 30 layers; bench/results/).
         if select_BQ is None or not cfg.unroll_layers:
-            h_BTD = jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0]
-            return (h_BTD if select_BQ is None else take_columns(h_BTD, select_BQ)), None
+            return jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0], None
         h_BTD = jax.lax.scan(body, h_BTD, jax.tree.map(lambda x: x[:-1], state), unroll=True)[0]
         return last(h_BTD, jax.tree.map(lambda x: x[-1], state)), None
 
@@ -413,6 +412,25 @@ def run_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attent
     ks, vs = zip(*kvs)
     return h_BTD, KVCache(k=ks, v=vs, positions=keys.positions_BS, valid=keys.valid_BS,
                           length=cache.length + positions_BT.shape[1])
+
+
+def last_layer_selects(cfg: ModelConfig, layers: nnx.Module, cache: KVCache | None) -> bool:
+    """Whether `run_layers` runs the last layer at select_BQ's columns alone: with a cache,
+    unstacked layers or an unrolled scan. A rolled scan returns every column instead."""
+    return cache is not None or isinstance(layers, nnx.List) or bool(cfg.unroll_layers)
+
+
+def final_hidden(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attention_mask_BT,
+                 cache: KVCache | None, final_norm: Callable, select_BQ=None, **kw):
+    """`run_layers`, then the final norm; with select_BQ, [B, Q, D] at those columns (selected
+    inside the last layer where `last_layer_selects`, else gathered after the norm)."""
+    inside = select_BQ is not None and last_layer_selects(cfg, layers, cache)
+    h, cache = run_layers(cfg, layers, h_BTD, positions_BT, attention_mask_BT, cache,
+                          select_BQ=select_BQ if inside else None, **kw)
+    h = final_norm(h)
+    if select_BQ is not None and not inside:
+        h = take_columns(h, select_BQ)
+    return h, cache
 
 
 def _layer_modules(layers: nnx.Module) -> list[nnx.Module]:

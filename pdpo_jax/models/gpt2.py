@@ -128,9 +128,8 @@ class GPT2(nnx.Module):
         # Padding rows may carry any position; clip so the gather stays in range.
         positions = jnp.clip(positions_BT, 0, cfg.max_positions - 1)
         h = (h + jnp.take(self.pos_embed_PD[...], positions, axis=0)).astype(cfg.compute_dtype)
-        h, cache = common.run_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
-                                     segments_BT=segments_BT, select_BQ=select_BQ)
-        return self.ln_f(h), cache
+        return common.final_hidden(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
+                                   self.ln_f, select_BQ=select_BQ, segments_BT=segments_BT)
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
         h, cache = self.hidden_states(tokens_BT, positions_BT, attention_mask_BT, cache)

@@ -118,10 +118,10 @@ class Llama(nnx.Module):
         cfg = self.cfg
         h = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cfg.compute_dtype)
         table = common.rope_table(positions_BT, cfg.head_dim, cfg.rope_theta)
-        h, cache = common.run_layers(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
-                                     per_position=table, segments_BT=segments_BT,
-                                     select_BQ=select_BQ)
-        return rms_norm(h, self.final_norm_D[...], cfg.norm_eps), cache
+        return common.final_hidden(
+            cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
+            lambda h: rms_norm(h, self.final_norm_D[...], cfg.norm_eps), select_BQ=select_BQ,
+            per_position=table, segments_BT=segments_BT)
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
         h, cache = self.hidden_states(tokens_BT, positions_BT, attention_mask_BT, cache)
