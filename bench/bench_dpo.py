@@ -293,6 +293,11 @@ def _fastest(records, **match):
     return min(rows, key=lambda r: r["step_ms"]) if rows else None
 
 
+def _mib(value) -> str:
+    """A MiB table cell; '–' where a worker could not measure it (no /proc/self/clear_refs)."""
+    return "–" if value is None else f"{value:.0f}"
+
+
 def targets(records, variant, shared: bool = True) -> dict:
     """The issue's targets on the anchor shapes: pdpo_jax rows of `variant` (None = the code as
     it is; shared=False leaves out the share_prompt rows) against the torch and trl rows of
@@ -366,7 +371,7 @@ def markdown(summary, peaks, records) -> str:
             f"{r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['executed_flops_per_step'] / 1e9:.1f} | "
             f"{r.get('mfu', 0):.1%} | {r.get('mfu_model_flops', 0):.1%} | "
             f"{'' if r.get('compile_s') is None else r['compile_s']} | {r['first_step_s']} | "
-            f"{r['peak_rss_mib']:.0f} | {r.get('steps_peak_rss_mib', float('nan')):.0f} | {r['load1_start']} | {r['others_cpu_frac']:.0%} | {r['cpu_steal_frac']:.1%} |")
+            f"{r['peak_rss_mib']:.0f} | {_mib(r.get('steps_peak_rss_mib'))} | {r['load1_start']} | {r['others_cpu_frac']:.0%} | {r['cpu_steal_frac']:.1%} |")
     for key, title in (("targets", "pdpo_jax, any configuration"),
                        ("targets_unshared", "pdpo_jax without dpo.share_prompt: every row runs "
                         "prompt + response, as the PyTorch peers do"),

@@ -52,7 +52,10 @@ def _record(common, cmd: list[str]) -> dict:
                   precision=precision, window=window, share_prompt=shared,
                   pairs=int(value("--pairs", 8)), seq_len=int(value("--seq-len", 128)),
                   load1_start=0.1, others_cpu_frac=0.0, cpu_steal_frac=0.0, compile_s=1.0)
-    return common.finish(record, [ms / 1e3] * 3, 0.5, {"machine_fp32": 2e11, "machine_bf16": 4e11})
+    record = common.finish(record, [ms / 1e3] * 3, 0.5, {"machine_fp32": 2e11, "machine_bf16": 4e11})
+    if framework == "trl":  # as from a system without /proc/self/clear_refs: no steps-only peak
+        record.pop("steps_peak_rss_mib", None)
+    return record
 
 
 def test_all_writes_every_row_and_both_target_tables(bench, tmp_path, monkeypatch, capsys):
@@ -77,6 +80,7 @@ def test_all_writes_every_row_and_both_target_tables(bench, tmp_path, monkeypatc
     assert unshared["fp32 vs trl fp32"]["ratio"] == pytest.approx(800 / 300, rel=1e-3)
     table = next(tmp_path.glob("dpo-*.md")).read_text()
     assert "without dpo.share_prompt" in table and "pdpo_jax-fp32-win32-shared" in table
+    assert "nan" not in table  # a value a worker could not measure prints as a dash
 
 
 def test_sampler_summary_and_table(bench):
