@@ -8,23 +8,55 @@
 
 Batch layouts are documented in `pdpo_jax.data.batches`.
 """
-from pdpo_jax.data.batches import (DEFAULT_BUCKETS, bucket_length, preference_batch, prompt_batch,
-                                   sft_batch)
-from pdpo_jax.data.defaults import DefaultPaths, default_paths
-from pdpo_jax.data.dialogue_jsonl import read_dialogue_jsonl
-from pdpo_jax.data.dnli import read_dnli, read_dnli_files
-from pdpo_jax.data.encode import (DoesNotFit, Encoded, EncodedPair, EncodeStats, encode_pair,
-                                  encode_preference, encode_records, pad_id, special_ids)
-from pdpo_jax.data.personachat import read_fbdialog, read_hf_personachat
-from pdpo_jax.data.pipeline import (BatchIterator, Batches, plan_epoch, preference_batches,
-                                    prompt_batches, sft_batches)
-from pdpo_jax.data.preferences import read_preference_jsonl, write_preference_jsonl
-from pdpo_jax.data.readers import read_turns
-from pdpo_jax.data.records import DataFormatError, DnliExample, PersonaTurn, PreferencePair
-from pdpo_jax.data.splits import split_dialogues
-from pdpo_jax.data.synthetic import read_spc_conversations, read_synthetic_persona_chat
-from pdpo_jax.data.templates import (TEMPLATES, PromptTemplate, chat_messages, get_template,
-                                     render_prompt)
+import importlib
+
+# name -> submodule; imported on first use (PEP 562), so that importing one light submodule
+# (e.g. the config sections) does not pull in every dependency of the package.
+_WHERE = {
+    "DEFAULT_BUCKETS": "pdpo_jax.data.batches",
+    "bucket_length": "pdpo_jax.data.batches",
+    "preference_batch": "pdpo_jax.data.batches",
+    "prompt_batch": "pdpo_jax.data.batches",
+    "sft_batch": "pdpo_jax.data.batches",
+    "DefaultPaths": "pdpo_jax.data.defaults",
+    "default_paths": "pdpo_jax.data.defaults",
+    "read_dialogue_jsonl": "pdpo_jax.data.dialogue_jsonl",
+    "read_dnli": "pdpo_jax.data.dnli",
+    "read_dnli_files": "pdpo_jax.data.dnli",
+    "DoesNotFit": "pdpo_jax.data.encode",
+    "Encoded": "pdpo_jax.data.encode",
+    "EncodedPair": "pdpo_jax.data.encode",
+    "EncodeStats": "pdpo_jax.data.encode",
+    "encode_pair": "pdpo_jax.data.encode",
+    "encode_preference": "pdpo_jax.data.encode",
+    "encode_records": "pdpo_jax.data.encode",
+    "pad_id": "pdpo_jax.data.encode",
+    "special_ids": "pdpo_jax.data.encode",
+    "read_fbdialog": "pdpo_jax.data.personachat",
+    "read_hf_personachat": "pdpo_jax.data.personachat",
+    "BatchIterator": "pdpo_jax.data.pipeline",
+    "Batches": "pdpo_jax.data.pipeline",
+    "plan_epoch": "pdpo_jax.data.pipeline",
+    "preference_batches": "pdpo_jax.data.pipeline",
+    "prompt_batches": "pdpo_jax.data.pipeline",
+    "sft_batches": "pdpo_jax.data.pipeline",
+    "read_preference_jsonl": "pdpo_jax.data.preferences",
+    "write_preference_jsonl": "pdpo_jax.data.preferences",
+    "read_turns": "pdpo_jax.data.readers",
+    "DataFormatError": "pdpo_jax.data.records",
+    "DnliExample": "pdpo_jax.data.records",
+    "PersonaTurn": "pdpo_jax.data.records",
+    "PreferencePair": "pdpo_jax.data.records",
+    "split_dialogues": "pdpo_jax.data.splits",
+    "read_spc_conversations": "pdpo_jax.data.synthetic",
+    "read_synthetic_persona_chat": "pdpo_jax.data.synthetic",
+    "TEMPLATES": "pdpo_jax.data.templates",
+    "PromptTemplate": "pdpo_jax.data.templates",
+    "chat_messages": "pdpo_jax.data.templates",
+    "get_template": "pdpo_jax.data.templates",
+    "render_prompt": "pdpo_jax.data.templates",
+}
+
 
 __all__ = [
     "DEFAULT_BUCKETS", "BatchIterator", "Batches", "DataFormatError", "DefaultPaths", "DnliExample",
@@ -36,3 +68,15 @@ __all__ = [
     "read_spc_conversations", "read_synthetic_persona_chat", "read_turns", "render_prompt",
     "sft_batch", "sft_batches", "special_ids", "split_dialogues", "write_preference_jsonl",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
