@@ -145,7 +145,7 @@ def test_selected_columns_equal_all_columns(arch):
     """hidden_states(select_BQ=idx) (the last layer run at those columns only) equals all the
     columns' hidden states gathered at idx, values and parameter gradients, for a rolled scan,
     an unrolled one with and without remat, and a prefill into a KV cache (same cache)."""
-    from pdpo_jax.models.common import take_columns
+    from pdpo_jax.models.common import run_layers, take_columns
     tokens, mask, positions = _batch(lengths=(12, 8))
     index = jnp.asarray([[11, 3, 7, 7], [11, 4, 5, 9]], jnp.int32)  # row-varying, a repeat
     g = jax.random.normal(jax.random.key(0), (2, 4, CONFIGS[arch].d_model))
@@ -165,7 +165,10 @@ def test_selected_columns_equal_all_columns(arch):
         # gradients of O(1-10): fp32 summation order differs (gathered vs scattered columns)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
 
-    model = build_model(CONFIGS[arch], seed=5)
+    model = build_model(CONFIGS[arch], seed=5)  # a rolled scan refuses rather than ignores
+    with pytest.raises(ValueError, match="rolled layer scan"):
+        run_layers(model.cfg, model.layers, jnp.zeros((2, 12, model.cfg.d_model)), positions,
+                   mask, None, select_BQ=index)
     full, full_cache = model.hidden_states(tokens, positions, mask, KVCache.init(model.cfg, 2, 16))
     last, cache = model.hidden_states(tokens, positions, mask, KVCache.init(model.cfg, 2, 16),
                                       select_BQ=jnp.full((2, 1), 11, jnp.int32))

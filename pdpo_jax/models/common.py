@@ -374,9 +374,12 @@ def run_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attent
     then h at those columns, [B, Q, D], and the last layer computes only what they need: keys
     and values of every column, queries, attention, residual and MLP at the Q columns alone
     (a prefill needs one column of T, a DPO step the 2·window scored ones). Only where
-    `last_layer_selects` says so: a rolled scan keeps every layer in it (splitting off the last
-    would copy the stacked weights) and returns all T columns; the caller selects after it.
+    `last_layer_selects`: a rolled scan keeps every layer in it (splitting off the last would
+    copy the stacked weights), so there the caller gathers after it (`final_hidden`).
     """
+    if select_BQ is not None and not last_layer_selects(cfg, layers, cache):
+        raise ValueError("a rolled layer scan cannot select columns inside its last layer; "
+                         "gather after it (common.final_hidden does)")
     keys = key_info(positions_BT, attention_mask_BT, cache, segments_BT)
     mask_BTS = attention_mask_BTS(cfg, positions_BT, keys)
     pos = positions_BT if per_position is None else per_position
@@ -397,7 +400,7 @@ def run_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attent
         # Unrolled, no [L, ...] stacked residual buffers for XLA:CPU to update by copying
         # (measured 4–24% less step time at SmolLM2-135M size, ~7% at the anchor shape;
         # compile 5 s → 11 s for 30 layers; bench/results/).
-        if select_BQ is None or not cfg.unroll_layers:
+        if select_BQ is None:
             return jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0], None
         h_BTD = jax.lax.scan(body, h_BTD, jax.tree.map(lambda x: x[:-1], state), unroll=True)[0]
         return last(h_BTD, jax.tree.map(lambda x: x[-1], state)), None
