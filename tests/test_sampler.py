@@ -13,6 +13,7 @@ from pdpo_jax import sharding
 from pdpo_jax.models import from_pretrained
 from pdpo_jax.sampling import (Sampler, SamplingConfig, filter_logits, generate, left_pad,
                                sample_tokens, top_k_mask, top_p_mask)
+from pdpo_jax.sampling import filters
 from pdpo_jax.sampling import sampler as sampler_module
 
 VOCAB = 97  # tests/hf_reference.py TINY
@@ -223,6 +224,78 @@ def test_draw_from_never_draws_zero_weight_tokens():
         drawn = set(np.unique(np.asarray(jax.jit(draw_from)(keys, w))).tolist())
         assert drawn <= allowed  # never a zero weight
         assert {i for i, x in enumerate(weights) if x > 0.1} <= drawn  # every real weight drawn
+
+
+def _chi2_quantile(k: int) -> float:
+    """99.9 % quantile of chi2(k), Wilson-Hilferty: a correct sampler fails 1 in 1000 seeds."""
+    return k * (1 - 2 / (9 * k) + 3.09 * np.sqrt(2 / (9 * k))) ** 3
+
+
+def _chi2(counts, probs) -> tuple[float, int]:
+    """Pearson statistic of counts against probs (bins expecting < 5 merged) and its dof."""
+    n = counts.sum()
+    big = probs * n >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(probs[big], probs[~big].sum()) * n
+    keep = expected > 0
+    stat = np.sum((observed[keep] - expected[keep]) ** 2 / expected[keep])
+    return float(stat), int(keep.sum() - 1)
+
+
+def test_inverse_cdf_blocks_follow_the_weights():
+    """Two-level inverse CDF over several blocks with a padded tail: whole zero blocks, zeros
+    at block edges and a lone token in the last, padded block; 60k draws per row."""
+    w = np.zeros((2, 300), np.float32)
+    w[0, 3:120] = np.linspace(0.1, 2.0, 117)  # block 0 only, its edges zero
+    w[0, 256] = 5.0                            # block 2 (padded to 384), block 1 all zero
+    w[1, ::7] = np.arange(43) % 5             # every block, some zeros among the chosen
+    w[1, 299] = 3.0                            # the last real token
+    draws = 60_000
+    u = jax.random.uniform(jax.random.key(5), (draws, 2))
+    draw = jax.jit(jax.vmap(lambda u_B: filters.inverse_cdf(jnp.asarray(w), block=128)(u_B)))
+    tokens = np.asarray(draw(u))
+    for row in range(2):
+        counts = np.bincount(tokens[:, row], minlength=300)
+        assert counts[w[row] == 0].sum() == 0
+        stat, dof = _chi2(counts, w[row] / w[row].sum())
+        assert stat < _chi2_quantile(dof), (row, stat, dof)
+    # u = 0 gives the first token of weight > 0; u just below 1 the last.
+    edges = np.asarray(filters.inverse_cdf(jnp.asarray(w))(jnp.asarray([0.0, 0.0])))
+    np.testing.assert_array_equal(edges, [3, 7])
+    below_one = jnp.full(2, np.nextafter(np.float32(1.0), np.float32(0.0)))
+    top = np.asarray(filters.inverse_cdf(jnp.asarray(w))(below_one))
+    np.testing.assert_array_equal(top, [256, 299])
+
+
+def test_in_nucleus_agrees_with_top_p_mask_at_every_token():
+    """The rejection sampler's membership test equals the nucleus mask, ties included."""
+    logits = jax.random.normal(jax.random.key(3), (24, 300)) * jnp.linspace(0.3, 6.0, 24)[:, None]
+    logits = logits.at[::3].set(jnp.round(logits[::3] * 2) / 2)
+    probs = jax.nn.softmax(logits, axis=-1)
+    every = jax.jit(jax.vmap(lambda t, p: filters.in_nucleus(probs, jnp.full(24, t), p),
+                             in_axes=(0, None), out_axes=1))
+    for top_p in (0.3, 0.9, 0.99):
+        np.testing.assert_array_equal(np.asarray(every(jnp.arange(300), top_p)),
+                                      _sorted_nucleus(probs, top_p))
+
+
+@pytest.mark.parametrize("attempts", [8, 1])
+def test_nucleus_draws_follow_the_renormalised_nucleus(attempts):
+    """Rejection draws, and (attempts=1, top_p=0.3: most rows rejected once) the exact
+    fallback: never a token outside the nucleus (a tie at its edge left out by id), and
+    frequencies match the nucleus renormalised."""
+    probs = jnp.asarray([0.02, 0.2, 0.3, 0.2, 0.2, 0.08], jnp.float32)
+    draws = 40_000
+    keys = jax.random.split(jax.random.key(attempts), draws)
+    for top_p in (0.3, 0.65, 0.97):
+        batch = jnp.broadcast_to(probs, (draws, 6))
+        tokens = jax.jit(lambda k: filters.draw_from_nucleus(k, batch, top_p, attempts))(keys)
+        counts = np.bincount(np.asarray(tokens), minlength=6)
+        kept = _sorted_nucleus(probs[None], top_p)[0]  # 0.65: ids 2, 1, 3 (not the tied 4)
+        assert counts[~kept].sum() == 0, (top_p, counts)
+        nucleus = np.where(kept, np.asarray(probs, np.float64), 0.0)
+        stat, dof = _chi2(counts, nucleus / nucleus.sum())
+        assert dof == 0 or stat < _chi2_quantile(dof), (top_p, stat, dof)
 
 
 def test_first_token_of_model_follows_softmax(llama):

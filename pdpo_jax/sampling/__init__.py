@@ -1,4 +1,4 @@
-"""Jitted KV-cache sampling: greedy, temperature, top-k, sort-free top-p, n samples per prompt.
+"""Jitted KV-cache sampling: greedy, temperature, top-k, top-p (by rejection), n samples per prompt.
 
     out = generate(model, [[1, 2, 3], [4, 5]], SamplingConfig(max_new_tokens=32, top_p=0.9))
     out.tokens   # int32 [B*n, max_new_tokens]; out.lengths, out.finish_reason, out.logprobs

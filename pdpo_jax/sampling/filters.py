@@ -1,4 +1,4 @@
-"""From logits to tokens: temperature, top-k, sort-free top-p and the draw itself, in fp32.
+"""From logits to tokens: temperature, top-k, top-p by rejection and the draw itself, in fp32.
 
 Tie rule, everywhere: when a filter must choose between tokens of equal probability, the lower
 token id wins (as `jnp.argmax` and `lax.top_k` do), so every filter keeps a deterministic set.
@@ -13,6 +13,8 @@ import jax.numpy as jnp
 # Non-negative fp32 bit patterns are ordered like the floats, so a bisection over int32 bit
 # patterns in [0, bits(1.0)] (< 2**30) pins the exact threshold in 30 halvings; 31 for margin.
 _BISECT_STEPS = 31
+_CDF_BLOCK = 128  # tokens per block of the two-level inverse CDF (`inverse_cdf`)
+_NUCLEUS_ATTEMPTS = 8  # rejection draws before `draw_from_nucleus` builds the nucleus
 
 
 def top_k_mask(logits_BV: jax.Array, k: int) -> jax.Array:
@@ -109,30 +111,107 @@ def sample_tokens(keys_B: jax.Array, logits_BV: jax.Array, *, greedy: bool, temp
     """int32 [B]: argmax, or one draw per row from the filtered softmax with that row's key.
 
     Same distribution as `filter_logits` then softmax: logits / temperature, top-k, then the
-    nucleus of the (top-k renormalised) softmax; the kept probabilities are drawn from by
-    `draw_from`, without renormalising again.
+    nucleus of the (top-k renormalised) softmax (`draw_from_nucleus`, which never builds the
+    nucleus mask unless it must).
     """
     if greedy:
         return argmax_first(logits_BV)
     probs_BV = jax.nn.softmax(_scaled_top_k(logits_BV, temperature, top_k), axis=-1)
     if top_p < 1.0:
-        probs_BV = jnp.where(top_p_mask(probs_BV, top_p), probs_BV, 0.0)
+        return draw_from_nucleus(keys_B, probs_BV, top_p)
     return draw_from(keys_B, probs_BV)
 
 
 def draw_from(keys_B: jax.Array, weights_BV: jax.Array) -> jax.Array:
-    """int32 [B]: token i with probability weights[i] / Σ weights, by inverse CDF.
+    """int32 [B]: token i with probability weights[i] / Σ weights, by inverse CDF: one uniform
+    per row (its own key: a row's token never depends on its neighbours), ~3x cheaper per decode
+    step on XLA:CPU than Gumbel-max, which draws V random numbers per row. See `inverse_cdf`."""
+    return inverse_cdf(weights_BV)(_uniforms(keys_B))
 
-    One uniform per row (its own key: a row's token never depends on its neighbours) against
-    the running sum of the weights: the first token of weight > 0 whose cumulative weight
-    exceeds u·Σ. Exact up to fp32 rounding of the running sum, and ~3x cheaper per decode step
-    on XLA:CPU than Gumbel-max, which draws V random numbers per row. Zero-weight tokens are
-    never drawn (asked for explicitly: XLA sums the prefix in blocks, so the running sum is not
-    guaranteed monotone to the last bit across a run of zeros).
+
+def inverse_cdf(weights_BV: jax.Array, block: int = _CDF_BLOCK):
+    """`draw(u_B) -> int32 [B]`: for u in [0, 1), the first token of weight > 0 whose running
+    sum of the weights exceeds u·Σ, i.e. token i with probability weights[i] / Σ (each row needs
+    a weight > 0). Exact up to fp32 rounding of the running sum.
+
+    In two levels, because XLA:CPU lowers a running sum over the whole vocab to a log-depth scan
+    of ~log2(V) full-width passes: the sums of blocks of `block` tokens and their running sum
+    are made once (one pass over the weights); a draw then finds its block by that running sum
+    and its token by a running sum inside the one block, continued from the blocks before it.
+    Zero-weight tokens are never drawn (asked for explicitly: the running sum is not guaranteed
+    monotone to the last bit across a run of zeros); if fp32 rounding leaves the block's running
+    sum just short of the target, its last token of weight > 0 is drawn.
     """
-    cumulative_BV = jnp.cumsum(weights_BV, axis=-1)
-    total_B = cumulative_BV[:, -1]
-    u_B = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys_B)
-    # u·Σ can round up to Σ: keep it below, so some token's running sum always exceeds it.
-    target_B1 = jnp.minimum(u_B * total_B, jnp.nextafter(total_B, 0.0))[:, None]
-    return _first_true((cumulative_BV > target_B1) & (weights_BV > 0))
+    B, V = weights_BV.shape
+    nb = -(-V // block)
+    w_BNK = jnp.pad(weights_BV, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
+    block_BN = jnp.sum(w_BNK, axis=-1)
+    cdf_BN = jnp.cumsum(block_BN, axis=-1)
+    total_B = cdf_BN[:, -1]
+    index_K = jnp.arange(block, dtype=jnp.int32)
+
+    def draw(u_B):
+        # u·Σ can round up to Σ: keep it below, so some block's running sum always exceeds it.
+        target_B1 = jnp.minimum(u_B * total_B, jnp.nextafter(total_B, 0.0))[:, None]
+        n_B = _first_true((cdf_BN > target_B1) & (block_BN > 0))
+        previous_B1 = jnp.take_along_axis(cdf_BN, jnp.maximum(n_B - 1, 0)[:, None], axis=1)
+        before_B1 = jnp.where(n_B[:, None] > 0, previous_B1, 0.0)
+        w_BK = jnp.take_along_axis(w_BNK, n_B[:, None, None], axis=1)[:, 0]
+        hit_BK = (before_B1 + jnp.cumsum(w_BK, axis=-1) > target_B1) & (w_BK > 0)
+        last_B = jnp.max(jnp.where(w_BK > 0, index_K, 0), axis=-1)
+        k_B = jnp.where(jnp.any(hit_BK, axis=-1), _first_true(hit_BK), last_B)
+        return jnp.minimum(n_B * block + k_B, V - 1)
+
+    return draw
+
+
+def in_nucleus(probs_BV: jax.Array, token_B: jax.Array, top_p) -> jax.Array:
+    """bool [B]: `top_p_mask` keeps the row's token, i.e. the mass of the tokens before it in
+    the order (probability descending, lower id first on ties) is < top_p. One pass over V."""
+    p_B1 = jnp.take_along_axis(probs_BV, token_B[:, None], axis=1)
+    index_1V = jnp.arange(probs_BV.shape[-1], dtype=jnp.int32)[None]
+    before_BV = (probs_BV > p_B1) | ((probs_BV == p_B1) & (index_1V < token_B[:, None]))
+    return jnp.sum(jnp.where(before_BV, probs_BV, 0.0), axis=-1) < top_p
+
+
+def draw_from_nucleus(keys_B: jax.Array, probs_BV: jax.Array, top_p,
+                      attempts: int = _NUCLEUS_ATTEMPTS) -> jax.Array:
+    """int32 [B]: a draw from the top-p nucleus (`top_p_mask`), renormalised, without building it.
+
+    Rejection: draw from the whole distribution and keep the token if it is `in_nucleus`, else
+    draw again with the row's next key. An accepted token follows the distribution restricted
+    to the nucleus exactly, and each draw is accepted with probability the nucleus mass (>=
+    top_p), so a row needs 1/top_p draws on average, each one pass over the vocab; the nucleus
+    threshold needs ~31 (`nucleus_threshold`). Rows still rejected after `attempts` draws (for
+    top_p = 0.9 a chance below 1e-8) take one draw from the nucleus itself. A row's token
+    depends only on its own key, never on its neighbours'.
+    """
+    draw = inverse_cdf(probs_BV)
+
+    def attempt(a):
+        token_B = draw(_uniforms(keys_B, a))
+        return token_B, in_nucleus(probs_BV, token_B, top_p)
+
+    def again(carry):
+        a, token_B, pending_B = carry
+        new_B, ok_B = attempt(a)
+        return a + 1, jnp.where(pending_B & ok_B, new_B, token_B), pending_B & ~ok_B
+
+    token_B, ok_B = attempt(0)
+    _, token_B, pending_B = jax.lax.while_loop(
+        lambda carry: (carry[0] < attempts) & jnp.any(carry[2]), again,
+        (jnp.asarray(1, jnp.int32), token_B, ~ok_B))
+
+    def from_nucleus():
+        nucleus_BV = jnp.where(top_p_mask(probs_BV, top_p), probs_BV, 0.0)
+        return jnp.where(pending_B, inverse_cdf(nucleus_BV)(_uniforms(keys_B, attempts)), token_B)
+
+    return jax.lax.cond(jnp.any(pending_B), from_nucleus, lambda: token_B)
+
+
+def _uniforms(keys_B: jax.Array, attempt: int | jax.Array | None = None) -> jax.Array:
+    """fp32 [B] in [0, 1): one per row from its key (folded with `attempt` when given)."""
+    def one(key):
+        key = key if attempt is None else jax.random.fold_in(key, attempt)
+        return jax.random.uniform(key, (), jnp.float32)
+    return jax.vmap(one)(keys_B)
