@@ -195,6 +195,29 @@ def test_unstacked_layers_equal_stacked(arch):
     close(prefill_then_step(unstacked), prefill_then_step(stacked))
 
 
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_unstacked_matrices_in_compute_dtype_change_no_number(arch):
+    """The decode copy's bf16 matrices (`unstack_layers(matrices_dtype=)`) give the very same
+    logits and cache as casting at each use; norm scales stay fp32 (GPT-2 applies them so)."""
+    from pdpo_jax.models.common import unstack_layers
+    cfg = CONFIGS[arch].replace(dtype="bfloat16")
+    tokens, mask, positions = _batch(lengths=(12, 8))
+    plain = unstack_layers(build_model(cfg, seed=4))
+    cast = unstack_layers(build_model(cfg, seed=4), matrices_dtype=jnp.bfloat16)
+    dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(nnx.state(cast.layers)) if x.ndim >= 2}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(cast.layers)) if x.ndim == 1)
+
+    @jax.jit
+    def prefill_then_step(model):
+        cache = KVCache.init(model.cfg, batch=2, max_len=16)
+        first, cache = model(tokens[:, :6], positions[:, :6], mask[:, :6], cache)
+        second, cache = model(tokens[:, 6:7], positions[:, 6:7], mask[:, 6:7], cache)
+        return first, second, cache
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 prefill_then_step(cast), prefill_then_step(plain))
+
+
 def test_bf16_compute_gives_fp32_logits():
     model = build_model(LLAMA.replace(dtype="bfloat16"), seed=5)
     tokens, mask, positions = _batch()

@@ -106,8 +106,11 @@ class SamplingLoop:
     def model(self, params):
         """The model as generation runs it: layers unstacked, one weight array per layer sliced
         once per call (from the stacked arrays XLA would copy every layer's weights out at
-        every decode step). Holds a second copy of the layer weights while a call runs."""
-        return unstack_layers(nnx.merge(self.graphdef, params))
+        every decode step) and, in that copy, its matrices cast to the compute dtype (bf16
+        compute with fp32 params: no cast per step). Holds a second copy of the layer weights
+        while a call runs."""
+        model = nnx.merge(self.graphdef, params)
+        return unstack_layers(model, matrices_dtype=model.cfg.compute_dtype)
 
     def prefill(self, params, tokens_BP, mask_BP):
         """One model call over the whole left-padded prompt batch into a fresh cache.
