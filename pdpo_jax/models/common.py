@@ -216,7 +216,11 @@ def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) / np.sqrt(H)
     scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("BKGTS,BKSH->BTKGH", probs, v).reshape(B, T, N, H)
+    # Batch axes first in both outputs: XLA:CPU then reads the cache rows in place (K·qᵀ and
+    # P·V); with the output as [B, T, K, G, H] it computed (P·V)ᵀ, striding through V (SmolLM2
+    # decode, G = 3: 10.9 -> 1.4 ms per step).
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 # --------------------------------------------------------------------------------------------
