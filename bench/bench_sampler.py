@@ -1,19 +1,24 @@
-"""New tokens/s of our jitted KV-cache sampler vs `transformers.generate` (torch, CPU, fp32),
-and how far each decode step is from the machine's memory-bandwidth bound.
+"""New tokens/s of our jitted KV-cache sampler vs `transformers.generate` (torch, CPU), in fp32
+and in bf16, and how far each decode step is from the machine's memory-bandwidth bound.
 
     .venv/bin/python bench/bench_sampler.py [--model all|anchor|smollm2-135m] [--quick]
-        [--rounds R] [--reps N] [--alloc auto|tcmalloc|glibc] [--wait-quiet S] [--retries N]
+        [--dtypes float32,bfloat16] [--rounds R] [--reps N] [--alloc auto|tcmalloc|glibc]
+        [--wait-quiet S] [--retries N]
 
 Models: `anchor` = the Llama of ../shared/anchors/common.py (d=256, ff=688, 4 layers, 4 heads,
 vocab 8000, untied), random weights (torch seed 0, built as in torch_dpo.py); `smollm2-135m` =
 SmolLM2-135M-Instruct from the HF folder $PDPO_SMOLLM2_DIR or
 ~/.cache/pdpo-models/smollm2-135m-instruct (skipped, with a message, when absent). Both
-frameworks load the same folder (ours: `pdpo_jax.models.from_pretrained`, HF:
-`LlamaForCausalLM.from_pretrained(dtype=float32)`) and get the same random prompt ids
-(numpy seed 1). Shapes: batch 16, prompt 96, exactly 32 new tokens (EOS off); greedy, and top-p
+frameworks load the same folder in the same precision and get the same random prompt ids
+(numpy seed 1). Precisions (`--dtypes`): float32 = fp32 weights and compute on both sides
+(ours: `from_pretrained(folder)`, HF: `from_pretrained(dtype=torch.float32)`); bfloat16 = bf16
+weights and compute, fp32 logits and sampling on both sides (ours: `from_pretrained(folder,
+dtype=param_dtype="bfloat16")`, HF: `from_pretrained(dtype=torch.bfloat16)`). The speedup is
+taken at the same precision; "best" compares each framework's faster precision. Shapes: batch 16, prompt 96, exactly 32 new tokens (EOS off); greedy, and top-p
 0.9 at temperature 1 (top_k=0 on the HF side: its default top_k=50 would apply too).
 
-What is timed (each framework in its own process, rounds alternate jax, hf, jax, hf, ...):
+What is timed (each framework and precision in its own process; a round runs jax, hf per
+precision):
 - one call = `Sampler.sample` (prefill + decode loop + result to host) or `model.generate`;
   new tokens/s = 16 · 32 / median call time over `reps` calls after a first (compiling) call;
   compile s ≈ first call − median (jax).
@@ -25,8 +30,8 @@ What is timed (each framework in its own process, rounds alternate jax, hf, jax,
   body; HF's decode forwards). Sampling, host transfer and generate's set-up are charged to
   the steps.
 - memory-bandwidth bound per decode step = bytes it must read / machine bandwidth, with
-  bytes = 4 · (block weights + LM head) (fp32; the tied SmolLM2 head is the embedding matrix,
-  read once) + KV cache 2 · L · B · K · S · H · 4. S: ours = P + new_tokens = 128 (the cache
+  bytes = w · (block weights + LM head) (w = 4 bytes in fp32, 2 in bf16; the tied SmolLM2 head
+  is the embedding matrix, read once) + KV cache 2 · L · B · K · S · H · w. S: ours = P + new_tokens = 128 (the cache
   is allocated at full length and attention reads every slot, masked); HF = P + new_tokens/2
   = 112 (its DynamicCache grows, mean length over the decode steps). Bandwidth = best of
   jitted `x + 1` over a 512 MiB fp32 array (plain and donated), counting read + write bytes.
@@ -58,6 +63,8 @@ import bench_dpo  # noqa: E402  (worker_env, run_retimed, noise, find_tcmalloc, 
 
 BATCH, PROMPT, NEW, TOP_P = 16, 96, 32, 0.9
 MODES = ("greedy", "top_p")
+DTYPES = ("float32", "bfloat16")
+PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 TARGETS = {"greedy": 2.5, "top_p": 3.5}  # issue 5: our new tok/s ÷ HF generate's, same run
 MODELS = ("anchor", "smollm2-135m")
 # (rounds, reps) per model: a SmolLM2 generate call takes seconds on 2 cores, so fewer of them
@@ -86,12 +93,13 @@ def decode_step_s(call_s: float, prefill_s: float) -> float:
     return (call_s - prefill_s) / (NEW - 1)
 
 
-def step_bytes(model: str, kv_len: int) -> dict:
-    """Bytes one decode step of `model` must read at least (fp32): the block weights and the
-    LM head once, and the K and V caches of kv_len slots."""
+def step_bytes(model: str, kv_len: int, dtype: str = "float32") -> dict:
+    """Bytes one decode step of `model` must read at least: the block weights and the LM head
+    once, and the K and V caches of kv_len slots, all in `dtype`."""
     m = common.MODELS[model]
-    weights = 4 * common.param_counts(model)["n_flops"]  # blocks (incl. norms) + LM head
-    kv = 2 * m["num_hidden_layers"] * BATCH * m["num_key_value_heads"] * kv_len * m["head_dim"] * 4
+    width = {"float32": 4, "bfloat16": 2}[dtype]
+    weights = width * common.param_counts(model)["n_flops"]  # blocks (incl. norms) + LM head
+    kv = 2 * m["num_hidden_layers"] * BATCH * m["num_key_value_heads"] * kv_len * m["head_dim"] * width
     return dict(weights=weights, kv=kv, total=weights + kv, kv_len=kv_len)
 
 
@@ -130,21 +138,21 @@ def worker_membw(mib: int = MEMBW_MIB, reps: int = 10) -> dict:
     return out
 
 
-def worker_jax(folder: str, prompts: str, reps: int) -> dict:
-    """Our `Sampler` on the folder's weights: per mode a first call, then `reps` timed calls;
-    then the prefill alone."""
+def worker_jax(folder: str, prompts: str, reps: int, dtype: str = "float32") -> dict:
+    """Our `Sampler` on the folder's weights in `dtype`: per mode a first call, then `reps`
+    timed calls; then the prefill alone."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import pdpo_jax
     from pdpo_jax.models import from_pretrained
     from pdpo_jax.sampling import Sampler, SamplingConfig
-    model = from_pretrained(folder)
+    model = from_pretrained(folder, dtype=dtype, param_dtype=dtype)
     tokens = np.load(prompts).astype(np.int32)
     mask = np.ones_like(tokens, bool)
     configs = {"greedy": SamplingConfig(NEW, greedy=True),
                "top_p": SamplingConfig(NEW, top_p=TOP_P, temperature=1.0)}
-    out = dict(bench="sampler", framework="jax", unroll_layers=model.cfg.unroll_layers)
+    out = dict(bench="sampler", framework="jax", dtype=dtype, unroll_layers=model.cfg.unroll_layers)
     for mode, cfg in configs.items():
         sampler = Sampler(model, cfg)
         start = time.perf_counter()
@@ -158,7 +166,7 @@ def worker_jax(folder: str, prompts: str, reps: int) -> dict:
                          compile_s_approx=max(0.0, first_s - s["median_s"]), **meter.result)
         if mode == "greedy":
             out[mode]["tokens"] = first.tokens.tolist()
-        common.log(f"  [jax] {mode}: first call {first_s:.2f} s, {s['median_s'] * 1e3:.1f} ms/call -> "
+        common.log(f"  [jax {dtype}] {mode}: first call {first_s:.2f} s, {s['median_s'] * 1e3:.1f} ms/call -> "
                    f"{out[mode]['new_tokens_per_s']:.0f} new tok/s (others {meter.result['others_cpu_frac']:.0%})")
     prefill = jax.jit(sampler.loop.prefill)
     args = (sampler.params, jnp.asarray(tokens), jnp.asarray(mask))
@@ -168,22 +176,24 @@ def worker_jax(folder: str, prompts: str, reps: int) -> dict:
     return out
 
 
-def worker_hf(folder: str, prompts: str, reps: int, torch_threads: int | None) -> dict:
-    """`transformers.generate` (KV cache) on the folder's weights: per mode a first call, then
-    `reps` timed calls; then the prefill forward alone."""
+def worker_hf(folder: str, prompts: str, reps: int, torch_threads: int | None,
+              dtype: str = "float32") -> dict:
+    """`transformers.generate` (KV cache) on the folder's weights in `dtype`: per mode a first
+    call, then `reps` timed calls; then the prefill forward alone."""
     import numpy as np
     import torch
     import transformers
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     ids = torch.from_numpy(np.load(prompts))
     attn = torch.ones_like(ids)
     base = dict(max_new_tokens=NEW, min_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
     configs = {"greedy": transformers.GenerationConfig(do_sample=False, **base),
                "top_p": transformers.GenerationConfig(do_sample=True, top_p=TOP_P, top_k=0,
                                                       temperature=1.0, **base)}
-    out = dict(bench="sampler", framework="hf", attn_implementation=model.config._attn_implementation)
+    out = dict(bench="sampler", framework="hf", dtype=dtype,
+               attn_implementation=model.config._attn_implementation)
     for mode, gc in configs.items():
         torch.manual_seed(0)
 
@@ -201,7 +211,7 @@ def worker_hf(folder: str, prompts: str, reps: int, torch_threads: int | None) -
                          **meter.result)
         if mode == "greedy":
             out[mode]["tokens"] = first[:, PROMPT:].tolist()
-        common.log(f"  [hf] {mode}: first call {first_s:.2f} s, {s['median_s'] * 1e3:.1f} ms/call -> "
+        common.log(f"  [hf {dtype}] {mode}: first call {first_s:.2f} s, {s['median_s'] * 1e3:.1f} ms/call -> "
                    f"{out[mode]['new_tokens_per_s']:.0f} new tok/s (others {meter.result['others_cpu_frac']:.0%})")
 
     def prefill():
@@ -263,7 +273,8 @@ class Runner:
         return record
 
 
-def run_model(runner: Runner, model: str, rounds: int, reps: int, bandwidth: float | None) -> dict:
+def run_model(runner: Runner, model: str, rounds: int, reps: int, bandwidth: float | None,
+              dtypes: tuple[str, ...] = DTYPES) -> dict:
     """Prepares the weights and prompts of `model`, runs the rounds, and summarises them."""
     import numpy as np
     with tempfile.TemporaryDirectory(prefix="bench-sampler-") as tmp:
@@ -290,25 +301,58 @@ def run_model(runner: Runner, model: str, rounds: int, reps: int, bandwidth: flo
         np.save(prompts, np.random.default_rng(1).integers(4, vocab, (BATCH, PROMPT)))
         records = []
         for r in range(rounds):
-            for kind in ("jax", "hf"):
-                common.log(f"[{time.strftime('%H:%M:%S')}] {model} round {r + 1}/{rounds}: {kind}")
-                records.append(runner.worker(model, kind, "--folder", folder, "--prompts", prompts,
-                                             "--reps", str(reps)))
+            for dtype in dtypes:
+                for kind in ("jax", "hf"):
+                    common.log(f"[{time.strftime('%H:%M:%S')}] {model} round {r + 1}/{rounds}: "
+                               f"{kind} {dtype}")
+                    records.append(runner.worker(model, kind, "--folder", folder, "--prompts",
+                                                 prompts, "--reps", str(reps), "--dtype", dtype))
     return summarise(model, folder, rounds, reps, records, bandwidth)
 
 
 def summarise(model: str, folder: str, rounds: int, reps: int, records: list[dict],
               bandwidth: float | None) -> dict:
-    """Per mode: medians over rounds, speedup vs target, decode step vs the bandwidth bound."""
-    ok = {k: [r for r in records if r.get("framework") == k and "error" not in r] for k in ("jax", "hf")}
+    """Per precision and mode: medians over rounds, speedup vs target, decode step vs the
+    bandwidth bound (`summarise_dtype`); then `best`: each framework at its faster precision."""
     out = dict(model=model, folder=folder if model != "anchor" else "(random init, temp dir)",
                rounds=rounds, reps=reps, failed=[r["cmd"] for r in records if "error" in r])
-    if not ok["jax"] or not ok["hf"]:
+    dtype_of = lambda r: r.get("dtype", "float32")  # noqa: E731
+    out["dtypes"] = {}
+    for dtype in DTYPES:
+        mine = [r for r in records if dtype_of(r) == dtype]
+        if mine:
+            out["dtypes"][dtype] = summarise_dtype(model, dtype, mine, bandwidth)
+    done = {d: m for d, m in out["dtypes"].items() if "error" not in m}
+    if not done:
         return dict(out, error="a framework produced no record", records=records)
+    out["best"] = {}
+    for mode in MODES:
+        pick = {k: max(done, key=lambda d: done[d][mode][f"{k}_new_tok_s"]) for k in ("jax", "hf")}
+        jax_tok_s, hf_tok_s = (done[pick[k]][mode][f"{k}_new_tok_s"] for k in ("jax", "hf"))
+        out["best"][mode] = dict(jax_dtype=pick["jax"], hf_dtype=pick["hf"], jax_new_tok_s=jax_tok_s,
+                                 hf_new_tok_s=hf_tok_s, speedup=round(jax_tok_s / hf_tok_s, 2),
+                                 target=TARGETS[mode], met=bool(jax_tok_s / hf_tok_s >= TARGETS[mode]))
+    for r in records:  # the token ids were only needed for the agreement
+        r.get("greedy", {}).pop("tokens", None)
+    ok = [r for r in records if "error" not in r]
+    out["versions"] = {k: v for r in ok for k, v in r["versions"].items()}
+    out["jax_unroll_layers"] = next((r["unroll_layers"] for r in ok if r["framework"] == "jax"), None)
+    out["hf_attn_implementation"] = next(
+        (r["attn_implementation"] for r in ok if r["framework"] == "hf"), None)
+    out["records"] = records
+    return out
+
+
+def summarise_dtype(model: str, dtype: str, records: list[dict], bandwidth: float | None) -> dict:
+    """One precision's records: per mode the median new tok/s over rounds of each framework,
+    the speedup (and the best round's), the decode step and its distance from the bound."""
+    ok = {k: [r for r in records if r.get("framework") == k and "error" not in r] for k in ("jax", "hf")}
+    if not ok["jax"] or not ok["hf"]:
+        return dict(error=f"a framework produced no {dtype} record")
     # S of the KV cache a decode step reads: ours the full allocation, HF's growing cache its mean
     kv_len = {"jax": PROMPT + NEW, "hf": PROMPT + NEW // 2}
-    bound = {k: step_bytes(model, s) for k, s in kv_len.items()}
-    out["bytes_per_step"] = bound
+    bound = {k: step_bytes(model, s, dtype) for k, s in kv_len.items()}
+    out = dict(bytes_per_step=bound)
     med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
     for kind, rs in ok.items():
         out[f"{kind}_prefill_ms"] = round(1e3 * med(rs, lambda r: r["prefill"]["median_s"]), 2)
@@ -339,12 +383,6 @@ def summarise(model: str, folder: str, rounds: int, reps: int, records: list[dic
     agree = [a == b for ra, rb in zip(ok["jax"][0]["greedy"]["tokens"], ok["hf"][0]["greedy"]["tokens"])
              for a, b in zip(ra, rb)]
     out["greedy_token_agreement_with_hf"] = round(sum(agree) / len(agree), 4)
-    for r in records:  # the token ids were only needed for the agreement
-        r.get("greedy", {}).pop("tokens", None)
-    out["versions"] = {**ok["jax"][0]["versions"], **ok["hf"][0]["versions"]}
-    out["jax_unroll_layers"] = ok["jax"][0]["unroll_layers"]
-    out["hf_attn_implementation"] = ok["hf"][0]["attn_implementation"]
-    out["records"] = records
     return out
 
 
@@ -359,47 +397,68 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Sampler benchmark {result['stamp']} (allocator: {result['allocator']})", "",
         f"`{result['command']}` — {result['total_wall_s']:.0f} s. Batch {BATCH}, prompt {PROMPT}, "
-        f"{NEW} new tokens (EOS off), fp32; top-p {TOP_P} at temperature 1 (HF top_k=0). "
+        f"{NEW} new tokens (EOS off); top-p {TOP_P} at temperature 1 (HF top_k=0). Precision: "
+        "fp32 = fp32 weights and compute on both sides; bf16 = bf16 weights and compute on both "
+        "sides (fp32 logits); the speedup is at the same precision. "
         f"Memory bandwidth (best jitted `x + 1` over {MEMBW_MIB} MiB, read + write): "
         f"{bw if bw else 'not measured'} GB/s.", "",
         "new tok/s = 16 · 32 / median call (prefill + decode), median over rounds; best round = "
         "the fastest round of each framework (JAX calls run at one of two speeds per compiled "
         "program on this VM). decode ms/step = (median call − "
-        f"prefill) / {NEW - 1}. bound = (fp32 block weights + LM head + K,V cache of S slots) / "
-        f"bandwidth, S = {PROMPT + NEW} for jax (full cache read every step), {PROMPT + NEW // 2} for "
-        "HF (its growing cache, mean); ×bound = decode / bound. Cells with two values: jax / hf. "
-        "compile s ≈ first call − median call (jax). `others` = share of the CPUs other processes "
-        "used while timing (worst worker).", "",
-        "| model | mode | jax new tok/s | hf new tok/s | speedup | best round | target | met? | "
-        "compile s | prefill ms | decode ms/step | bound ms/step | ×bound | peak RSS MiB | others |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, m in result["models"].items():
-        if "skipped" in m or "error" in m:
-            lines.append(f"| {name} | {m.get('skipped') or 'FAILED: ' + m['error']} |" + " |" * 13)
+        f"prefill) / {NEW - 1}. bound = (block weights + LM head + K,V cache of S slots, in the "
+        f"row's precision) / bandwidth, S = {PROMPT + NEW} for jax (full cache read every step), "
+        f"{PROMPT + NEW // 2} for HF (its growing cache, mean); ×bound = decode / bound. Cells with "
+        "two values: jax / hf. compile s ≈ first call − median call (jax). `others` = share of the "
+        "CPUs other processes used while timing (worst worker).", "",
+        "| model | precision | mode | jax new tok/s | hf new tok/s | speedup | best round | target | "
+        "met? | compile s | prefill ms | decode ms/step | bound ms/step | ×bound | peak RSS MiB | "
+        "others |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, model in result["models"].items():
+        if "skipped" in model or "error" in model:
+            lines.append(f"| {name} | {model.get('skipped') or 'FAILED: ' + model['error']} |" + " |" * 14)
             continue
-        for mode in MODES:
-            r = m[mode]
+        for dtype, m in model["dtypes"].items():
+            if "error" in m:
+                lines.append(f"| {name} | {dtype} | FAILED: {m['error']} |" + " |" * 13)
+                continue
+            for mode in MODES:
+                r = m[mode]
 
-            def two(key, fmt, r=r):
-                """'jax / hf' cell, empty when not measured (no bandwidth: no bound)."""
-                return f"{r[f'jax_{key}']:{fmt}} / {r[f'hf_{key}']:{fmt}}" if f"jax_{key}" in r else ""
-            lines.append(
-                f"| {name} | {mode} | {r['jax_new_tok_s']:.0f} | {r['hf_new_tok_s']:.0f} | "
-                f"{r['speedup']:.2f}× | {r['speedup_best_round']:.2f}× | ≥ {r['target']}× | "
-                f"{'yes' if r['met'] else '**no**'} | "
-                f"{r['jax_compile_s_approx']:.1f} | {m['jax_prefill_ms']:.1f} / {m['hf_prefill_ms']:.1f} | "
-                f"{two('decode_ms_per_step', '.2f')} | {two('bound_ms_per_step', '.2f')} | "
-                f"{two('x_bound', '.1f')} | {m['jax_peak_rss_mib']:.0f} / {m['hf_peak_rss_mib']:.0f} | "
-                f"{m['jax_max_others_cpu_frac']:.0%} / {m['hf_max_others_cpu_frac']:.0%} |")
+                def two(key, fmt, r=r):
+                    """'jax / hf' cell, empty when not measured (no bandwidth: no bound)."""
+                    return f"{r[f'jax_{key}']:{fmt}} / {r[f'hf_{key}']:{fmt}}" if f"jax_{key}" in r else ""
+                lines.append(
+                    f"| {name} | {PRECISION[dtype]} | {mode} | {r['jax_new_tok_s']:.0f} | "
+                    f"{r['hf_new_tok_s']:.0f} | {r['speedup']:.2f}× | {r['speedup_best_round']:.2f}× | "
+                    f"≥ {r['target']}× | {'yes' if r['met'] else '**no**'} | "
+                    f"{r['jax_compile_s_approx']:.1f} | {m['jax_prefill_ms']:.1f} / {m['hf_prefill_ms']:.1f} | "
+                    f"{two('decode_ms_per_step', '.2f')} | {two('bound_ms_per_step', '.2f')} | "
+                    f"{two('x_bound', '.1f')} | {m['jax_peak_rss_mib']:.0f} / {m['hf_peak_rss_mib']:.0f} | "
+                    f"{m['jax_max_others_cpu_frac']:.0%} / {m['hf_max_others_cpu_frac']:.0%} |")
+    best = [(name, model["best"]) for name, model in result["models"].items() if "best" in model]
+    if best:
+        lines += ["", "Each framework at its faster precision (median new tok/s):", "",
+                  "| model | mode | jax | hf | speedup | target | met? |", "|---|---|---|---|---|---|---|"]
+        for name, b in best:
+            for mode in MODES:
+                r = b[mode]
+                lines.append(f"| {name} | {mode} | {r['jax_new_tok_s']:.0f} ({PRECISION[r['jax_dtype']]}) | "
+                             f"{r['hf_new_tok_s']:.0f} ({PRECISION[r['hf_dtype']]}) | {r['speedup']:.2f}× | "
+                             f"≥ {r['target']}× | {'yes' if r['met'] else '**no**'} |")
     lines += [""]
-    for name, m in result["models"].items():
-        if "bytes_per_step" in m:
-            b = m["bytes_per_step"]
-            lines.append(f"- {name}: bytes per decode step = weights {b['jax']['weights'] / 2**20:.1f} MiB + "
-                         f"KV {b['jax']['kv'] / 2**20:.1f} MiB (S={b['jax']['kv_len']}; HF "
-                         f"{b['hf']['kv'] / 2**20:.1f} MiB at S={b['hf']['kv_len']}); greedy tokens equal "
-                         f"to HF's: {m['greedy_token_agreement_with_hf']:.1%}; rounds × reps "
-                         f"{m['rounds']} × {m['reps']}; failed: {', '.join(m['failed']) or 'none'}.")
+    for name, model in result["models"].items():
+        for dtype, m in model.get("dtypes", {}).items():
+            if "bytes_per_step" in m:
+                b = m["bytes_per_step"]
+                lines.append(
+                    f"- {name} {PRECISION[dtype]}: bytes per decode step = weights "
+                    f"{b['jax']['weights'] / 2**20:.1f} MiB + KV {b['jax']['kv'] / 2**20:.1f} MiB "
+                    f"(S={b['jax']['kv_len']}; HF {b['hf']['kv'] / 2**20:.1f} MiB at S={b['hf']['kv_len']}); "
+                    f"greedy tokens equal to HF's: {m['greedy_token_agreement_with_hf']:.1%}.")
+        if "rounds" in model:
+            lines.append(f"- {name}: rounds × reps {model['rounds']} × {model['reps']}; failed: "
+                         f"{', '.join(model['failed']) or 'none'}.")
     lines += ["", common.noise_line(result["noise"], "workers"), ""]
     return "\n".join(lines)
 
@@ -415,9 +474,10 @@ def run_all(args) -> dict:
     models = {}
     for model in (MODELS if args.model == "all" else (args.model,)):
         rounds, reps = (QUICK_PLAN if args.quick else DEFAULT_PLAN)[model]
-        models[model] = run_model(runner, model, args.rounds or rounds, args.reps or reps, bandwidth)
+        models[model] = run_model(runner, model, args.rounds or rounds, args.reps or reps, bandwidth,
+                                  args.dtypes)
     result = dict(bench="sampler", stamp=stamp, command=" ".join(sys.argv), allocator=runner.allocator,
-                  batch=BATCH, prompt_len=PROMPT, new_tokens=NEW, top_p=TOP_P, dtype="float32",
+                  batch=BATCH, prompt_len=PROMPT, new_tokens=NEW, top_p=TOP_P, dtypes=list(args.dtypes),
                   targets=TARGETS, membw=membw, models=models, host=common.host(),
                   cpus=len(os.sched_getaffinity(0)), total_wall_s=round(time.perf_counter() - t_start, 1))
     result["noise"] = noise(models, membw)
@@ -431,6 +491,15 @@ def run_all(args) -> dict:
     common.log(table)
     common.log(f"wrote {path}.json and .md ({result['total_wall_s']} s)")
     return result
+
+
+def _dtypes(text: str) -> tuple[str, ...]:
+    """--dtypes: a comma-separated subset of DTYPES, in the given order."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [n for n in names if n not in DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(DTYPES)}")
+    return names
 
 
 def main():
@@ -455,6 +524,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=900, help="seconds per worker process")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads for HF (default: torch's, = cores)")
+    ap.add_argument("--dtypes", type=_dtypes, default=DTYPES, metavar="LIST",
+                    help="precisions to time, comma-separated (default: float32,bfloat16)")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--worker", choices=["build", "membw", "jax", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -465,9 +537,10 @@ def main():
     elif args.worker == "membw":
         common.emit(worker_membw())
     elif args.worker == "jax":
-        common.emit(finish_worker(worker_jax(args.folder, args.prompts, args.reps)))
+        common.emit(finish_worker(worker_jax(args.folder, args.prompts, args.reps, args.dtype)))
     elif args.worker == "hf":
-        common.emit(finish_worker(worker_hf(args.folder, args.prompts, args.reps, args.torch_threads)))
+        common.emit(finish_worker(worker_hf(args.folder, args.prompts, args.reps, args.torch_threads,
+                                            args.dtype)))
     else:
         result = run_all(args)
         line = {k: v for k, v in result.items() if k != "models"}

@@ -84,37 +84,55 @@ def test_all_writes_every_row_and_both_target_tables(bench, tmp_path, monkeypatc
 
 
 def test_sampler_summary_and_table(bench):
-    """bench_sampler's per-model summary (medians over rounds, best-round speedup, bound) and
-    its markdown row, on two rounds of made-up worker records."""
+    """bench_sampler's per-model summary (medians over rounds per precision, best-round speedup,
+    bound, each framework at its faster precision) and its markdown rows, on two rounds of
+    made-up worker records per precision."""
     bs = bench.bench_sampler
 
-    def record(kind, call_ms, prefill_ms):
-        out = dict(framework=kind, prefill={"median_s": prefill_ms / 1e3}, peak_rss_mib=500.0,
-                   others_cpu_frac=0.0, versions={kind: "x"}, unroll_layers=False,
-                   attn_implementation="sdpa")
+    def record(kind, dtype, call_ms, prefill_ms):
+        out = dict(framework=kind, dtype=dtype, prefill={"median_s": prefill_ms / 1e3},
+                   peak_rss_mib=500.0, others_cpu_frac=0.0, versions={kind: "x"},
+                   unroll_layers=False, attn_implementation="sdpa")
         for mode in bs.MODES:
             call = call_ms[mode] / 1e3
             out[mode] = dict(call={"median_s": call}, new_tokens_per_s=bs.BATCH * bs.NEW / call,
                              first_call_s=2.0, compile_s_approx=1.0,
                              decode_step_s=bs.decode_step_s(call, prefill_ms / 1e3))
-        out["greedy"]["tokens"] = [[1, 2], [3, 4]]
+        out["greedy"]["tokens"] = [[1, 2], [3, 4]] if kind == "jax" or dtype == "float32" else [[1, 2], [3, 5]]
         return out
-    records = [record("jax", {"greedy": 160, "top_p": 200}, 65),
-               record("hf", {"greedy": 320, "top_p": 560}, 80),
-               record("jax", {"greedy": 220, "top_p": 340}, 85),
-               record("hf", {"greedy": 340, "top_p": 580}, 76)]
+    records = [record("jax", "float32", {"greedy": 160, "top_p": 200}, 65),
+               record("hf", "float32", {"greedy": 320, "top_p": 560}, 80),
+               record("jax", "bfloat16", {"greedy": 100, "top_p": 110}, 40),
+               record("hf", "bfloat16", {"greedy": 260, "top_p": 520}, 60),
+               record("jax", "float32", {"greedy": 220, "top_p": 340}, 85),
+               record("hf", "float32", {"greedy": 340, "top_p": 580}, 76),
+               record("jax", "bfloat16", {"greedy": 100, "top_p": 110}, 40),
+               record("hf", "bfloat16", {"greedy": 250, "top_p": 500}, 60)]
     m = bs.summarise("anchor", "/tmp/x", 2, 7, records, bandwidth=50.0)
-    assert m["greedy"]["jax_call_ms"] == 190.0 and m["greedy"]["hf_call_ms"] == 330.0
-    assert m["greedy"]["speedup_best_round"] == pytest.approx(320 / 160, abs=0.01)
+    fp32, bf16 = m["dtypes"]["float32"], m["dtypes"]["bfloat16"]
+    assert fp32["greedy"]["jax_call_ms"] == 190.0 and fp32["greedy"]["hf_call_ms"] == 330.0
+    assert fp32["greedy"]["speedup_best_round"] == pytest.approx(320 / 160, abs=0.01)
     tok_s = lambda *ms: sum(512 / (t / 1e3) for t in ms) / len(ms)  # median of two = mean  # noqa: E731
-    assert m["greedy"]["speedup"] == pytest.approx(tok_s(160, 220) / tok_s(320, 340), abs=0.01)
-    assert m["greedy_token_agreement_with_hf"] == 1.0
+    assert fp32["greedy"]["speedup"] == pytest.approx(tok_s(160, 220) / tok_s(320, 340), abs=0.01)
+    assert bf16["top_p"]["speedup"] == pytest.approx(tok_s(110) / tok_s(520, 500), abs=0.01)
+    assert fp32["greedy_token_agreement_with_hf"] == 1.0
+    assert bf16["greedy_token_agreement_with_hf"] == 0.75
+    # bf16 reads half the bytes: the bound halves
+    assert bf16["greedy"]["jax_bound_ms_per_step"] == pytest.approx(
+        fp32["greedy"]["jax_bound_ms_per_step"] / 2, rel=1e-2)
+    best = m["best"]["greedy"]
+    assert (best["jax_dtype"], best["hf_dtype"]) == ("bfloat16", "bfloat16")
+    assert best["speedup"] == pytest.approx(tok_s(100) / tok_s(260, 250), abs=0.01)
+    assert best["met"] == (best["speedup"] >= 2.5)
     table = bs.markdown(dict(stamp="s", allocator="tcmalloc", command="c", total_wall_s=1.0,
                              membw={"bandwidth_gbs": 50.0}, models={"anchor": m},
                              noise=dict(max_load1=0.1, max_others_cpu_frac=0.0, contaminated=[],
                                         failed=[])))
     lines = table.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
-    row = next(line for line in lines if line.startswith("| anchor | greedy"))
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model | precision"))
+    row = next(line for line in lines if line.startswith("| anchor | fp32 | greedy"))
     assert "2.00×" in row
     assert row.count("|") == lines[header].count("|") == lines[header + 1].count("|")
+    assert any(line.startswith("| anchor | bf16 | top_p") for line in lines)
+    best_row = next(line for line in lines if line.startswith("| anchor | greedy | 5120 (bf16)"))
+    assert "**no**" not in best_row
