@@ -146,7 +146,7 @@ def inverse_cdf(weights_BV: jax.Array, block: int = _CDF_BLOCK):
     nb = -(-V // block)
     w_BNK = jnp.pad(weights_BV, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
     block_BN = jnp.sum(w_BNK, axis=-1)
-    cdf_BN = jnp.cumsum(block_BN, axis=-1)
+    cdf_BN = _running_sum(block_BN)
     total_B = cdf_BN[:, -1]
     index_K = jnp.arange(block, dtype=jnp.int32)
 
@@ -157,12 +157,20 @@ def inverse_cdf(weights_BV: jax.Array, block: int = _CDF_BLOCK):
         previous_B1 = jnp.take_along_axis(cdf_BN, jnp.maximum(n_B - 1, 0)[:, None], axis=1)
         before_B1 = jnp.where(n_B[:, None] > 0, previous_B1, 0.0)
         w_BK = jnp.take_along_axis(w_BNK, n_B[:, None, None], axis=1)[:, 0]
-        hit_BK = (before_B1 + jnp.cumsum(w_BK, axis=-1) > target_B1) & (w_BK > 0)
+        hit_BK = (before_B1 + _running_sum(w_BK) > target_B1) & (w_BK > 0)
         last_B = jnp.max(jnp.where(w_BK > 0, index_K, 0), axis=-1)
         k_B = jnp.where(jnp.any(hit_BK, axis=-1), _first_true(hit_BK), last_B)
         return jnp.minimum(n_B * block + k_B, V - 1)
 
     return draw
+
+
+def _running_sum(x_BN: jax.Array) -> jax.Array:
+    """Running sum along the last axis as one matmul with a triangle of ones (exact products,
+    fp32 sums): XLA:CPU's cumsum is a log-depth scan of ~20 tiny ops, a cost at every draw."""
+    n = x_BN.shape[-1]
+    upper_NN = jnp.triu(jnp.ones((n, n), x_BN.dtype))
+    return jnp.matmul(x_BN, upper_NN, precision=jax.lax.Precision.HIGHEST)
 
 
 def in_nucleus(probs_BV: jax.Array, token_B: jax.Array, top_p) -> jax.Array:
@@ -187,9 +195,10 @@ def draw_from_nucleus(keys_B: jax.Array, probs_BV: jax.Array, top_p,
     depends only on its own key, never on its neighbours'.
     """
     draw = inverse_cdf(probs_BV)
+    u_BA = _uniforms(keys_B, attempts + 1)  # one per draw, and one for the fallback
 
     def attempt(a):
-        token_B = draw(_uniforms(keys_B, a))
+        token_B = draw(jax.lax.dynamic_index_in_dim(u_BA, a, axis=1, keepdims=False))
         return token_B, in_nucleus(probs_BV, token_B, top_p)
 
     def again(carry):
@@ -204,14 +213,11 @@ def draw_from_nucleus(keys_B: jax.Array, probs_BV: jax.Array, top_p,
 
     def from_nucleus():
         nucleus_BV = jnp.where(top_p_mask(probs_BV, top_p), probs_BV, 0.0)
-        return jnp.where(pending_B, inverse_cdf(nucleus_BV)(_uniforms(keys_B, attempts)), token_B)
+        return jnp.where(pending_B, inverse_cdf(nucleus_BV)(u_BA[:, attempts]), token_B)
 
     return jax.lax.cond(jnp.any(pending_B), from_nucleus, lambda: token_B)
 
 
-def _uniforms(keys_B: jax.Array, attempt: int | jax.Array | None = None) -> jax.Array:
-    """fp32 [B] in [0, 1): one per row from its key (folded with `attempt` when given)."""
-    def one(key):
-        key = key if attempt is None else jax.random.fold_in(key, attempt)
-        return jax.random.uniform(key, (), jnp.float32)
-    return jax.vmap(one)(keys_B)
+def _uniforms(keys_B: jax.Array, n: int | None = None) -> jax.Array:
+    """fp32 in [0, 1) from each row's key: [B], or [B, n] drawn at once (one generator call)."""
+    return jax.vmap(lambda key: jax.random.uniform(key, () if n is None else (n,), jnp.float32))(keys_B)
