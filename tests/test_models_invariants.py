@@ -79,6 +79,8 @@ def test_dense_vjp_equals_autodiff(spec, x_shape, w_shape):
     def grads(f, x, w):
         return jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * g), argnums=(0, 1))(x, w)
 
+    # the forward too: "BTNH,NHD->BTD" runs as one merged contraction (`_einsum_flat`)
+    np.testing.assert_allclose(dense(spec, x, w), jnp.einsum(spec, x, w), rtol=1e-6, atol=1e-6)
     ref = grads(lambda x, w: jnp.einsum(spec, x, w), x, w)
     ours = grads(lambda x, w: dense(spec, x, w), x, w)
     for a, b in zip(ours, ref):

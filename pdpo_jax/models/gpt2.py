@@ -61,8 +61,7 @@ class Attention(nnx.Module):
             kv = common.dense("BTD,DCNH->CBTNH", x_BTD, w_D3NH[:, 1:]) + b_3NH[1:, None, None]
             k, v = kv[0], kv[1]
         out_BQNH, kv_cache = common.attend(self.cfg, q, k, v, mask_BQS, keys, kv_cache)
-        out = common.dense("BTF,FD->BTD", out_BQNH.reshape(out_BQNH.shape[:2] + (-1,)),
-                           self.o_NHD[...].astype(dt).reshape(-1, self.cfg.d_model))
+        out = common.dense("BTNH,NHD->BTD", out_BQNH, self.o_NHD[...].astype(dt))
         return out + self.o_bias_D[...].astype(dt)[None, None], kv_cache
 
 

@@ -53,8 +53,7 @@ class Attention(nnx.Module):
         q = common.rope(q, table_q)
         k = common.rope(k, rope_table)
         out_BQNH, kv_cache = common.attend(cfg, q, k, v, mask_BQS, keys, kv_cache)
-        return common.dense("BTF,FD->BTD", out_BQNH.reshape(out_BQNH.shape[:2] + (-1,)),
-                            self.o_NHD[...].astype(dt).reshape(-1, cfg.d_model)), kv_cache
+        return common.dense("BTNH,NHD->BTD", out_BQNH, self.o_NHD[...].astype(dt)), kv_cache
 
 
 class Mlp(nnx.Module):
