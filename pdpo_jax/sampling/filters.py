@@ -187,7 +187,8 @@ def draw_from_nucleus(keys_B: jax.Array, probs_BV: jax.Array, top_p,
     """int32 [B]: a draw from the top-p nucleus (`top_p_mask`), renormalised, without building it.
 
     Rejection: draw from the whole distribution and keep the token if it is `in_nucleus`, else
-    draw again with the row's next key. An accepted token follows the distribution restricted
+    draw again with the row's next uniform (all `attempts` + 1 of them come from the row's key
+    in one generator call). An accepted token follows the distribution restricted
     to the nucleus exactly, and each draw is accepted with probability the nucleus mass (>=
     top_p), so a row needs 1/top_p draws on average, each one pass over the vocab; the nucleus
     threshold needs ~31 (`nucleus_threshold`). Rows still rejected after `attempts` draws (for
