@@ -14,7 +14,8 @@ frameworks load the same folder in the same precision and get the same random pr
 (ours: `from_pretrained(folder)`, HF: `from_pretrained(dtype=torch.float32)`); bfloat16 = bf16
 weights and compute, fp32 logits and sampling on both sides (ours: `from_pretrained(folder,
 dtype=param_dtype="bfloat16")`, HF: `from_pretrained(dtype=torch.bfloat16)`). The speedup is
-taken at the same precision; "best" compares each framework's faster precision. Shapes: batch 16, prompt 96, exactly 32 new tokens (EOS off); greedy, and top-p
+taken at the same precision; "best" compares each framework's faster precision. Shapes: batch
+16, prompt 96, exactly 32 new tokens (EOS off); greedy, and top-p
 0.9 at temperature 1 (top_k=0 on the HF side: its default top_k=50 would apply too).
 
 What is timed (each framework and precision in its own process; a round runs jax, hf per
@@ -305,8 +306,9 @@ def run_model(runner: Runner, model: str, rounds: int, reps: int, bandwidth: flo
                 for kind in ("jax", "hf"):
                     common.log(f"[{time.strftime('%H:%M:%S')}] {model} round {r + 1}/{rounds}: "
                                f"{kind} {dtype}")
-                    records.append(runner.worker(model, kind, "--folder", folder, "--prompts",
-                                                 prompts, "--reps", str(reps), "--dtype", dtype))
+                    record = runner.worker(model, kind, "--folder", folder, "--prompts", prompts,
+                                           "--reps", str(reps), "--dtype", dtype)
+                    records.append(dict(record, dtype=dtype))  # a failed worker's record too
     return summarise(model, folder, rounds, reps, records, bandwidth)
 
 
@@ -316,10 +318,9 @@ def summarise(model: str, folder: str, rounds: int, reps: int, records: list[dic
     bandwidth bound (`summarise_dtype`); then `best`: each framework at its faster precision."""
     out = dict(model=model, folder=folder if model != "anchor" else "(random init, temp dir)",
                rounds=rounds, reps=reps, failed=[r["cmd"] for r in records if "error" in r])
-    dtype_of = lambda r: r.get("dtype", "float32")  # noqa: E731
     out["dtypes"] = {}
     for dtype in DTYPES:
-        mine = [r for r in records if dtype_of(r) == dtype]
+        mine = [r for r in records if r["dtype"] == dtype]
         if mine:
             out["dtypes"][dtype] = summarise_dtype(model, dtype, mine, bandwidth)
     done = {d: m for d, m in out["dtypes"].items() if "error" not in m}
@@ -329,9 +330,10 @@ def summarise(model: str, folder: str, rounds: int, reps: int, records: list[dic
     for mode in MODES:
         pick = {k: max(done, key=lambda d: done[d][mode][f"{k}_new_tok_s"]) for k in ("jax", "hf")}
         jax_tok_s, hf_tok_s = (done[pick[k]][mode][f"{k}_new_tok_s"] for k in ("jax", "hf"))
+        ratio = jax_tok_s / hf_tok_s
         out["best"][mode] = dict(jax_dtype=pick["jax"], hf_dtype=pick["hf"], jax_new_tok_s=jax_tok_s,
-                                 hf_new_tok_s=hf_tok_s, speedup=round(jax_tok_s / hf_tok_s, 2),
-                                 target=TARGETS[mode], met=bool(jax_tok_s / hf_tok_s >= TARGETS[mode]))
+                                 hf_new_tok_s=hf_tok_s, speedup=round(ratio, 2),
+                                 target=TARGETS[mode], met=bool(ratio >= TARGETS[mode]))
     for r in records:  # the token ids were only needed for the agreement
         r.get("greedy", {}).pop("tokens", None)
     ok = [r for r in records if "error" not in r]

@@ -123,7 +123,7 @@ def test_sampler_summary_and_table(bench):
     best = m["best"]["greedy"]
     assert (best["jax_dtype"], best["hf_dtype"]) == ("bfloat16", "bfloat16")
     assert best["speedup"] == pytest.approx(tok_s(100) / tok_s(260, 250), abs=0.01)
-    assert best["met"] == (best["speedup"] >= 2.5)
+    assert best["met"]  # 5120 / 2008.6 = 2.55 >= 2.5
     table = bs.markdown(dict(stamp="s", allocator="tcmalloc", command="c", total_wall_s=1.0,
                              membw={"bandwidth_gbs": 50.0}, models={"anchor": m},
                              noise=dict(max_load1=0.1, max_others_cpu_frac=0.0, contaminated=[],

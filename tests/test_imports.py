@@ -5,6 +5,8 @@ or tokenizer libraries: `pdpo_jax.data` and `pdpo_jax.eval` load their submodule
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("grain", "orbax.checkpoint", "matplotlib", "transformers", "torch")
 
 
@@ -24,9 +26,5 @@ def test_lazy_package_attributes_resolve():
         for name in package.__all__:
             assert getattr(package, name) is not None, name
         assert set(package.__all__) <= set(dir(package))
-    try:
+    with pytest.raises(AttributeError, match="no_such_name"):
         data.no_such_name
-    except AttributeError as err:
-        assert "no_such_name" in str(err)
-    else:
-        raise AssertionError("an unknown attribute must raise AttributeError")

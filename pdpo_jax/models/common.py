@@ -201,11 +201,11 @@ def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv
     at = (0, 0, keys.write_at, 0)
     k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BTKH.swapaxes(1, 2).astype(k_BKSH.dtype), at)
     v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BTKH.swapaxes(1, 2).astype(v_BKSH.dtype), at)
-    if keys.prefill:  # the keys are the new tokens: the first T slots only (no empty slots)
-        T = k_BTKH.shape[1]  # the queries may be fewer (`select_queries`)
-        out = cached_attention(q_BTNH, k_BKSH[:, :, :T], v_BKSH[:, :, :T], mask_BTS)
-        return out, (k_BKSH, v_BKSH)
-    return cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS), (k_BKSH, v_BKSH)
+    # A prefill's keys are the new tokens, the first T slots (the queries may be fewer:
+    # `select_queries`); a decode step reads every slot, masked.
+    S = k_BTKH.shape[1] if keys.prefill else k_BKSH.shape[2]
+    out = cached_attention(q_BTNH, k_BKSH[:, :, :S], v_BKSH[:, :, :S], mask_BTS)
+    return out, (k_BKSH, v_BKSH)
 
 
 def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS):

@@ -65,21 +65,14 @@ def response_logps(model, tokens_BT, positions_BT, attention_mask_BT, loss_mask_
     batch); None scores every position (R = T - 1).
     """
     if window is None:  # T - 1 of T columns: no saving in selecting them inside the model
-        _, targets, valid = _all_positions(loss_mask_BT)
         h_BTD, _ = model.hidden_states(tokens_BT, positions_BT, attention_mask_BT)
-        h_BRD = h_BTD[:, :-1]
+        h_BRD, y_BR, valid = h_BTD[:, :-1], tokens_BT[:, 1:], loss_mask_BT[:, 1:].astype(bool)
     else:
         pred, targets, valid = response_window(loss_mask_BT, window)
         h_BRD, _ = model.hidden_states(tokens_BT, positions_BT, attention_mask_BT, select_BQ=pred)
-    y_BR = jnp.take_along_axis(tokens_BT, targets, axis=1)
+        y_BR = jnp.take_along_axis(tokens_BT, targets, axis=1)
     logp = token_logps(h_BRD, model.unembedding_VD(), y_BR, chunk)
     return jnp.where(valid, logp, 0.0), valid
-
-
-def _all_positions(loss_mask_BT):
-    B, T = loss_mask_BT.shape
-    pred = jnp.broadcast_to(jnp.arange(T - 1)[None, :], (B, T - 1))
-    return pred, pred + 1, loss_mask_BT[:, 1:].astype(bool)
 
 
 def sequence_logps(model, batch: dict, prefix: str = "", **kw):
