@@ -170,7 +170,7 @@ def worker_jax(folder: str, prompts: str, reps: int, dtype: str = "float32") -> 
         common.log(f"  [jax {dtype}] {mode}: first call {first_s:.2f} s, {s['median_s'] * 1e3:.1f} ms/call -> "
                    f"{out[mode]['new_tokens_per_s']:.0f} new tok/s (others {meter.result['others_cpu_frac']:.0%})")
     prefill = jax.jit(sampler.loop.prefill)
-    args = (sampler.params, jnp.asarray(tokens), jnp.asarray(mask))
+    args = (sampler.weights, jnp.asarray(tokens), jnp.asarray(mask))
     jax.block_until_ready(prefill(*args))
     out["prefill"] = common.summarize(timed(lambda: jax.block_until_ready(prefill(*args)), PREFILL_REPS))
     out["versions"] = dict(jax=jax.__version__, **bench_dpo.source_of(pdpo_jax))

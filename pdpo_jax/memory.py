@@ -283,8 +283,9 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
         # The negatives stage loads the weights in the compute dtype (no fp32 master copy).
         "parameters": (as_compute(tree_bytes(params, mesh, shd.SAMPLING_RULES)),
                        f"{c.dtype}, SAMPLING_RULES (tensor-parallel only)"),
-        "decode copies": (layers_b + head_b, "per generate call: the layers unstacked and the "
-                                             "LM head as [D, V] (sampler.SamplingLoop.model)"),
+        "decode layout": (layers_b + head_b, "the layers unstacked and the LM head as [D, V] "
+                                             "(sampler.DecodeWeights), made once while the "
+                                             "loaded copy is still held"),
         "kv cache": (kv, f"2 x {c.num_layers} layers x {brows} rows x S={S} "
                          f"({prompt} prompt + {window} new) x {kv_heads} kv heads x "
                          f"{c.head_dim} ({c.dtype})"),

@@ -72,6 +72,7 @@ def _negatives(ctx):
                               max_prompt_tokens=cfg.data.max_total_tokens - cfg.data.max_response_tokens,
                               batch_size=neg.batch_size, shard_size=neg.shard_size,
                               keep_truncated=neg.keep_truncated, generator=generator, mesh=mesh)
+    del model  # the sampler holds the weights in its decode layout: free the loaded copy
     paths = pdata.default_paths() if not (cfg.data.train and cfg.data.dev) else None
     summaries = {}
     for name, path, limit, default in (

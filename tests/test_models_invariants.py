@@ -199,7 +199,7 @@ def test_unstacked_layers_equal_stacked(arch):
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_unstacked_matrices_in_compute_dtype_change_no_number(arch):
-    """The decode copy's bf16 matrices (`unstack_layers(matrices_dtype=)`) give the very same
+    """The decode layout's bf16 matrices (`unstack_layers(matrices_dtype=)`) give the very same
     logits and cache as casting at each use; norm scales stay fp32 (GPT-2 applies them so)."""
     from pdpo_jax.models.common import unstack_layers
     cfg = CONFIGS[arch].replace(dtype="bfloat16")

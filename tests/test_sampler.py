@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from hf_reference import tiny_hf_model
 from pdpo_jax import sharding
@@ -137,8 +138,8 @@ def test_first_token_logits_ignore_left_padding(llama):
     sampler = Sampler(model, SamplingConfig(4, greedy=True))
     prefill = jax.jit(sampler.loop.prefill)
     prompt = _prompts((6,))[0]
-    alone = prefill(sampler.params, *left_pad([prompt]))[0]
-    padded = prefill(sampler.params, *left_pad([prompt, _prompts((40,), seed=1)[0]], length=64))[0]
+    alone = prefill(sampler.weights, *left_pad([prompt]))[0]
+    padded = prefill(sampler.weights, *left_pad([prompt, _prompts((40,), seed=1)[0]], length=64))[0]
     np.testing.assert_allclose(np.asarray(padded[0]), np.asarray(alone[0]), atol=1e-5)
 
 
@@ -308,7 +309,7 @@ def test_first_token_of_model_follows_softmax(llama):
     n, prompt = 3000, _prompts((5,))
     out = generate(model, prompt, SamplingConfig(1, n=n, seed=7))
     sampler = Sampler(model, SamplingConfig(1))
-    logits = jax.jit(sampler.loop.prefill)(sampler.params, *left_pad(prompt))[0]
+    logits = jax.jit(sampler.loop.prefill)(sampler.weights, *left_pad(prompt))[0]
     probs = np.asarray(jax.nn.softmax(logits[0]), np.float64)
     counts = np.bincount(out.tokens[:, 0], minlength=VOCAB)
     big = probs * n >= 5
@@ -385,6 +386,28 @@ def test_batch_of_one_and_bucketing_compiles_once(llama):
     assert sampler_module._run._cache_size() == before + 1
 
 
+def test_weights_are_laid_out_once_and_new_params_need_no_recompile(llama, tmp_path):
+    """The sampler holds one decode layout, made at construction; `params=` (a policy after
+    some training) samples as a sampler built on those weights, with the same program."""
+    folder, model = llama
+    cfg = SamplingConfig(6, top_p=0.9, logprobs=True)
+    sampler = Sampler(model, cfg)
+    layers = sampler.weights.params["layers"]
+    assert len(layers) == model.cfg.num_layers
+    np.testing.assert_array_equal(layers[1]["mlp"]["down_FD"][...], model.layers.mlp.down_FD[1])
+    assert sampler.weights.head_DV.shape == (model.cfg.d_model, VOCAB)
+    tiny_hf_model("mistral", seed=3).save_pretrained(tmp_path)
+    other = from_pretrained(tmp_path)
+    prompts = _prompts((4, 7))
+    want = Sampler(other, cfg).generate(prompts)
+    before = sampler_module._run._cache_size()
+    got = sampler.generate(prompts, params=nnx.split(other)[1])
+    assert sampler_module._run._cache_size() == before
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-6)
+    assert (got.tokens != sampler.generate(prompts).tokens).any()  # not the sampler's own weights
+
+
 def test_sharded_sampling_equals_unsharded(llama):
     """(data=2, fsdp=2, tensor=2) on 8 fake CPU devices; a batch of 3 is padded to 4."""
     folder, model = llama
@@ -399,11 +422,12 @@ def test_sharded_sampling_equals_unsharded(llama):
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_array_equal(got.lengths, want.lengths)
         np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
-    q = sampler.params["layers"]["attn"]["q_DNH"][...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+    q = sampler.weights.params["layers"][0]["attn"]["q_DNH"][...]
+    assert q.sharding.is_equivalent_to(
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tensor", None)), q.ndim)
     tokens, mask = left_pad(prompts + prompts[:1], length=32)
     args = sampler._place_batch(tokens, mask, np.ones(4, bool), np.arange(4, dtype=np.int32))
-    state = sampler_module._run(sampler.loop, sampler.params, *args, jnp.uint32(0))
+    state = sampler_module._run(sampler.loop, sampler.weights, *args, jnp.uint32(0))
     assert state.tokens_BS.sharding.spec[0] == ("data", "fsdp")
 
 

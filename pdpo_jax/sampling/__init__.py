@@ -5,9 +5,10 @@
 """
 from pdpo_jax.sampling.filters import (argmax_first, draw_from, filter_logits, sample_tokens,
                                        top_k_mask, top_p_mask)
-from pdpo_jax.sampling.sampler import (SampleOutput, Sampler, SamplerState, SamplingConfig,
-                                       SamplingLoop, bucket_length, generate, left_pad)
+from pdpo_jax.sampling.sampler import (DecodeWeights, SampleOutput, Sampler, SamplerState,
+                                       SamplingConfig, SamplingLoop, bucket_length, generate,
+                                       left_pad)
 
-__all__ = ["SampleOutput", "Sampler", "SamplerState", "SamplingConfig", "SamplingLoop",
+__all__ = ["DecodeWeights", "SampleOutput", "Sampler", "SamplerState", "SamplingConfig", "SamplingLoop",
            "bucket_length", "generate", "left_pad", "argmax_first", "draw_from", "filter_logits",
            "sample_tokens", "top_k_mask", "top_p_mask"]

@@ -11,6 +11,7 @@ its batch neighbours, on the batch size or on n.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -96,29 +97,56 @@ class SamplerState:
     logprobs_BT: jax.Array | None
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeWeights:
+    """The weights in the layout the decode loop reads, made once per set of params
+    (`Sampler.decode_weights`).
+
+    params: the model's state with its layers unstacked, one weight array per layer (from the
+    stacked [L, ...] arrays XLA:CPU would copy every layer's slice out at every decode step),
+    and their matrices cast to the compute dtype (bf16 compute with fp32 params then reads half
+    the bytes and casts nothing per step); `SamplingLoop.graphdef` is its graph.
+    head_DV: the LM head as [D, V] in the compute dtype, the layout a one-token matmul reads
+    fastest.
+    """
+    params: nnx.State
+    head_DV: jax.Array
+
+
+def decode_model(model: nnx.Module) -> nnx.Module:
+    """`model` as generation runs it: `unstack_layers`, matrices in the compute dtype."""
+    return unstack_layers(model, matrices_dtype=model.cfg.compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_weights(graphdef: nnx.GraphDef, params) -> DecodeWeights:
+    model = decode_model(nnx.merge(graphdef, params))
+    head_DV = model.unembedding_VD().T.astype(model.cfg.compute_dtype)
+    return DecodeWeights(nnx.split(model)[1], head_DV)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingLoop:
-    """Everything static about generation (hashable: it is jit's static argument)."""
+    """Everything static about generation (hashable: it is jit's static argument).
+
+    graphdef: the model's graph in the decode layout (`decode_model`), the graph of
+    `DecodeWeights.params`.
+    """
     graphdef: nnx.GraphDef
     cfg: SamplingConfig
     mesh: Mesh | None = None
 
     def model(self, params):
-        """The model as generation runs it: layers unstacked, one weight array per layer sliced
-        once per call (from the stacked arrays XLA would copy every layer's weights out at
-        every decode step) and, in that copy, its matrices cast to the compute dtype (bf16
-        compute with fp32 params: no cast per step). Holds a second copy of the layer weights
-        while a call runs."""
-        model = nnx.merge(self.graphdef, params)
-        return unstack_layers(model, matrices_dtype=model.cfg.compute_dtype)
+        return nnx.merge(self.graphdef, params)
 
-    def prefill(self, params, tokens_BP, mask_BP):
+    def prefill(self, weights: DecodeWeights, tokens_BP, mask_BP):
         """One model call over the whole left-padded prompt batch into a fresh cache.
 
         Returns (logits of each row's last prompt token fp32 [B, V], cache, next positions
         int32 [B]). Positions count from each row's first real token.
         """
-        return self._prefill(self.model(params), tokens_BP, mask_BP)
+        return self._prefill(self.model(weights.params), tokens_BP, mask_BP)
 
     def _prefill(self, model, tokens_BP, mask_BP):
         B, P = tokens_BP.shape
@@ -172,27 +200,25 @@ class SamplingLoop:
         """Go on while there are tokens left to make and some row has not stopped."""
         return (state.step < self.cfg.max_new_tokens) & ~jnp.all(state.done_B)
 
-    def body_fn(self, graphdef, params, head_DV, state: SamplerState) -> SamplerState:
+    def body_fn(self, weights: DecodeWeights, state: SamplerState) -> SamplerState:
         """Feed the last emitted token of every row through the cache, emit the next one."""
-        model = nnx.merge(graphdef, params)
+        model = self.model(weights.params)
         column = state.tokens_BS.shape[1] - self.cfg.max_new_tokens + state.step - 1
         token_B1 = jax.lax.dynamic_slice_in_dim(state.tokens_BS, column, 1, axis=1)
         # Stopped rows keep running (static batch) but their keys are marked invalid.
         h_B1D, cache = model.hidden_states(token_B1, state.positions_B[:, None],
                                            ~state.done_B[:, None], state.cache)
-        logits_BV = jnp.einsum("BD,DV->BV", h_B1D[:, 0], head_DV, preferred_element_type=jnp.float32)
+        logits_BV = jnp.einsum("BD,DV->BV", h_B1D[:, 0], weights.head_DV,
+                               preferred_element_type=jnp.float32)
         state = dataclasses.replace(state, cache=cache, positions_B=state.positions_B + 1)
         return self.emit(state, logits_BV)
 
-    def run(self, params, tokens_BP, mask_BP, live_B, example_ids_B, seed) -> SamplerState:
+    def run(self, weights: DecodeWeights, tokens_BP, mask_BP, live_B, example_ids_B,
+            seed) -> SamplerState:
         """The whole generation (prefill + decode loop); jitted by `_run`."""
-        model = self.model(params)
-        state = self.init_state(model, tokens_BP, mask_BP, live_B, example_ids_B, seed)
-        # The layout (and dtype) a one-token LM-head matmul reads fastest, made once per call.
-        head_DV = model.unembedding_VD().T.astype(model.cfg.compute_dtype)
-        graphdef, params = nnx.split(model)
-        body = lambda s: self.body_fn(graphdef, params, head_DV, s)
-        return jax.lax.while_loop(self.cond_fn, body, state)
+        state = self.init_state(self.model(weights.params), tokens_BP, mask_BP, live_B,
+                                example_ids_B, seed)
+        return jax.lax.while_loop(self.cond_fn, lambda s: self.body_fn(weights, s), state)
 
     def _constrain(self, cache: KVCache) -> KVCache:
         """Batch over data x fsdp and kv heads over tensor, as the sampling rules say."""
@@ -267,10 +293,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | No
 class Sampler:
     """Samples continuations from a model: `Sampler(model, cfg).generate([[ids], ...])`.
 
-    model: an nnx model or its `(graphdef, params)`. mesh: if given, params are placed with
-    `SAMPLING_RULES` (weights tensor-parallel, batch over data x fsdp) and the batch is padded
-    up to data*fsdp with dummy rows that are dropped from the output. prompt_bucket: prompt
-    lengths are rounded up to a multiple of it, so that few programs are compiled.
+    model: an nnx model or its `(graphdef, params)`. The sampler keeps the weights in the
+    decode layout (`DecodeWeights`), made here once: drop your own reference to the model to
+    free its stacked copy. mesh: if given, params are placed with `SAMPLING_RULES` (weights
+    tensor-parallel, batch over data x fsdp) and the batch is padded up to data*fsdp with
+    dummy rows that are dropped from the output. prompt_bucket: prompt lengths are rounded up
+    to a multiple of it, so that few programs are compiled.
     """
 
     def __init__(self, model, cfg: SamplingConfig, *, mesh: Mesh | None = None,
@@ -278,8 +306,14 @@ class Sampler:
         graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
         self.model_cfg = nnx.merge(graphdef, params).cfg
         self.cfg, self.mesh, self.prompt_bucket = cfg, mesh, prompt_bucket
-        self.loop = SamplingLoop(graphdef, cfg, mesh)
-        self.params = self._place_params(params)
+        self._graphdef = graphdef
+        decode = nnx.eval_shape(lambda p: decode_model(nnx.merge(graphdef, p)), params)
+        self.loop = SamplingLoop(nnx.split(decode)[0], cfg, mesh)
+        self.weights = self.decode_weights(params)
+
+    def decode_weights(self, params) -> DecodeWeights:
+        """params (of the model's structure), placed on the mesh, in the decode layout."""
+        return _decode_weights(self._graphdef, self._place_params(params))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None,
                  example_ids: Sequence[int] | None = None, params=None) -> SampleOutput:
@@ -295,7 +329,8 @@ class Sampler:
         seed: overrides cfg.seed (a traced value: no recompile). example_ids: int [B], the
         index folded into each row's key (default 0..B-1); pass dataset indices to make a
         prompt's samples independent of which batch it lands in. params: new weights of the
-        same structure (e.g. the policy after a training step), again without recompiling.
+        model's structure (e.g. the policy after a training step), again without recompiling;
+        this call then makes their decode layout (a second copy while it runs).
         """
         tokens_BP, mask_BP = self._check_prompts(np.asarray(tokens_BP), np.asarray(mask_BP))
         B = tokens_BP.shape[0]
@@ -305,8 +340,8 @@ class Sampler:
         tokens_BP, mask_BP, live_B, ids_B = self._pad_batch(tokens_BP, mask_BP, ids)
         args = self._place_batch(tokens_BP, mask_BP, live_B, ids_B.astype(np.int32))
         seed = jnp.asarray(self.cfg.seed if seed is None else _check_seed(seed), jnp.uint32)
-        params = self.params if params is None else self._place_params(params)
-        state = _run(self.loop, params, *args, seed)
+        weights = self.weights if params is None else self.decode_weights(params)
+        state = _run(self.loop, weights, *args, seed)
         return self._output(state, rows=B * self.cfg.n)
 
     def _check_prompts(self, tokens_BP, mask_BP):
