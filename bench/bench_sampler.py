@@ -140,7 +140,8 @@ def worker_membw(mib: int = MEMBW_MIB, reps: int = 10) -> dict:
 
 
 def worker_jax(folder: str, prompts: str, reps: int, dtype: str = "float32") -> dict:
-    """Our `Sampler` on the folder's weights in `dtype`: per mode a first call, then `reps`
+    """Our `Sampler` on the folder's weights in `dtype` (one sampler, the config per call, and
+    only its decode layout held, as HF holds one model): per mode a first call, then `reps`
     timed calls; then the prefill alone."""
     import jax
     import jax.numpy as jnp
@@ -154,14 +155,15 @@ def worker_jax(folder: str, prompts: str, reps: int, dtype: str = "float32") -> 
     configs = {"greedy": SamplingConfig(NEW, greedy=True),
                "top_p": SamplingConfig(NEW, top_p=TOP_P, temperature=1.0)}
     out = dict(bench="sampler", framework="jax", dtype=dtype, unroll_layers=model.cfg.unroll_layers)
+    sampler = Sampler(model, configs["greedy"])
+    del model
     for mode, cfg in configs.items():
-        sampler = Sampler(model, cfg)
         start = time.perf_counter()
-        first = sampler.sample(tokens, mask)
+        first = sampler.sample(tokens, mask, cfg=cfg)
         first_s = time.perf_counter() - start
         assert (first.lengths == NEW).all()
         with common.Meter() as meter:
-            times = timed(lambda: sampler.sample(tokens, mask), reps)
+            times = timed(lambda: sampler.sample(tokens, mask, cfg=cfg), reps)
         s = common.summarize(times)
         out[mode] = dict(call=s, new_tokens_per_s=BATCH * NEW / s["median_s"], first_call_s=first_s,
                          compile_s_approx=max(0.0, first_s - s["median_s"]), **meter.result)

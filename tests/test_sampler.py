@@ -408,6 +408,22 @@ def test_weights_are_laid_out_once_and_new_params_need_no_recompile(llama, tmp_p
     assert (got.tokens != sampler.generate(prompts).tokens).any()  # not the sampler's own weights
 
 
+def test_per_call_config_equals_a_sampler_built_with_it(llama):
+    """`cfg=` per call (as vLLM's sampling params): the same weights, that config's samples."""
+    _, model = llama
+    sampler = Sampler(model, SamplingConfig(5, greedy=True))
+    prompts = _prompts((3, 8))
+    for cfg in (SamplingConfig(7, top_k=20, seed=4, n=2, logprobs=True, pad_id=2, eos_ids=(EOS,)),
+                SamplingConfig(5, greedy=True)):
+        want = Sampler(model, cfg).generate(prompts)
+        got = sampler.generate(prompts, cfg=cfg)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        assert got.finish_reason == want.finish_reason
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+        assert got.tokens.shape == (len(prompts) * cfg.n, cfg.max_new_tokens)
+    assert sampler.generate(prompts).tokens.shape == (2, 5)  # the sampler's own config stays
+
+
 def test_sharded_sampling_equals_unsharded(llama):
     """(data=2, fsdp=2, tensor=2) on 8 fake CPU devices; a batch of 3 is padded to 4."""
     folder, model = llama

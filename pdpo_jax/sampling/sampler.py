@@ -315,36 +315,43 @@ class Sampler:
         """params (of the model's structure), placed on the mesh, in the decode layout."""
         return _decode_weights(self._graphdef, self._place_params(params))
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None,
-                 example_ids: Sequence[int] | None = None, params=None) -> SampleOutput:
+    def generate(self, prompts: Sequence[Sequence[int]], *, cfg: SamplingConfig | None = None,
+                 seed: int | None = None, example_ids: Sequence[int] | None = None,
+                 params=None) -> SampleOutput:
         """Samples for python lists of prompt ids (any lengths); see `sample`."""
+        cfg = self.cfg if cfg is None else cfg
         width = bucket_length(max(len(p) for p in prompts), self.prompt_bucket) if prompts else 0
-        tokens, mask = left_pad(prompts, self.cfg.pad_id, width)
-        return self.sample(tokens, mask, seed=seed, example_ids=example_ids, params=params)
+        tokens, mask = left_pad(prompts, cfg.pad_id, width)
+        return self.sample(tokens, mask, cfg=cfg, seed=seed, example_ids=example_ids,
+                           params=params)
 
-    def sample(self, tokens_BP, mask_BP, *, seed: int | None = None,
-               example_ids: Sequence[int] | None = None, params=None) -> SampleOutput:
+    def sample(self, tokens_BP, mask_BP, *, cfg: SamplingConfig | None = None,
+               seed: int | None = None, example_ids: Sequence[int] | None = None,
+               params=None) -> SampleOutput:
         """Samples for a left-padded batch: tokens int [B, P], mask bool [B, P].
 
-        seed: overrides cfg.seed (a traced value: no recompile). example_ids: int [B], the
+        cfg: this call's `SamplingConfig` instead of the sampler's (the same weights; each
+        config compiles its own program once). seed: overrides cfg.seed (a traced value: no
+        recompile). example_ids: int [B], the
         index folded into each row's key (default 0..B-1); pass dataset indices to make a
         prompt's samples independent of which batch it lands in. params: new weights of the
         model's structure (e.g. the policy after a training step), again without recompiling;
         this call then makes their decode layout (a second copy while it runs).
         """
-        tokens_BP, mask_BP = self._check_prompts(np.asarray(tokens_BP), np.asarray(mask_BP))
+        cfg = self.cfg if cfg is None else cfg
+        tokens_BP, mask_BP = self._check_prompts(np.asarray(tokens_BP), np.asarray(mask_BP), cfg)
         B = tokens_BP.shape[0]
         ids = np.arange(B) if example_ids is None else np.asarray(example_ids)
         if ids.shape != (B,):
             raise ValueError(f"example_ids has shape {ids.shape}; expected ({B},), one per prompt")
         tokens_BP, mask_BP, live_B, ids_B = self._pad_batch(tokens_BP, mask_BP, ids)
         args = self._place_batch(tokens_BP, mask_BP, live_B, ids_B.astype(np.int32))
-        seed = jnp.asarray(self.cfg.seed if seed is None else _check_seed(seed), jnp.uint32)
+        seed = jnp.asarray(cfg.seed if seed is None else _check_seed(seed), jnp.uint32)
         weights = self.weights if params is None else self.decode_weights(params)
-        state = _run(self.loop, weights, *args, seed)
-        return self._output(state, rows=B * self.cfg.n)
+        state = _run(dataclasses.replace(self.loop, cfg=cfg), weights, *args, seed)
+        return self._output(state, rows=B * cfg.n, new=cfg.max_new_tokens)
 
-    def _check_prompts(self, tokens_BP, mask_BP):
+    def _check_prompts(self, tokens_BP, mask_BP, cfg: SamplingConfig):
         """Refuses what would silently go wrong; pads the length up to its bucket."""
         if tokens_BP.ndim != 2 or tokens_BP.shape != mask_BP.shape:
             raise ValueError(f"tokens {tokens_BP.shape} and mask {mask_BP.shape} must both be [B, P]")
@@ -355,13 +362,13 @@ class Sampler:
         vocab = self.model_cfg.vocab_size
         if ((tokens_BP < 0) | (tokens_BP >= vocab))[mask_BP].any():
             raise ValueError(f"prompt token ids must be in [0, {vocab}), the model's vocab")
-        longest, new = int(mask_BP.sum(1).max()), self.cfg.max_new_tokens
+        longest, new = int(mask_BP.sum(1).max()), cfg.max_new_tokens
         if self.model_cfg.arch == "gpt2" and longest + new > self.model_cfg.max_positions:
             raise ValueError(f"a {longest}-token prompt + max_new_tokens={new} exceeds the "
                              f"{self.model_cfg.max_positions} learned positions of this model; "
                              "shorten the prompt or lower max_new_tokens")
         width = bucket_length(tokens_BP.shape[1], self.prompt_bucket) - tokens_BP.shape[1]
-        return (np.pad(tokens_BP, ((0, 0), (width, 0)), constant_values=self.cfg.pad_id),
+        return (np.pad(tokens_BP, ((0, 0), (width, 0)), constant_values=cfg.pad_id),
                 np.pad(mask_BP, ((0, 0), (width, 0))))
 
     def _pad_batch(self, tokens_BP, mask_BP, ids_B):
@@ -389,8 +396,7 @@ class Sampler:
         return tuple(jax.device_put(a, self.loop._sharding(("batch",) + (None,) * (a.ndim - 1),
                                                            a.shape)) for a in arrays)
 
-    def _output(self, state: SamplerState, rows: int) -> SampleOutput:
-        new = self.cfg.max_new_tokens
+    def _output(self, state: SamplerState, rows: int, new: int) -> SampleOutput:
         tokens, lengths, done, logprobs = jax.device_get(
             (state.tokens_BS[:, -new:], state.lengths_B, state.done_B, state.logprobs_BT))
         return SampleOutput(
