@@ -140,23 +140,22 @@ def worker_membw(mib: int = MEMBW_MIB, reps: int = 10) -> dict:
 
 
 def worker_jax(folder: str, prompts: str, reps: int, dtype: str = "float32") -> dict:
-    """Our `Sampler` on the folder's weights in `dtype` (one sampler, the config per call, and
-    only its decode layout held, as HF holds one model): per mode a first call, then `reps`
-    timed calls; then the prefill alone."""
+    """Our `Sampler` on the folder's weights in `dtype`, loaded as the negatives stage loads
+    them (in the decode layout: one copy of the weights; one sampler, the config per call):
+    per mode a first call, then `reps` timed calls; then the prefill alone."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import pdpo_jax
     from pdpo_jax.models import from_pretrained
     from pdpo_jax.sampling import Sampler, SamplingConfig
-    model = from_pretrained(folder, dtype=dtype, param_dtype=dtype)
+    model = from_pretrained(folder, dtype=dtype, param_dtype=dtype, stack_layers=False)
     tokens = np.load(prompts).astype(np.int32)
     mask = np.ones_like(tokens, bool)
     configs = {"greedy": SamplingConfig(NEW, greedy=True),
                "top_p": SamplingConfig(NEW, top_p=TOP_P, temperature=1.0)}
     out = dict(bench="sampler", framework="jax", dtype=dtype, unroll_layers=model.cfg.unroll_layers)
     sampler = Sampler(model, configs["greedy"])
-    del model
     for mode, cfg in configs.items():
         start = time.perf_counter()
         first = sampler.sample(tokens, mask, cfg=cfg)

@@ -277,15 +277,13 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     kv_heads = _per_device(c.num_kv_heads, mesh.tensor)
     kv = 2 * c.num_layers * brows * S * kv_heads * c.head_dim * c.compute_dtype.itemsize
     as_compute = lambda b: b * c.compute_dtype.itemsize // c.params_dtype.itemsize  # noqa: E731
-    layers_b = as_compute(tree_bytes(params["layers"], mesh, shd.SAMPLING_RULES))
     head_b = _per_device(c.vocab_size, mesh.tensor) * c.d_model * c.compute_dtype.itemsize
     sampling = {
-        # The negatives stage loads the weights in the compute dtype (no fp32 master copy).
+        # The negatives stage loads the weights in the compute dtype (no fp32 master copy),
+        # straight into the decode layout: the sampler adds only the head's [D, V] copy.
         "parameters": (as_compute(tree_bytes(params, mesh, shd.SAMPLING_RULES)),
-                       f"{c.dtype}, SAMPLING_RULES (tensor-parallel only)"),
-        "decode layout": (layers_b + head_b, "the layers unstacked and the LM head as [D, V] "
-                                             "(sampler.DecodeWeights), made once while the "
-                                             "loaded copy is still held"),
+                       f"{c.dtype}, layers unstacked, SAMPLING_RULES (tensor-parallel only)"),
+        "decode LM head": (head_b, "the LM head as [D, V] (sampler.DecodeWeights)"),
         "kv cache": (kv, f"2 x {c.num_layers} layers x {brows} rows x S={S} "
                          f"({prompt} prompt + {window} new) x {kv_heads} kv heads x "
                          f"{c.head_dim} ({c.dtype})"),

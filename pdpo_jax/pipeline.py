@@ -60,8 +60,10 @@ def _negatives(ctx):
     mesh = ctx.mesh
     if jax.process_count() > 1:  # each host samples its own shards on its own devices
         mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
-    # Sampling needs no fp32 master weights: hold them in the compute dtype (bf16 halves a 13B).
-    model = from_pretrained(generator, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.dtype)
+    # Sampling needs no fp32 master weights: hold them in the compute dtype (bf16 halves a 13B),
+    # loaded straight into the sampler's decode layout and sharding (no second copy).
+    model = from_pretrained(generator, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.dtype,
+                            rules=shd.SAMPLING_RULES, stack_layers=False)
     stages.check_tokenizer(ctx.tokenizer, model.cfg, generator)
     eos = {ctx.tokenizer.eos_token_id, *np.atleast_1d(model.cfg.eos_token_id or [])} - {None}
     sampling = SamplingConfig(max_new_tokens=cfg.data.max_response_tokens,
@@ -72,7 +74,6 @@ def _negatives(ctx):
                               max_prompt_tokens=cfg.data.max_total_tokens - cfg.data.max_response_tokens,
                               batch_size=neg.batch_size, shard_size=neg.shard_size,
                               keep_truncated=neg.keep_truncated, generator=generator, mesh=mesh)
-    del model  # the sampler holds the weights in its decode layout: free the loaded copy
     paths = pdata.default_paths() if not (cfg.data.train and cfg.data.dev) else None
     summaries = {}
     for name, path, limit, default in (

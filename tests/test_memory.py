@@ -51,9 +51,9 @@ def test_tiny_config_bytes_by_hand():
     assert p.train["transient"][0] == rows * 48 * V * 4 * 2
     # KV cache: negatives.batch_size 32, S = prompt (256 - 48 → 224, a multiple of 32) + 48.
     assert p.sampling["kv cache"][0] == 2 * L * 32 * (224 + 48) * K * H * 4
-    # The sampler's decode layout: the layers unstacked (all but the embedding and the final
-    # norm) and the (tied) LM head transposed, fp32.
-    assert p.sampling["decode layout"][0] == 4 * (P - V * D - D) + 4 * V * D
+    # The weights are loaded in the decode layout; the sampler adds the (tied) LM head as
+    # [D, V], fp32.
+    assert p.sampling["decode LM head"][0] == 4 * V * D
     assert p.total("train") == sum(b for b, _ in p.train.values())
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.torch import load_file
 
 from hf_reference import hf_logits, left_padded_batch, tiny_hf_model
@@ -35,9 +36,11 @@ def case(request, tmp_path_factory):
     return request.param, hf, folder
 
 
-def test_logits_match_hf(case):
+@pytest.mark.parametrize("stack_layers", [True, False])
+def test_logits_match_hf(case, stack_layers):
     name, hf, folder = case
-    model = from_pretrained(folder)
+    model = from_pretrained(folder, stack_layers=stack_layers)
+    assert isinstance(model.layers, nnx.List) != stack_layers
     rng = np.random.default_rng(0)
     tokens, mask, positions = left_padded_batch(rng, hf.config.vocab_size, [12, 12])
     np.testing.assert_allclose(_ours(model, tokens, mask, positions), hf_logits(hf, tokens),
@@ -57,9 +60,10 @@ def test_left_padded_logits_match_hf(case):
     np.testing.assert_allclose(ours[1, 5:], alone[0], atol=1e-5, rtol=0)
 
 
-def test_export_round_trip_is_bit_identical(case, tmp_path):
+@pytest.mark.parametrize("stack_layers", [True, False])
+def test_export_round_trip_is_bit_identical(case, tmp_path, stack_layers):
     name, hf, folder = case
-    model = from_pretrained(folder)
+    model = from_pretrained(folder, stack_layers=stack_layers)
     out = save_pretrained(model, tmp_path / "export")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     original = hf.state_dict()

@@ -424,6 +424,26 @@ def test_per_call_config_equals_a_sampler_built_with_it(llama):
     assert sampler.generate(prompts).tokens.shape == (2, 5)  # the sampler's own config stays
 
 
+def test_model_loaded_in_the_decode_layout_is_not_copied(llama):
+    """`from_pretrained(stack_layers=False)` on a mesh: the sampler decodes with the loaded
+    arrays themselves (one copy of the layers) and samples as from the stacked model."""
+    folder, model = llama
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    loaded = from_pretrained(folder, mesh=mesh, rules=sharding.SAMPLING_RULES, stack_layers=False)
+    assert sampler_module.in_decode_layout(loaded) and not sampler_module.in_decode_layout(model)
+    cfg = SamplingConfig(6, top_p=0.9, logprobs=True)
+    sampler = Sampler(loaded, cfg, mesh=mesh)
+    q = loaded.layers[1].attn.q_DNH[...]
+    assert sampler.weights.params["layers"][1]["attn"]["q_DNH"][...] is q
+    assert q.sharding.is_equivalent_to(
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tensor", None)), q.ndim)
+    prompts = _prompts((5, 9, 3))
+    want = generate(model, prompts, cfg)
+    got = sampler.generate(prompts)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
 def test_sharded_sampling_equals_unsharded(llama):
     """(data=2, fsdp=2, tensor=2) on 8 fake CPU devices; a batch of 3 is padded to 4."""
     folder, model = llama

@@ -458,16 +458,30 @@ def final_hidden(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, atte
 
 
 def _layer_modules(layers: nnx.Module, matrices_dtype=None) -> list[nnx.Module]:
-    """One module per layer, its parameters sliced out of the stacked [L, ...] arrays; with
-    matrices_dtype, the arrays of 2 or more dims per layer are cast to it."""
+    """One module per layer, its parameters sliced out of the stacked [L, ...] arrays (their
+    logical axis names lose the leading 'layers'); with matrices_dtype, the arrays of 2 or
+    more dims per layer are cast to it. Layers already one module each are only cast."""
+    if isinstance(layers, nnx.List):
+        return [_cast_matrices(layer, matrices_dtype) for layer in layers]
     graphdef, state = nnx.split(layers)
     num_layers = jax.tree.leaves(state)[0].shape[0]
 
-    def one(x, layer):
-        x = x[layer]
-        return x.astype(matrices_dtype) if matrices_dtype is not None and x.ndim >= 2 else x
-    return [nnx.merge(graphdef, jax.tree.map(lambda x: one(x, layer), state))
+    def one(var: nnx.Variable, layer: int) -> nnx.Variable:
+        names = var.get_metadata().get("out_sharding")
+        return var.replace(var[...][layer], **({"out_sharding": tuple(names)[1:]} if names else {}))
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return [_cast_matrices(nnx.merge(graphdef, jax.tree.map(lambda v: one(v, layer), state,
+                                                            is_leaf=is_var)), matrices_dtype)
             for layer in range(num_layers)]
+
+
+def _cast_matrices(layer: nnx.Module, dtype) -> nnx.Module:
+    """The layer with its arrays of 2 or more dims in `dtype` (None: as they are)."""
+    if dtype is None:
+        return layer
+    graphdef, state = nnx.split(layer)
+    cast = lambda x: x.astype(dtype) if x.ndim >= 2 else x  # noqa: E731
+    return nnx.merge(graphdef, jax.tree.map(cast, state))
 
 
 def unstack_layers(model: nnx.Module, matrices_dtype=None) -> nnx.Module:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from pdpo_jax import sharding as shd
 from pdpo_jax.models import hf_configs
-from pdpo_jax.models.common import ModelConfig
+from pdpo_jax.models.common import ModelConfig, unstack_layers
 from pdpo_jax.models.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorFiles, write_file
 
 config_from_hf = hf_configs.config_from_hf
@@ -216,12 +216,15 @@ def _read_config(folder: pathlib.Path) -> dict:
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
                     mesh: Mesh | None = None, rules=shd.TRAIN_RULES, remat: str = "none",
-                    unroll_layers: bool = False, allow_pickle: bool = False):
+                    unroll_layers: bool = False, stack_layers: bool = True,
+                    allow_pickle: bool = False):
     """Loads an HF causal-LM checkpoint folder into our model (GPT2 or Llama).
 
     dtype: compute dtype; param_dtype: stored weights; mesh: place each parameter straight
     into its sharding (rules: logical axis → mesh axis table); remat, unroll_layers: see
-    ModelConfig.
+    ModelConfig. stack_layers=False: `model.layers` is one module per layer
+    (`common.unstack_layers`), the layout the sampler decodes with, so that with
+    param_dtype = dtype a `Sampler` needs no second copy of the layers.
     """
     from pdpo_jax.models import build_model  # local: models/__init__ imports this module
     folder = pathlib.Path(path).expanduser()
@@ -229,12 +232,17 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, remat=remat,
                       unroll_layers=unroll_layers)
     src = _Source(folder, allow_pickle)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+    build = (lambda: build_model(cfg)) if stack_layers else (lambda: unstack_layers(build_model(cfg)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
     table = mapping_table(cfg)
     used: set[str] = set()
     flat = []
     for our_path, var in nnx.to_flat_state(abstract):
-        rule = table[our_path]
+        if our_path[0] == "layers" and isinstance(our_path[1], int):  # one layer's parameter
+            rule = table[our_path[:1] + our_path[2:]]
+            rule = dataclasses.replace(rule, hf=rule.hf.format(i=our_path[1]))
+        else:
+            rule = table[our_path]
         sharding = None
         if mesh is not None:
             spec = shd.logical_to_spec(shd.variable_names(var), var.shape, rules=rules, mesh=mesh)
@@ -271,10 +279,16 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, dtype: st
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     _, state = nnx.split(model, nnx.Param)
-    values = {p: v for p, v in nnx.to_flat_state(state)}
+    values, per_layer = {}, {}  # per_layer: unstacked layers (stack_layers=False), by layer
+    for p, v in nnx.to_flat_state(state):
+        if p[0] == "layers" and isinstance(p[1], int):
+            per_layer.setdefault(p[:1] + p[2:], {})[p[1]] = v
+        else:
+            values[p] = v
     groups = []  # one group per parameter: its HF tensors, written together
     for rule in _TABLES[cfg.arch](cfg):
-        shape = values[rule.ours].shape
+        shape = (values[rule.ours].shape if rule.ours in values
+                 else (cfg.num_layers, *per_layer[rule.ours][0].shape))
         names = [rule.hf.format(i=i) for i in range(cfg.num_layers)] if rule.layered else [rule.hf]
         hf_shape = _hf_shape(rule, cfg, shape[1:] if rule.layered else shape)
         groups.append((rule, [(n, hf_shape, dtype) for n in names]))
@@ -290,8 +304,11 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, dtype: st
 
     def produce(shard_groups):
         for rule, tensors in shard_groups:
-            host = _host(values[rule.ours][...])
-            parts = list(host) if rule.layered else [host]
+            if rule.ours in per_layer:
+                parts = [_host(per_layer[rule.ours][i][...]) for i in range(cfg.num_layers)]
+            else:
+                host = _host(values[rule.ours][...])
+                parts = list(host) if rule.layered else [host]
             for (name, _, _), part in zip(tensors, parts, strict=True):
                 yield name, np.asarray(rule.to_hf(part, cfg)).astype(dtype)
 

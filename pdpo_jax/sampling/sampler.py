@@ -119,11 +119,25 @@ def decode_model(model: nnx.Module) -> nnx.Module:
     return unstack_layers(model, matrices_dtype=model.cfg.compute_dtype)
 
 
+def in_decode_layout(model: nnx.Module) -> bool:
+    """Whether `decode_model` would change nothing: layers one module each, matrices in the
+    compute dtype (`from_pretrained(stack_layers=False)` with param_dtype = dtype)."""
+    if not isinstance(model.layers, nnx.List):
+        return False
+    dtype = model.cfg.compute_dtype
+    return all(x.dtype == dtype for x in jax.tree.leaves(nnx.state(model.layers)) if x.ndim >= 2)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_head(graphdef: nnx.GraphDef, params) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    return model.unembedding_VD().T.astype(model.cfg.compute_dtype)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_weights(graphdef: nnx.GraphDef, params) -> DecodeWeights:
     model = decode_model(nnx.merge(graphdef, params))
-    head_DV = model.unembedding_VD().T.astype(model.cfg.compute_dtype)
-    return DecodeWeights(nnx.split(model)[1], head_DV)
+    return DecodeWeights(nnx.split(model)[1], _decode_head(graphdef, params))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,11 +323,16 @@ class Sampler:
         self._graphdef = graphdef
         decode = nnx.eval_shape(lambda p: decode_model(nnx.merge(graphdef, p)), params)
         self.loop = SamplingLoop(nnx.split(decode)[0], cfg, mesh)
+        # A model loaded in the decode layout is used as it is (jit would copy it).
+        self._in_layout = in_decode_layout(nnx.merge(graphdef, params))
         self.weights = self.decode_weights(params)
 
     def decode_weights(self, params) -> DecodeWeights:
         """params (of the model's structure), placed on the mesh, in the decode layout."""
-        return _decode_weights(self._graphdef, self._place_params(params))
+        params = self._place_params(params)
+        if self._in_layout:
+            return DecodeWeights(params, _decode_head(self._graphdef, params))
+        return _decode_weights(self._graphdef, params)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, cfg: SamplingConfig | None = None,
                  seed: int | None = None, example_ids: Sequence[int] | None = None,
