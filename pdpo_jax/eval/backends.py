@@ -171,12 +171,14 @@ class LocalJudge:
 
         from pdpo_jax.eval.io import checkpoint_fingerprint
         from pdpo_jax.models import from_pretrained
+        from pdpo_jax.sharding import SAMPLING_RULES
         folder = pathlib.Path(checkpoint).expanduser()
         if not (folder / "config.json").is_file():
             raise JudgeError(f"judge.local_checkpoint={str(checkpoint)!r} is not an HF checkpoint "
                              "folder (no config.json); set judge.local_checkpoint")
         self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(folder)
-        self.model = from_pretrained(folder, mesh=mesh)
+        # Only sampled from: loaded in the sampler's decode layout (one copy of the weights).
+        self.model = from_pretrained(folder, mesh=mesh, rules=SAMPLING_RULES, stack_layers=False)
         self.mesh, self.batch_size = mesh, batch_size
         self.max_new_tokens, self.retry_temperature = max_new_tokens, retry_temperature
         self.judge_id = (f"local:{folder.resolve()}@{checkpoint_fingerprint(folder)}"

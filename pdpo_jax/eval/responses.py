@@ -98,6 +98,7 @@ def responses_for_checkpoints(out_dir: str | os.PathLike, checkpoints: dict[str,
     """{label: replies aligned with `histories`}; each checkpoint's replies are stored in
     <out_dir>/<label>.jsonl and reused while checkpoint, histories, template and sampling match."""
     from pdpo_jax.models import from_pretrained
+    from pdpo_jax.sharding import SAMPLING_RULES
     out_dir = pathlib.Path(out_dir)
     replies = {}
     for label, folder in checkpoints.items():
@@ -110,7 +111,8 @@ def responses_for_checkpoints(out_dir: str | os.PathLike, checkpoints: dict[str,
             log.info("responses of %s: reusing %s", label, path)
             rows = read_jsonl(path)
         else:
-            model = from_pretrained(folder, mesh=mesh)
+            # Only sampled from: loaded in the sampler's decode layout (one copy of the weights).
+            model = from_pretrained(folder, mesh=mesh, rules=SAMPLING_RULES, stack_layers=False)
             rows = generate_responses(model, tokenizer, template, histories, cfg, mesh=mesh,
                                       desc=f"responses {label}")
             write_jsonl_atomic(path, rows)

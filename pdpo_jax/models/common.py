@@ -486,7 +486,7 @@ def _cast_matrices(layer: nnx.Module, dtype) -> nnx.Module:
 
 def unstack_layers(model: nnx.Module, matrices_dtype=None) -> nnx.Module:
     """The same model with `model.layers` as one module per layer (an `nnx.List`), sliced
-    out of the stacked parameters once.
+    out of the stacked parameters once (layers already unstacked are kept, only cast).
 
     For loops that run the model many times (decoding): every later call reads each layer's
     weights in place, where the stacked form makes XLA:CPU copy a layer's slice out of the

@@ -318,13 +318,13 @@ class Sampler:
     def __init__(self, model, cfg: SamplingConfig, *, mesh: Mesh | None = None,
                  prompt_bucket: int = PROMPT_BUCKET):
         graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
-        self.model_cfg = nnx.merge(graphdef, params).cfg
-        self.cfg, self.mesh, self.prompt_bucket = cfg, mesh, prompt_bucket
+        model = nnx.merge(graphdef, params)
+        self.model_cfg, self.cfg, self.mesh, self.prompt_bucket = model.cfg, cfg, mesh, prompt_bucket
         self._graphdef = graphdef
         decode = nnx.eval_shape(lambda p: decode_model(nnx.merge(graphdef, p)), params)
         self.loop = SamplingLoop(nnx.split(decode)[0], cfg, mesh)
         # A model loaded in the decode layout is used as it is (jit would copy it).
-        self._in_layout = in_decode_layout(nnx.merge(graphdef, params))
+        self._in_layout = in_decode_layout(model)
         self.weights = self.decode_weights(params)
 
     def decode_weights(self, params) -> DecodeWeights:
