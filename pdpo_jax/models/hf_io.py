@@ -214,6 +214,14 @@ def _read_config(folder: pathlib.Path) -> dict:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
+def _unstacked(path: tuple) -> tuple[tuple, int | None]:
+    """(the stacked model's path, layer) for a parameter of unstacked layers ('layers', i, ...);
+    (path, None) for any other."""
+    if len(path) > 1 and path[0] == "layers" and isinstance(path[1], int):
+        return path[:1] + path[2:], path[1]
+    return path, None
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
                     mesh: Mesh | None = None, rules=shd.TRAIN_RULES, remat: str = "none",
                     unroll_layers: bool = False, stack_layers: bool = True,
@@ -238,11 +246,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     used: set[str] = set()
     flat = []
     for our_path, var in nnx.to_flat_state(abstract):
-        if our_path[0] == "layers" and isinstance(our_path[1], int):  # one layer's parameter
-            rule = table[our_path[:1] + our_path[2:]]
-            rule = dataclasses.replace(rule, hf=rule.hf.format(i=our_path[1]))
-        else:
-            rule = table[our_path]
+        stacked_path, layer = _unstacked(our_path)
+        rule = table[stacked_path]
+        if layer is not None:  # one layer's own parameter: its one HF tensor
+            rule = dataclasses.replace(rule, hf=rule.hf.format(i=layer))
         sharding = None
         if mesh is not None:
             spec = shd.logical_to_spec(shd.variable_names(var), var.shape, rules=rules, mesh=mesh)
@@ -281,10 +288,11 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, dtype: st
     _, state = nnx.split(model, nnx.Param)
     values, per_layer = {}, {}  # per_layer: unstacked layers (stack_layers=False), by layer
     for p, v in nnx.to_flat_state(state):
-        if p[0] == "layers" and isinstance(p[1], int):
-            per_layer.setdefault(p[:1] + p[2:], {})[p[1]] = v
-        else:
+        stacked_path, layer = _unstacked(p)
+        if layer is None:
             values[p] = v
+        else:
+            per_layer.setdefault(stacked_path, {})[layer] = v
     groups = []  # one group per parameter: its HF tensors, written together
     for rule in _TABLES[cfg.arch](cfg):
         shape = (values[rule.ours].shape if rule.ours in values

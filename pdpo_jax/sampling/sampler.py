@@ -152,6 +152,7 @@ class SamplingLoop:
     mesh: Mesh | None = None
 
     def model(self, params):
+        """The model in its decode layout, from `DecodeWeights.params`."""
         return nnx.merge(self.graphdef, params)
 
     def prefill(self, weights: DecodeWeights, tokens_BP, mask_BP):
@@ -318,19 +319,18 @@ class Sampler:
     def __init__(self, model, cfg: SamplingConfig, *, mesh: Mesh | None = None,
                  prompt_bucket: int = PROMPT_BUCKET):
         graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
-        model = nnx.merge(graphdef, params)
-        self.model_cfg, self.cfg, self.mesh, self.prompt_bucket = model.cfg, cfg, mesh, prompt_bucket
+        self.model_cfg = nnx.merge(graphdef, params).cfg
+        self.cfg, self.mesh, self.prompt_bucket = cfg, mesh, prompt_bucket
         self._graphdef = graphdef
         decode = nnx.eval_shape(lambda p: decode_model(nnx.merge(graphdef, p)), params)
         self.loop = SamplingLoop(nnx.split(decode)[0], cfg, mesh)
-        # A model loaded in the decode layout is used as it is (jit would copy it).
-        self._in_layout = in_decode_layout(model)
         self.weights = self.decode_weights(params)
 
     def decode_weights(self, params) -> DecodeWeights:
-        """params (of the model's structure), placed on the mesh, in the decode layout."""
+        """params (of the model's structure), placed on the mesh, in the decode layout. Params
+        already in it are used as they are (jit would copy them); only the head is made."""
         params = self._place_params(params)
-        if self._in_layout:
+        if in_decode_layout(nnx.merge(self._graphdef, params)):
             return DecodeWeights(params, _decode_head(self._graphdef, params))
         return _decode_weights(self._graphdef, params)
 
@@ -351,11 +351,11 @@ class Sampler:
 
         cfg: this call's `SamplingConfig` instead of the sampler's (the same weights; each
         config compiles its own program once). seed: overrides cfg.seed (a traced value: no
-        recompile). example_ids: int [B], the
-        index folded into each row's key (default 0..B-1); pass dataset indices to make a
-        prompt's samples independent of which batch it lands in. params: new weights of the
-        model's structure (e.g. the policy after a training step), again without recompiling;
-        this call then makes their decode layout (a second copy while it runs).
+        recompile). example_ids: int [B], the index folded into each row's key (default
+        0..B-1); pass dataset indices to make a prompt's samples independent of which batch it
+        lands in. params: new weights of the model's structure (e.g. the policy after a
+        training step), again without recompiling; this call then makes their decode layout
+        (a second copy while it runs, unless they are in it already).
         """
         cfg = self.cfg if cfg is None else cfg
         tokens_BP, mask_BP = self._check_prompts(np.asarray(tokens_BP), np.asarray(mask_BP), cfg)
