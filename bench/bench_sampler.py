@@ -11,9 +11,10 @@ SmolLM2-135M-Instruct from the HF folder $PDPO_SMOLLM2_DIR or
 ~/.cache/pdpo-models/smollm2-135m-instruct (skipped, with a message, when absent). Both
 frameworks load the same folder in the same precision and get the same random prompt ids
 (numpy seed 1). Precisions (`--dtypes`): float32 = fp32 weights and compute on both sides
-(ours: `from_pretrained(folder)`, HF: `from_pretrained(dtype=torch.float32)`); bfloat16 = bf16
-weights and compute, fp32 logits and sampling on both sides (ours: `from_pretrained(folder,
-dtype=param_dtype="bfloat16")`, HF: `from_pretrained(dtype=torch.bfloat16)`). The speedup is
+(ours: `from_pretrained(folder, stack_layers=False)`, the decode layout the negatives stage
+loads, HF: `from_pretrained(dtype=torch.float32)`); bfloat16 = bf16 weights and compute, fp32
+logits and sampling on both sides (ours: also `dtype=param_dtype="bfloat16"`, HF:
+`from_pretrained(dtype=torch.bfloat16)`). The speedup is
 taken at the same precision; "best" compares each framework's faster precision. Shapes: batch
 16, prompt 96, exactly 32 new tokens (EOS off); greedy, and top-p
 0.9 at temperature 1 (top_k=0 on the HF side: its default top_k=50 would apply too).

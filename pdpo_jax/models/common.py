@@ -475,13 +475,27 @@ def _layer_modules(layers: nnx.Module, matrices_dtype=None) -> list[nnx.Module]:
             for layer in range(num_layers)]
 
 
+def _is_matrix(x) -> bool:
+    """The arrays `matrices_dtype` casts: projection weights and per-head biases (>= 2 dims)."""
+    return x.ndim >= 2
+
+
 def _cast_matrices(layer: nnx.Module, dtype) -> nnx.Module:
-    """The layer with its arrays of 2 or more dims in `dtype` (None: as they are)."""
+    """The layer with its matrices (`_is_matrix`) in `dtype` (None: as they are)."""
     if dtype is None:
         return layer
     graphdef, state = nnx.split(layer)
-    cast = lambda x: x.astype(dtype) if x.ndim >= 2 else x  # noqa: E731
+    cast = lambda x: x.astype(dtype) if _is_matrix(x) else x  # noqa: E731
     return nnx.merge(graphdef, jax.tree.map(cast, state))
+
+
+def is_unstacked(model: nnx.Module, matrices_dtype=None) -> bool:
+    """Whether `unstack_layers(model, matrices_dtype)` would change nothing: the layers are
+    one module each and (with matrices_dtype) their matrices are in it already."""
+    if not isinstance(model.layers, nnx.List):
+        return False
+    return matrices_dtype is None or all(
+        x.dtype == matrices_dtype for x in jax.tree.leaves(nnx.state(model.layers)) if _is_matrix(x))
 
 
 def unstack_layers(model: nnx.Module, matrices_dtype=None) -> nnx.Module:

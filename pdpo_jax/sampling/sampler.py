@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pdpo_jax import sharding as shd
-from pdpo_jax.models.common import KVCache, logits_from_hidden, unstack_layers
+from pdpo_jax.models.common import KVCache, is_unstacked, logits_from_hidden, unstack_layers
 from pdpo_jax.sampling.filters import sample_tokens
 
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (few compiled shapes)
@@ -120,12 +120,9 @@ def decode_model(model: nnx.Module) -> nnx.Module:
 
 
 def in_decode_layout(model: nnx.Module) -> bool:
-    """Whether `decode_model` would change nothing: layers one module each, matrices in the
-    compute dtype (`from_pretrained(stack_layers=False)` with param_dtype = dtype)."""
-    if not isinstance(model.layers, nnx.List):
-        return False
-    dtype = model.cfg.compute_dtype
-    return all(x.dtype == dtype for x in jax.tree.leaves(nnx.state(model.layers)) if x.ndim >= 2)
+    """Whether `decode_model` would change nothing (`from_pretrained(stack_layers=False)` with
+    param_dtype = dtype)."""
+    return is_unstacked(model, matrices_dtype=model.cfg.compute_dtype)
 
 
 @functools.partial(jax.jit, static_argnums=0)
