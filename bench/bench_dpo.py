@@ -1,12 +1,14 @@
 """DPO step throughput and MFU: pdpo_jax vs a hand-written PyTorch step vs trl's DPOTrainer.
 
-    .venv/bin/python bench/bench_dpo.py --all [--tcmalloc] [--quick]    # everything (~10 min)
+    .venv/bin/python bench/bench_dpo.py --all [--tcmalloc] [--quick] [--rounds R]  # everything (~25 min)
     .venv/bin/python bench/bench_dpo.py jax --precision bf16 --window 32  # one pdpo_jax worker
 
 `--all` runs every record in its own subprocess (torch's OpenMP pool and XLA's thread pool
 never compete, and peak RSS is per record), in this order: the GEMM peak (matmul_peak.py),
 the anchor-shape rows (pdpo_jax × {fp32, bf16} × {window 32, no window}, and with
-dpo.share_prompt (the prompt run once per pair), hand-written torch, trl), SmolLM2-135M-size rows, then a sequence-length and a batch sweep of pdpo_jax. Each
+dpo.share_prompt (the prompt run once per pair), hand-written torch, trl; in R rounds, each
+row reporting its median round), SmolLM2-135M-size rows, then a sequence-length and a batch
+sweep of pdpo_jax. Each
 worker prints one JSON line on stdout; `--all` echoes them, then writes
 bench/results/dpo-<stamp>.json (records + summary + target ratios) and dpo-<stamp>.md.
 
@@ -241,14 +243,16 @@ def run_all(args) -> None:
     unknown = set(groups) - set(GROUPS)
     if unknown:
         sys.exit(f"unknown --groups {sorted(unknown)}; choose from {sorted(GROUPS)}")
-    plan = []  # (group, script, extra args, variant, env)
+    rounds = args.rounds or (1 if args.quick else 5)
+    plan = []  # (group, script, extra args, variant, env, round)
     for group in groups:
-        for script, extra in GROUPS[group]:
-            extra = list(extra) + (["--warmup", "1", "--steps", "5"] if args.quick else [])
-            plan.append((group, script, extra, None, env))
-            if args.proposed and script == "jax" and group != "sweep":
-                alt = dict(env, PYTHONPATH=os.pathsep.join([os.path.abspath(args.proposed), env["PYTHONPATH"]]))
-                plan.append((group, script, extra, "proposed", alt))
+        for r in range(rounds if group == "anchor" else 1):
+            for script, extra in GROUPS[group][::-1 if r % 2 else 1]:  # odd rounds backwards
+                extra = list(extra) + (["--warmup", "1", "--steps", "5"] if args.quick else [])
+                plan.append((group, script, extra, None, env, r))
+                if args.proposed and script == "jax" and group != "sweep":
+                    alt = dict(env, PYTHONPATH=os.pathsep.join([os.path.abspath(args.proposed), env["PYTHONPATH"]]))
+                    plan.append((group, script, extra, "proposed", alt, r))
     t_start = time.perf_counter()
     peaks_path = os.path.join(args.results, f"peaks-{stamp}.json")
     peaks = run_worker([os.path.join(HERE, "matmul_peak.py"), "--out", peaks_path], env, "peak",
@@ -256,36 +260,60 @@ def run_all(args) -> None:
     print(json.dumps(peaks, sort_keys=True), flush=True)
     if "error" in peaks:
         sys.exit(f"matmul_peak failed: {peaks['stderr_tail']}")
-    records = []
-    for group, script, extra, variant, row_env in plan:
+    timed = []
+    for group, script, extra, variant, row_env, r in plan:
         cmd = [*SCRIPTS[script], *extra, "--peaks", peaks_path]
         record = run_retimed(cmd, row_env, group, args.timeout, args.wait_quiet, args.retries)
+        record["round"] = r
         if variant and "label" in record:
             record.update(variant=variant, label=record["label"] + "+" + variant)
-        records.append(record)
+        timed.append(record)
         print(json.dumps(record, sort_keys=True), flush=True)
         common.log(f"[{time.strftime('%H:%M:%S')}] {group:7s} {record.get('label', record.get('error')):28s} "
                    f"{record.get('model', '')} P={record.get('pairs')} T={record.get('seq_len')}: "
                    f"{record.get('step_ms')} ms/step  load {record.get('load1_start')} "
                    f"others {record.get('others_cpu_frac')}  ({record['process_wall_s']} s)")
+    records = median_rounds(timed)
     summary = dict(stamp=stamp, allocator="tcmalloc" if args.tcmalloc else "glibc",
                    command=" ".join(sys.argv), total_wall_s=round(time.perf_counter() - t_start, 1),
-                   targets=targets(records, None))
+                   anchor_rounds=rounds, targets=targets(records, None))
     if any(r.get("share_prompt") for r in records):  # else the same table twice
         summary["targets_unshared"] = targets(records, None, shared=False)
     if args.proposed:
         summary["targets_proposed"] = targets(records, "proposed")
         summary["proposed_src"] = os.path.abspath(args.proposed)
-    summary["noise"] = noise(records)
+    summary["noise"] = noise(timed)
     json_path = os.path.join(args.results, f"dpo-{stamp}.json")
     with open(json_path, "w") as fh:
-        json.dump(dict(summary=summary, peaks=peaks, records=records), fh, indent=1, sort_keys=True)
+        json.dump(dict(summary=summary, peaks=peaks, records=records, round_records=timed), fh, indent=1,
+                  sort_keys=True)
     table = markdown(summary, peaks, records)
     with open(os.path.join(args.results, f"dpo-{stamp}.md"), "w") as fh:
         fh.write(table)
     print(json.dumps({"summary": summary}, sort_keys=True), flush=True)
     print(table)
     common.log(f"wrote {json_path} and .md ({summary['total_wall_s']} s)")
+
+
+def median_rounds(timed: list[dict]) -> list[dict]:
+    """One record per row (same group, command and variant), in the order rows first ran: the
+    row's median round (for an even count the faster of the middle two), with every round's
+    ms/step in `step_ms_rounds`. A VM process runs at one of two speeds for its whole life, so
+    a single process per row can put one framework in the slow state and not the other; the
+    median of interleaved processes keeps that out of the ratios, alike for every framework.
+    A row whose every round failed keeps the first failure."""
+    rows: dict[tuple, list[dict]] = {}
+    for record in timed:
+        rows.setdefault((record["group"], record["cmd"], record.get("variant")), []).append(record)
+    out = []
+    for runs in rows.values():
+        ok = sorted((r for r in runs if "step_ms" in r), key=lambda r: r["step_ms"])
+        if not ok:
+            out.append(runs[0])
+            continue
+        out.append(dict(ok[(len(ok) - 1) // 2], step_ms_rounds=[r.get("step_ms") for r in runs],
+                        rounds=len(runs), failed_rounds=len(runs) - len(ok)))
+    return out
 
 
 def _fastest(records, **match):
@@ -335,7 +363,11 @@ def targets(records, variant, shared: bool = True) -> dict:
     return out
 
 
-def noise(records, name=lambda r: f"{r['label']}/{r['model']}/{r['pairs']}x{r['seq_len']}") -> dict:
+def _row_name(r: dict) -> str:
+    return f"{r['label']}/{r['model']}/{r['pairs']}x{r['seq_len']}" + (f" round {r['round'] + 1}" if r.get("round") else "")
+
+
+def noise(records, name=_row_name) -> dict:
     """The run's worst load and other processes' CPU share while timing, the records above
     NOISY (by `name`), and the failed commands."""
     timed = [r for r in records if "others_cpu_frac" in r]
@@ -353,21 +385,24 @@ def markdown(summary, peaks, records) -> str:
         f"fp32 jax {g('jax_fp32'):.0f}, torch/MKL {g('torch_fp32'):.0f}, torch/oneDNN {g('torch_onednn_fp32'):.0f} "
         f"→ machine {g('machine_fp32'):.0f}; bf16 jax {g('jax_bf16'):.0f}, torch {g('torch_bf16'):.0f} → "
         f"machine {g('machine_bf16'):.0f}.", "",
+        f"ms/step = the median step of the row's median round; anchor rows ran in {summary.get('anchor_rounds', 1)} "
+        "rounds of separate processes, odd rounds in reverse order (`rounds ms`: each round's median step).", "",
         "tokens/step = 2 × pairs × T (chosen + rejected; policy and reference read the same tokens), "
         "model FLOPs = 8·N·tokens. MFU = executed FLOPs / median step / machine peak of the row's "
         "precision (win rows run the LM head on the 32 response positions only, as the anchors' "
         "lmhead_resp rows; -shared rows (dpo.share_prompt) run the blocks on prompt + 2 responses "
         "per pair and are credited with those FLOPs); MFU(8N) credits 8·N·tokens to every row. `others` = share of the CPUs "
         "other processes used while the row was timed.", "",
-        "| group | row | model | pairs×T | ms/step | steps/s | tokens/s | GFLOP exec | MFU | MFU(8N) | "
+        "| group | row | model | pairs×T | ms/step | rounds ms | steps/s | tokens/s | GFLOP exec | MFU | MFU(8N) | "
         "compile s | 1st step s | peak RSS MiB | steps RSS MiB | load1 | others | steal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "step_ms" not in r:
-            lines.append(f"| {r['group']} | FAILED `{r['cmd']}` ({r.get('error')}) |" + " |" * 15)
+            lines.append(f"| {r['group']} | FAILED `{r['cmd']}` ({r.get('error')}) |" + " |" * 16)
             continue
         lines.append(
             f"| {r['group']} | {r['label']} | {r['model']} | {r['pairs']}×{r['seq_len']} | {r['step_ms']:.0f} | "
+            f"{' / '.join('–' if m is None else f'{m:.0f}' for m in r.get('step_ms_rounds', [r['step_ms']]))} | "
             f"{r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['executed_flops_per_step'] / 1e9:.1f} | "
             f"{r.get('mfu', 0):.1%} | {r.get('mfu_model_flops', 0):.1%} | "
             f"{'' if r.get('compile_s') is None else r['compile_s']} | {r['first_step_s']} | "
@@ -418,6 +453,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=600, help="seconds per worker process")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each worker, wait up to S s for other processes to use < 10%% CPU")
+    ap.add_argument("--rounds", type=int, default=None, metavar="R",
+                    help="run the anchor rows R times in separate processes, odd rounds in reverse "
+                         "order, and report each row's median round (default 5; 1 with --quick)")
     ap.add_argument("--retries", type=int, default=2,
                     help="re-time a row up to N times when other processes took > 10%% of the CPUs")
     ap.add_argument("--results", default=os.path.join(HERE, "results"))

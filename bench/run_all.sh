@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark, one command: the DPO step of issue 4 (every framework side by side, ~10 min
+# Every benchmark, one command: the DPO step of issue 4 (every framework side by side, ~25 min
 # on 2 cores), then the sampler vs transformers.generate of issue 5 (anchor + SmolLM2-135M,
 # ~8 min). Each writes JSON + markdown to bench/results/ (dpo-<stamp>.*, peaks-<stamp>.json,
 # sampler-<stamp>.*).

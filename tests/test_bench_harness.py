@@ -83,6 +83,41 @@ def test_all_writes_every_row_and_both_target_tables(bench, tmp_path, monkeypatc
     assert "nan" not in table  # a value a worker could not measure prints as a dash
 
 
+def test_rounds_report_each_rows_median_round(bench, tmp_path, monkeypatch):
+    """--rounds 3: every anchor row runs in three processes, the second round in reverse order;
+    a row reports its median round (here our bf16 shared row draws one slow round, which must
+    not decide the ratio) and lists every round."""
+    bench_dpo, calls = bench.bench_dpo, []
+    slow = {"pdpo_jax-bf16-win32-shared": [1.1, 1.6, 1.0]}
+
+    def fake_run(args, **kw):
+        record = _record(bench.common, args[1:])
+        if "label" in record:
+            calls.append(record["label"])
+            if record["label"] in slow:
+                factor = slow[record["label"]][calls.count(record["label"]) - 1]
+                record = bench.common.finish(record, [record["step_ms"] * factor / 1e3] * 3, 0.5,
+                                             {"machine_fp32": 2e11, "machine_bf16": 4e11})
+        return subprocess.CompletedProcess(args, 0, json.dumps(record) + "\n", "")
+    monkeypatch.setattr(bench_dpo.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bench_dpo.py", "--all", "--quick", "--rounds", "3",
+                                      "--results", str(tmp_path)])
+    bench_dpo.main()
+    rows = len(bench_dpo.ANCHOR_ROWS)
+    assert len(calls) == 3 * rows
+    assert calls[rows:2 * rows] == calls[:rows][::-1] and calls[2 * rows:] == calls[:rows]
+    out = json.loads(next(tmp_path.glob("dpo-*.json")).read_text())
+    assert len(out["records"]) == rows and len(out["round_records"]) == 3 * rows
+    (ours,) = [r for r in out["records"] if r["label"] == "pdpo_jax-bf16-win32-shared"]
+    base = 300 * 0.7 * 0.8
+    assert ours["step_ms_rounds"] == pytest.approx([1.1 * base, 1.6 * base, base], rel=1e-3)
+    assert ours["step_ms"] == pytest.approx(1.1 * base, rel=1e-3) and ours["round"] == 0
+    best = out["summary"]["targets"]["best vs fastest PyTorch row (hand-written or trl)"]
+    assert best["ratio"] == pytest.approx(400 * 0.8 / (1.1 * base), rel=1e-3)
+    table = next(tmp_path.glob("dpo-*.md")).read_text()
+    assert f"| {1.1 * base:.0f} / {1.6 * base:.0f} / {base:.0f} |" in table and "3 rounds" in table
+
+
 def test_sampler_summary_and_table(bench):
     """bench_sampler's per-model summary (medians over rounds per precision, best-round speedup,
     bound, each framework at its faster precision) and its markdown rows, on two rounds of
