@@ -34,3 +34,32 @@ def test_release_returns_freed_heap_pages(preload):
     name, before, after = out[0], int(out[1]), int(out[2])
     assert name == ("tcmalloc" if preload == "tcmalloc" else "malloc_trim")
     assert before - after > 80, (before, after)
+
+
+DISPATCH_CODE = """
+import sys
+import jax, jax.numpy as jnp
+if sys.argv[1] == "sync":
+    from pdpo_jax.allocator import synchronous_cpu_dispatch
+    synchronous_cpu_dispatch()
+f = jax.jit(lambda a: (a @ a).sum())
+a = jnp.ones((2048, 2048))
+f(a).block_until_ready()
+print(f(a).is_ready())  # a ~17 GFLOP program: still running unless it ran inline
+"""
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_synchronous_cpu_dispatch_runs_programs_inline(mode):
+    out = subprocess.run([sys.executable, "-c", DISPATCH_CODE, mode], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [str(mode == "sync")]
+
+
+def test_train_cli_dispatches_synchronously_from_the_start(monkeypatch, capsys):
+    from pdpo_jax import allocator
+    from pdpo_jax.train.__main__ import main
+    calls = []
+    monkeypatch.setattr(allocator, "synchronous_cpu_dispatch", lambda: calls.append(1))
+    assert main(["--config", "no/such/config.yaml"]) == 2
+    assert calls == [1]

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from pdpo_jax import allocator
 from pdpo_jax.config import ConfigError, load_config
 
 
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="call jax.distributed.initialize() (multi-host; auto-detects "
                              "Cloud TPU and SLURM, else reads JAX_COORDINATOR_ADDRESS etc.)")
     args = parser.parse_args(argv)
+    allocator.synchronous_cpu_dispatch()  # before any JAX client exists
     logging.basicConfig(level=os.environ.get("PDPO_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames
