@@ -78,8 +78,12 @@ def source_of(module) -> dict:
 def run_jax(args) -> dict:
     import jax
     import pdpo_jax
-    from pdpo_jax.allocator import release_free_memory
+    from pdpo_jax.allocator import release_free_memory, synchronous_cpu_dispatch
+    synchronous_cpu_dispatch()  # as `python -m pdpo_jax.train` runs
+    from flax import nnx
+
     from pdpo_jax.config import OptimizerConfig
+    from pdpo_jax.models.common import frozen_forward_params
     from pdpo_jax.sharding import make_mesh
     from pdpo_jax.train.optim import make_optimizer
     from pdpo_jax.train.state import create_state, init_params, jit_dpo_step, shard_batch
@@ -88,7 +92,9 @@ def run_jax(args) -> dict:
     cfg = model_config(args.model, args.precision, args.seq_len, unroll=args.layers == "unrolled")
     mesh = make_mesh()
     graphdef, params = init_params(cfg, mesh, seed=0)
-    _, ref_params = init_params(cfg, mesh, seed=0)  # own buffers: the policy state is donated
+    # the reference as the DPO stage holds it: own buffers (the policy state is donated), its
+    # matrices in the compute dtype
+    ref_params = frozen_forward_params(nnx.merge(graphdef, params))
     tx, lr = make_optimizer(OptimizerConfig(lr=common.LR, schedule="constant", warmup_ratio=0.0),
                             args.warmup + args.steps)
     state, state_sh = create_state(params, tx, mesh)

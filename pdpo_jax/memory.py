@@ -47,6 +47,7 @@ from pdpo_jax import sharding as shd
 from pdpo_jax.config import Config, ConfigError, load_config
 from pdpo_jax.data import bucket_length
 from pdpo_jax.models import ModelConfig, build_model, config_from_hf
+from pdpo_jax.models.common import frozen_forward_params
 from pdpo_jax.sampling.sampler import PROMPT_BUCKET
 from pdpo_jax.train import optim
 from pdpo_jax.train.logprobs import LOGIT_CHUNK
@@ -264,7 +265,10 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
         notes.append("dpo.precompute_ref: the reference log-probs are scored once before "
                      "training, so the step holds no reference copy")
     elif stage == "dpo":
-        train["reference parameters"] = (param_b, "frozen copy, sharded like params")
+        frozen = jax.eval_shape(lambda: frozen_forward_params(build_model(c)))
+        train["reference parameters"] = (
+            tree_bytes(frozen, mesh), "frozen copy, sharded like params"
+            + (f", matrices in {c.dtype}" if c.compute_dtype != c.params_dtype else ""))
     train["activations"] = (saved, f"remat={c.remat}: {c.num_layers} layers x {rows} rows x "
                                    f"T={row_T} (estimate)")
     train["transient"] = (transient, f"logits [{rows}, {chunk}, V] fp32 x2"

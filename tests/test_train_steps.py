@@ -9,7 +9,10 @@ import pytest
 from batches import micro, pair_rows, sft_rows
 from pdpo_jax import sharding
 from pdpo_jax.config import OptimizerConfig
+from flax import nnx
+
 from pdpo_jax.models import ModelConfig
+from pdpo_jax.models.common import frozen_forward_params
 from pdpo_jax.train import optim, state as st
 from pdpo_jax.train.steps import DpoObjective, make_dpo_step, make_sft_step
 
@@ -20,10 +23,10 @@ CFG = ModelConfig(arch="llama", vocab_size=64, d_model=32, num_layers=2, num_hea
 OPT = OptimizerConfig(lr=1e-2, warmup_ratio=0.0, schedule="constant", eps=1e-3)
 
 
-def _setup(mesh_shape=(1, 1, 1), total=10):
+def _setup(mesh_shape=(1, 1, 1), total=10, cfg=CFG):
     devices = jax.devices()[:int(np.prod(mesh_shape))]
     mesh = sharding.make_mesh(*mesh_shape, devices=devices)
-    graphdef, params = st.init_params(CFG, mesh, seed=0)
+    graphdef, params = st.init_params(cfg, mesh, seed=0)
     tx, lr = optim.make_optimizer(OPT, total)
     state, state_sh = st.create_state(params, tx, mesh)
     return mesh, graphdef, tx, lr, state, state_sh
@@ -57,9 +60,13 @@ def _run_sft(mesh_shape, batch, A=1, steps=2):
     return losses, jax.device_get(state.params)
 
 
-def _run_dpo(mesh_shape, batch, steps=2, objective=DpoObjective(), share_prompt=False):
-    mesh, graphdef, tx, lr, state, state_sh = _setup(mesh_shape)
-    ref = jax.tree.map(lambda x: x.copy(), state.params)
+def _run_dpo(mesh_shape, batch, steps=2, objective=DpoObjective(), share_prompt=False, cfg=CFG,
+             frozen=False):
+    """frozen: the reference as the DPO stage holds it (`frozen_forward_params`), else a plain
+    copy of the policy's params."""
+    mesh, graphdef, tx, lr, state, state_sh = _setup(mesh_shape, cfg=cfg)
+    ref = (frozen_forward_params(nnx.merge(graphdef, state.params)) if frozen
+           else jax.tree.map(lambda x: x.copy(), state.params))
     step = st.jit_dpo_step(make_dpo_step(graphdef, tx, lr, objective, window=8, chunk=4,
                                          share_prompt=share_prompt), state_sh, mesh)
     history = []
@@ -173,3 +180,53 @@ def test_shared_prompt_sharded_equals_one_device():
     sharded, _ = _run_dpo((2, 2, 2), _dpo_batch(), share_prompt=True)
     for a, b in zip(one, sharded):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_CONFIGS) + ["llama-untied-unrolled"])
+def test_frozen_reference_in_compute_dtype_is_bit_identical(name):
+    """With bf16 compute the DPO stage stores the frozen reference's matrices (and an untied LM
+    head) in bf16: two DPO steps give bit-identical metrics and params to an fp32 reference.
+    GPT-2 catches a cast too many (its LayerNorm applies fp32 scales; it adds its two
+    embeddings in fp32), every family a cast the forward does not make at each use."""
+    base = SHARED_CONFIGS.get(name) or CFG.replace(unroll_layers=True)
+    cfg = base.replace(dtype="bfloat16")
+    batch = _dpo_batch()
+    plain_hist, plain_params = _run_dpo((1, 1, 1), batch, cfg=cfg)
+    frozen_hist, frozen_params = _run_dpo((1, 1, 1), batch, cfg=cfg, frozen=True)
+    for a, b in zip(plain_hist, frozen_hist):
+        for k in a:
+            np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    jax.tree.map(np.testing.assert_array_equal, frozen_params, plain_params)
+
+    mesh, graphdef, *_, state, _ = _setup((2, 2, 2), cfg=cfg)  # the copy keeps the shardings
+    ref = frozen_forward_params(nnx.merge(graphdef, state.params))
+    dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(ref)}
+    assert any(v == jnp.bfloat16 for k, v in dtypes.items() if "q_" in k or "qkv_" in k)
+    assert all(v == jnp.float32 for k, v in dtypes.items() if "norm" in k or "ln_" in k or "embed" in k)
+    assert all(v == jnp.bfloat16 for k, v in dtypes.items() if "lm_head" in k)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state.params)):
+        assert a.sharding == b.sharding and a is not b
+
+
+def test_frozen_reference_in_fp32_is_a_copy():
+    """With compute = param dtype nothing is cast, and no array is the policy's own: the
+    policy's buffers are donated to every step."""
+    mesh, graphdef, *_, state, _ = _setup()
+    ref = frozen_forward_params(nnx.merge(graphdef, state.params))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state.params)):
+        assert a.dtype == b.dtype and a is not b
+        assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+        np.testing.assert_array_equal(a, b)
+
+
+def test_frozen_reference_of_unstacked_layers_casts_the_same_arrays():
+    from pdpo_jax.models import build_model
+    from pdpo_jax.models.common import unstack_layers
+    model = build_model(CFG.replace(dtype="bfloat16"), seed=0)
+    stacked = frozen_forward_params(model)
+    unstacked = frozen_forward_params(unstack_layers(build_model(CFG.replace(dtype="bfloat16"), seed=0)))
+    dtypes = lambda tree: {jax.tree_util.keystr(p): x.dtype  # noqa: E731
+                           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    layer0 = dtypes(unstacked["layers"][0])
+    assert layer0 == dtypes(stacked["layers"])
+    assert set(layer0.values()) == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}

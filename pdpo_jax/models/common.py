@@ -475,9 +475,10 @@ def _layer_modules(layers: nnx.Module, matrices_dtype=None) -> list[nnx.Module]:
             for layer in range(num_layers)]
 
 
-def _is_matrix(x) -> bool:
-    """The arrays `matrices_dtype` casts: projection weights and per-head biases (>= 2 dims)."""
-    return x.ndim >= 2
+def _is_matrix(x, stacked: bool = False) -> bool:
+    """The arrays of a layer that `matrices_dtype` casts: projection weights and per-head biases
+    (>= 2 dims per layer; `stacked`: x holds every layer on a leading axis)."""
+    return x.ndim - stacked >= 2
 
 
 def _cast_matrices(layer: nnx.Module, dtype) -> nnx.Module:
@@ -512,6 +513,22 @@ def unstack_layers(model: nnx.Module, matrices_dtype=None) -> nnx.Module:
     """
     model.layers = nnx.List(_layer_modules(model.layers, matrices_dtype))
     return model
+
+
+def frozen_forward_params(model: nnx.Module) -> nnx.State:
+    """A copy of `model`'s parameters for a frozen model that only runs forward (the DPO
+    reference): the arrays every use casts to the compute dtype — each layer's matrices
+    (`_is_matrix`) and an untied LM head — are stored in it, the rest (norm scales, vector
+    biases, embeddings: GPT-2 adds its token and position embeddings before casting) copied as
+    they are, each keeping its sharding. The forward is bit-identical to the original's
+    (tested); with bf16 compute and fp32 params the copy holds about half the bytes."""
+    dtype, stacked = model.cfg.compute_dtype, not isinstance(model.layers, nnx.List)
+
+    def one(path, x):
+        top = str(getattr(path[0], "key", path[0]))
+        cast = _is_matrix(x, stacked) if top == "layers" else top == "lm_head_VD"
+        return x.astype(dtype) if cast and x.dtype != dtype else x.copy()  # never x itself
+    return jax.tree_util.tree_map_with_path(one, nnx.state(model))
 
 
 def logits_from_hidden(h_BTD, unembed_VD):

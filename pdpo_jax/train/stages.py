@@ -27,6 +27,7 @@ from pdpo_jax.checkpoint import Checkpointer, export_atomically
 from pdpo_jax.config import Config, StageSection
 from pdpo_jax.metrics import MetricsWriter
 from pdpo_jax.models import ModelConfig, config_from_hf, from_pretrained
+from pdpo_jax.models.common import frozen_forward_params
 from pdpo_jax.train import loop, optim, reference, state as st
 from pdpo_jax.train.steps import (DpoObjective, make_dpo_eval, make_dpo_step, make_sft_eval,
                                   make_sft_step)
@@ -219,7 +220,8 @@ def run_dpo(ctx: RunContext, init_checkpoint: str | None) -> pathlib.Path:
             reference.WithReference(b, _cached_reference(ctx, graphdef, params, enc, path, init_checkpoint))
             for b, enc, path in ((batches, train, train_path), (dev_batches, dev, dev_path)))
     else:
-        ref_params = jax.tree.map(lambda x: x.copy(), params)  # frozen; the policy is donated
+        # frozen (the policy is donated), its matrices in the compute dtype: the same forward
+        ref_params = frozen_forward_params(nnx.merge(graphdef, params))
     total = _total_steps(stage, batches.batches_per_epoch)
     tx, lr = optim.make_optimizer(stage.optimizer, total)
     state, state_sh = st.create_state(params, tx, ctx.mesh)
