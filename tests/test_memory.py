@@ -71,11 +71,10 @@ def test_dpo_adds_reference_and_doubles_rows():
                         "dpo.precompute_ref=true")
     assert "reference parameters" not in precomputed.train
     assert precomputed.total("train") == dpo.total("train") - 4 * P
-    # bf16 compute: the frozen reference holds each layer's matrices in bf16 (the tied
-    # embedding and the norms stay fp32, as `frozen_forward_params` keeps them)
+    # bf16 compute: the frozen reference holds every matrix (the layers' and the tied
+    # embedding) in bf16, the norms in fp32, as `frozen_forward_params` keeps them
     bf16 = _plan("dpo", memory.MeshShape(), "dpo.batch_size=16", "model.dtype=bfloat16")
-    layer_matrices = MATRICES - V * D
-    assert bf16.train["reference parameters"][0] == 4 * P - 2 * layer_matrices
+    assert bf16.train["reference parameters"][0] == 4 * NORMS + 2 * MATRICES
     assert bf16.train["parameters"][0] == 4 * P
 
 

@@ -518,15 +518,15 @@ def unstack_layers(model: nnx.Module, matrices_dtype=None) -> nnx.Module:
 def frozen_forward_params(model: nnx.Module) -> nnx.State:
     """A copy of `model`'s parameters for a frozen model that only runs forward (the DPO
     reference): the arrays every use casts to the compute dtype — each layer's matrices
-    (`_is_matrix`) and an untied LM head — are stored in it, the rest (norm scales, vector
-    biases, embeddings: GPT-2 adds its token and position embeddings before casting) copied as
-    they are, each keeping its sharding. The forward is bit-identical to the original's
-    (tested); with bf16 compute and fp32 params the copy holds about half the bytes."""
+    (`_is_matrix`) and the top-level ones the model lists in `CAST_AT_USE` (Llama's embedding
+    and LM head) — are stored in it, the rest (norm scales, vector biases, GPT-2's embeddings)
+    copied as they are, each keeping its sharding. The forward is bit-identical to the
+    original's (tested); with bf16 compute and fp32 params the copy holds about half the bytes."""
     dtype, stacked = model.cfg.compute_dtype, not isinstance(model.layers, nnx.List)
 
     def one(path, x):
         top = str(getattr(path[0], "key", path[0]))
-        cast = _is_matrix(x, stacked) if top == "layers" else top == "lm_head_VD"
+        cast = _is_matrix(x, stacked) if top == "layers" else top in model.CAST_AT_USE
         return x.astype(dtype) if cast and x.dtype != dtype else x.copy()  # never x itself
     return jax.tree_util.tree_map_with_path(one, nnx.state(model))
 

@@ -102,6 +102,10 @@ class Block(nnx.Module):
 class GPT2(nnx.Module):
     """Decoder LM: `logits_BTV, cache = model(tokens_BT, positions_BT, attention_mask_BT, cache)`."""
 
+    # none (`frozen_forward_params`): the token and position embeddings are added in fp32, and
+    # the tied embedding is both
+    CAST_AT_USE = ()
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.arch != "gpt2":
             raise ValueError(f"GPT2 needs cfg.arch='gpt2', got {cfg.arch!r}")

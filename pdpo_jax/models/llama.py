@@ -96,6 +96,10 @@ class Block(nnx.Module):
 class Llama(nnx.Module):
     """Decoder LM: `logits_BTV, cache = model(tokens_BT, positions_BT, attention_mask_BT, cache)`."""
 
+    # top-level parameters every use casts to the compute dtype (`frozen_forward_params`): the
+    # embedding rows after the gather, the LM head (or the tied embedding) at the logits
+    CAST_AT_USE = ("embed_VD", "lm_head_VD")
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.arch != "llama":
             raise ValueError(f"Llama needs cfg.arch='llama', got {cfg.arch!r}")
