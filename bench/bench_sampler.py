@@ -142,8 +142,11 @@ def worker_membw(mib: int = MEMBW_MIB, reps: int = 10) -> dict:
 
 def worker_jax(folder: str, prompts: str, reps: int, dtype: str = "float32") -> dict:
     """Our `Sampler` on the folder's weights in `dtype`, loaded as the negatives stage loads
-    them (in the decode layout: one copy of the weights; one sampler, the config per call):
-    per mode a first call, then `reps` timed calls; then the prefill alone."""
+    them (in the decode layout: one copy of the weights; one sampler, the config per call)
+    and run as it runs them (XLA:CPU programs inline, `synchronous_cpu_dispatch`): per mode a
+    first call, then `reps` timed calls; then the prefill alone."""
+    from pdpo_jax.allocator import synchronous_cpu_dispatch
+    synchronous_cpu_dispatch()  # as `python -m pdpo_jax.train` runs the negatives stage
     import jax
     import jax.numpy as jnp
     import numpy as np
