@@ -78,10 +78,9 @@ def source_of(module) -> dict:
 def run_jax(args) -> dict:
     import jax
     import pdpo_jax
-    from pdpo_jax.allocator import release_free_memory, synchronous_cpu_dispatch
-    synchronous_cpu_dispatch()  # as `python -m pdpo_jax.train` runs
     from flax import nnx
 
+    from pdpo_jax.allocator import release_free_memory, synchronous_cpu_dispatch
     from pdpo_jax.config import OptimizerConfig
     from pdpo_jax.models.common import frozen_forward_params
     from pdpo_jax.sharding import make_mesh
@@ -89,6 +88,7 @@ def run_jax(args) -> dict:
     from pdpo_jax.train.state import create_state, init_params, jit_dpo_step, shard_batch
     from pdpo_jax.train.steps import DpoObjective, make_dpo_step
 
+    synchronous_cpu_dispatch()  # as `python -m pdpo_jax.train` runs; before the CPU client exists
     cfg = model_config(args.model, args.precision, args.seq_len, unroll=args.layers == "unrolled")
     mesh = make_mesh()
     graphdef, params = init_params(cfg, mesh, seed=0)
@@ -304,10 +304,11 @@ def run_all(args) -> None:
 def median_rounds(timed: list[dict]) -> list[dict]:
     """One record per row (same group, command and variant), in the order rows first ran: the
     row's median round (for an even count the faster of the middle two), with every round's
-    ms/step in `step_ms_rounds`. A VM process runs at one of two speeds for its whole life, so
-    a single process per row can put one framework in the slow state and not the other; the
-    median of interleaved processes keeps that out of the ratios, alike for every framework.
-    A row whose every round failed keeps the first failure."""
+    ms/step in `step_ms_rounds`. The machine's speed drifts over tens of seconds (one process
+    timing 160 anchor steps: 8-step medians from 272 to 340 ms), so a single process per row can
+    time one framework in a slow spell and its peer in a fast one; the median of interleaved
+    processes keeps that out of the ratios, alike for every framework. A row whose every round
+    failed keeps the first failure."""
     rows: dict[tuple, list[dict]] = {}
     for record in timed:
         rows.setdefault((record["group"], record["cmd"], record.get("variant")), []).append(record)
