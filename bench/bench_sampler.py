@@ -1,5 +1,6 @@
 """New tokens/s of our jitted KV-cache sampler vs `transformers.generate` (torch, CPU), in fp32
-and in bf16, and how far each decode step is from the machine's memory-bandwidth bound.
+and in bf16, how far each decode step is from the machine's memory-bandwidth bound, and the
+roofline: the largest speedup over HF that this machine allows any framework.
 
     .venv/bin/python bench/bench_sampler.py [--model all|anchor|smollm2-135m] [--quick]
         [--dtypes float32,bfloat16] [--rounds R] [--reps N] [--alloc auto|tcmalloc|glibc]
@@ -38,6 +39,13 @@ precision):
   = 112 (its DynamicCache grows, mean length over the decode steps). Bandwidth = best of
   jitted `x + 1` over a 512 MiB fp32 array (plain and donated), counting read + write bytes.
   ×bound = measured decode step / bound (1.0 = at the bound).
+- roofline (with the GEMM peak of `matmul_peak.py`, best of jax and torch, per precision): the
+  prefill's FLOPs at the peak, then each decode step at max(its FLOPs / peak, its bytes /
+  bandwidth) over a cache of P + new_tokens/2 slots (a growing cache, mean). FLOPs = 2 per
+  multiply-add of every matmul that must run (`prefill_flops`, `decode_flops`). The ceiling =
+  HF's median call / the roofline call: no framework can beat HF by more on this machine. (At
+  batch 16 both models' decode steps are compute-bound here, in both precisions: 16 rows share
+  each weight read, so the memory bound alone understates the floor.)
 
 Noise: each worker records load, CPU steal and `others_cpu_frac` (share of the CPUs other
 processes used while it was timing; common.Meter); a worker above 10 % is re-timed up to
@@ -93,6 +101,49 @@ def timed(fn, reps: int) -> list[float]:
 def decode_step_s(call_s: float, prefill_s: float) -> float:
     """Seconds per one-token decode step: the first new token comes from the prefill."""
     return (call_s - prefill_s) / (NEW - 1)
+
+
+def _matmul_params(model: str) -> dict:
+    """Weights per layer of the matmuls that act on every token (k, v), on the queries (q, o and
+    the MLP), and the LM head. Norms are not matmuls and are left out (D FLOPs a token)."""
+    m = common.MODELS[model]
+    d, h = m["hidden_size"], m["head_dim"]
+    return dict(kv=2 * d * m["num_key_value_heads"] * h,
+                queries=2 * d * m["num_attention_heads"] * h + 3 * d * m["intermediate_size"],
+                head=d * m["vocab_size"], layers=m["num_hidden_layers"],
+                attention=2 * 2 * m["num_attention_heads"] * h)  # scores + P·V, per query and key
+
+
+def decode_flops(model: str, kv_len: int) -> float:
+    """FLOPs one decode step of the batch must execute (2 per multiply-add): every layer's
+    matmuls and the LM head for the B new tokens, and attention over kv_len keys."""
+    w = _matmul_params(model)
+    per_token = w["layers"] * (w["kv"] + w["queries"] + w["attention"] * kv_len // 2) + w["head"]
+    return 2.0 * BATCH * per_token
+
+
+def prefill_flops(model: str) -> float:
+    """FLOPs the prefill of the batch must execute: k and v of the P prompt tokens in every
+    layer; q, o, the MLP and causal attention (query t over t + 1 keys) for every token but in
+    the last layer, which needs them at the last column only (all the first new token needs);
+    and the LM head there."""
+    w, P = _matmul_params(model), PROMPT
+    queries = (w["layers"] - 1) * P + 1
+    keys = (w["layers"] - 1) * P * (P + 1) // 2 + P  # (query, key) pairs attended
+    return 2.0 * BATCH * (w["layers"] * P * w["kv"] + queries * w["queries"]
+                          + keys * w["attention"] // 2 + w["head"])
+
+
+def roofline(model: str, dtype: str, peak: float, bandwidth: float) -> dict:
+    """The fastest call this machine allows, whatever the framework: the prefill's FLOPs at the
+    GEMM peak, then NEW - 1 decode steps each at max(FLOPs / peak, bytes / bandwidth), over a
+    cache that grows (P + NEW/2 keys on average). peak: FLOP/s, bandwidth: GB/s."""
+    kv_len = PROMPT + NEW // 2
+    compute_s, memory_s = decode_flops(model, kv_len) / peak, step_bytes(model, kv_len, dtype)["total"] / (bandwidth * 1e9)
+    step_s = max(compute_s, memory_s)
+    prefill_s = prefill_flops(model) / peak
+    return dict(prefill_s=prefill_s, step_compute_s=compute_s, step_memory_s=memory_s, step_s=step_s,
+                call_s=prefill_s + (NEW - 1) * step_s)
 
 
 def step_bytes(model: str, kv_len: int, dtype: str = "float32") -> dict:
@@ -280,7 +331,7 @@ class Runner:
 
 
 def run_model(runner: Runner, model: str, rounds: int, reps: int, bandwidth: float | None,
-              dtypes: tuple[str, ...] = DTYPES) -> dict:
+              dtypes: tuple[str, ...] = DTYPES, peaks: dict | None = None) -> dict:
     """Prepares the weights and prompts of `model`, runs the rounds, and summarises them."""
     import numpy as np
     with tempfile.TemporaryDirectory(prefix="bench-sampler-") as tmp:
@@ -314,20 +365,22 @@ def run_model(runner: Runner, model: str, rounds: int, reps: int, bandwidth: flo
                     record = runner.worker(model, kind, "--folder", folder, "--prompts", prompts,
                                            "--reps", str(reps), "--dtype", dtype)
                     records.append(dict(record, dtype=dtype))  # a failed worker's record too
-    return summarise(model, folder, rounds, reps, records, bandwidth)
+    return summarise(model, folder, rounds, reps, records, bandwidth, peaks)
 
 
 def summarise(model: str, folder: str, rounds: int, reps: int, records: list[dict],
-              bandwidth: float | None) -> dict:
+              bandwidth: float | None, peaks: dict | None = None) -> dict:
     """Per precision and mode: medians over rounds, speedup vs target, decode step vs the
-    bandwidth bound (`summarise_dtype`); then `best`: each framework at its faster precision."""
+    bandwidth bound and the roofline (`summarise_dtype`; peaks: GEMM FLOP/s per dtype); then
+    `best`: each framework at its faster precision."""
     out = dict(model=model, folder=folder if model != "anchor" else "(random init, temp dir)",
                rounds=rounds, reps=reps, failed=[r["cmd"] for r in records if "error" in r])
     out["dtypes"] = {}
     for dtype in DTYPES:
         mine = [r for r in records if r["dtype"] == dtype]
         if mine:
-            out["dtypes"][dtype] = summarise_dtype(model, dtype, mine, bandwidth)
+            out["dtypes"][dtype] = summarise_dtype(model, dtype, mine, bandwidth,
+                                                   (peaks or {}).get(dtype))
     done = {d: m for d, m in out["dtypes"].items() if "error" not in m}
     if not done:
         return dict(out, error="a framework produced no record", records=records)
@@ -350,9 +403,13 @@ def summarise(model: str, folder: str, rounds: int, reps: int, records: list[dic
     return out
 
 
-def summarise_dtype(model: str, dtype: str, records: list[dict], bandwidth: float | None) -> dict:
+def summarise_dtype(model: str, dtype: str, records: list[dict], bandwidth: float | None,
+                    peak: float | None = None) -> dict:
     """One precision's records: per mode the median new tok/s over rounds of each framework,
-    the speedup (and the best round's), the decode step and its distance from the bound."""
+    the speedup (and the best round's), the decode step and its distance from the bound; with
+    the GEMM peak too, the `roofline`: each framework's prefill MFU, its decode step against
+    the roofline step, and the ceiling, HF's call over the roofline call (no framework on this
+    machine can beat HF by more)."""
     ok = {k: [r for r in records if r.get("framework") == k and "error" not in r] for k in ("jax", "hf")}
     if not ok["jax"] or not ok["hf"]:
         return dict(error=f"a framework produced no {dtype} record")
@@ -360,11 +417,17 @@ def summarise_dtype(model: str, dtype: str, records: list[dict], bandwidth: floa
     kv_len = {"jax": PROMPT + NEW, "hf": PROMPT + NEW // 2}
     bound = {k: step_bytes(model, s, dtype) for k, s in kv_len.items()}
     out = dict(bytes_per_step=bound)
+    roof = roofline(model, dtype, peak, bandwidth) if peak and bandwidth else None
+    if roof:
+        out["roofline"] = dict({k: round(1e3 * v, 3) for k, v in roof.items()}, peak_gflops=round(peak / 1e9, 1),
+                               units="ms")
     med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
     for kind, rs in ok.items():
         out[f"{kind}_prefill_ms"] = round(1e3 * med(rs, lambda r: r["prefill"]["median_s"]), 2)
         out[f"{kind}_peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
         out[f"{kind}_max_others_cpu_frac"] = max(r["others_cpu_frac"] for r in rs)
+        if roof:
+            out[f"{kind}_prefill_mfu"] = round(roof["prefill_s"] / (out[f"{kind}_prefill_ms"] / 1e3), 3)
     for mode in MODES:
         row = {}
         for kind, rs in ok.items():
@@ -378,6 +441,8 @@ def summarise_dtype(model: str, dtype: str, records: list[dict], bandwidth: floa
                 bound_s = bound[kind]["total"] / (bandwidth * 1e9)
                 row[f"{kind}_bound_ms_per_step"] = round(1e3 * bound_s, 3)
                 row[f"{kind}_x_bound"] = round(decode / bound_s, 2)
+            if roof:
+                row[f"{kind}_x_roofline"] = round(decode / roof["step_s"], 2)
         row["jax_compile_s_approx"] = round(ok["jax"][0][mode]["compile_s_approx"], 2)
         row["speedup"] = round(row["jax_new_tok_s"] / row["hf_new_tok_s"], 2)
         # Calls run in one of two speeds on this 2-vCPU VM, fixed per compiled program (README):
@@ -386,6 +451,8 @@ def summarise_dtype(model: str, dtype: str, records: list[dict], bandwidth: floa
                                           / max(row["hf_new_tok_s_per_round"]), 2)
         row["target"] = TARGETS[mode]
         row["met"] = bool(row["speedup"] >= TARGETS[mode])
+        if roof:
+            row["ceiling_speedup"] = round(row["hf_call_ms"] / 1e3 / roof["call_s"], 2)
         out[mode] = row
     agree = [a == b for ra, rb in zip(ok["jax"][0]["greedy"]["tokens"], ok["hf"][0]["greedy"]["tokens"])
              for a, b in zip(ra, rb)]
@@ -417,17 +484,22 @@ def markdown(result: dict) -> str:
         f"{PROMPT + NEW // 2} for HF (its growing cache, mean); ×bound = decode / bound. Cells with "
         "two values: jax / hf. compile s ≈ first call − median call (jax). `others` = share of the "
         "CPUs other processes used while timing (worst worker).", "",
+        "Roofline (what no framework can beat on this machine; GEMM peak = best 2048³ matmul of "
+        "any library, `matmul_peak.py`): prefill MFU = prefill FLOPs / prefill time / peak; "
+        "roofline ms/step = max(step FLOPs / peak, step bytes / bandwidth) at the mean cache of "
+        f"S = {PROMPT + NEW // 2}; ×roofline = decode / that; ceiling = HF's median call / (prefill "
+        f"FLOPs / peak + {NEW - 1} roofline steps), the largest speedup over HF this machine allows.", "",
         "| model | precision | mode | jax new tok/s | hf new tok/s | speedup | best round | target | "
-        "met? | compile s | prefill ms | decode ms/step | bound ms/step | ×bound | peak RSS MiB | "
-        "others |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "met? | ceiling | compile s | prefill ms | prefill MFU | decode ms/step | bound ms/step | ×bound | "
+        "roofline ms/step | ×roofline | peak RSS MiB | others |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, model in result["models"].items():
         if "skipped" in model or "error" in model:
-            lines.append(f"| {name} | {model.get('skipped') or 'FAILED: ' + model['error']} |" + " |" * 14)
+            lines.append(f"| {name} | {model.get('skipped') or 'FAILED: ' + model['error']} |" + " |" * 18)
             continue
         for dtype, m in model["dtypes"].items():
             if "error" in m:
-                lines.append(f"| {name} | {dtype} | FAILED: {m['error']} |" + " |" * 13)
+                lines.append(f"| {name} | {dtype} | FAILED: {m['error']} |" + " |" * 17)
                 continue
             for mode in MODES:
                 r = m[mode]
@@ -435,13 +507,18 @@ def markdown(result: dict) -> str:
                 def two(key, fmt, r=r):
                     """'jax / hf' cell, empty when not measured (no bandwidth: no bound)."""
                     return f"{r[f'jax_{key}']:{fmt}} / {r[f'hf_{key}']:{fmt}}" if f"jax_{key}" in r else ""
+                roof = m.get("roofline")  # absent without a GEMM peak or a bandwidth
+                ceiling = f"{r['ceiling_speedup']:.2f}×" if roof else ""
+                roof_step = f"{roof['step_s']:.2f}" if roof else ""
                 lines.append(
                     f"| {name} | {PRECISION[dtype]} | {mode} | {r['jax_new_tok_s']:.0f} | "
                     f"{r['hf_new_tok_s']:.0f} | {r['speedup']:.2f}× | {r['speedup_best_round']:.2f}× | "
-                    f"≥ {r['target']}× | {'yes' if r['met'] else '**no**'} | "
+                    f"≥ {r['target']}× | {'yes' if r['met'] else '**no**'} | {ceiling} | "
                     f"{r['jax_compile_s_approx']:.1f} | {m['jax_prefill_ms']:.1f} / {m['hf_prefill_ms']:.1f} | "
+                    f"{two('prefill_mfu', '.0%', m)} | "
                     f"{two('decode_ms_per_step', '.2f')} | {two('bound_ms_per_step', '.2f')} | "
-                    f"{two('x_bound', '.1f')} | {m['jax_peak_rss_mib']:.0f} / {m['hf_peak_rss_mib']:.0f} | "
+                    f"{two('x_bound', '.1f')} | {roof_step} | {two('x_roofline', '.1f')} | "
+                    f"{m['jax_peak_rss_mib']:.0f} / {m['hf_peak_rss_mib']:.0f} | "
                     f"{m['jax_max_others_cpu_frac']:.0%} / {m['hf_max_others_cpu_frac']:.0%} |")
     best = [(name, model["best"]) for name, model in result["models"].items() if "best" in model]
     if best:
@@ -463,6 +540,13 @@ def markdown(result: dict) -> str:
                     f"{b['jax']['weights'] / 2**20:.1f} MiB + KV {b['jax']['kv'] / 2**20:.1f} MiB "
                     f"(S={b['jax']['kv_len']}; HF {b['hf']['kv'] / 2**20:.1f} MiB at S={b['hf']['kv_len']}); "
                     f"greedy tokens equal to HF's: {m['greedy_token_agreement_with_hf']:.1%}.")
+            if "roofline" in m:
+                roof = m["roofline"]
+                lines.append(
+                    f"- {name} {PRECISION[dtype]} roofline: prefill {prefill_flops(name) / 1e9:.1f} GFLOP at "
+                    f"{roof['peak_gflops']:.0f} GFLOP/s = {roof['prefill_s']:.1f} ms; a decode step "
+                    f"max(compute {roof['step_compute_s']:.2f}, memory {roof['step_memory_s']:.2f}) ms; "
+                    f"call {roof['call_s']:.1f} ms.")
         if "rounds" in model:
             lines.append(f"- {name}: rounds × reps {model['rounds']} × {model['reps']}; failed: "
                          f"{', '.join(model['failed']) or 'none'}.")
@@ -478,17 +562,24 @@ def run_all(args) -> dict:
     membw = runner.worker("membw", "membw", retime=False)
     bandwidth = membw.get("bandwidth_gbs")
     common.log(f"  {bandwidth} GB/s")
+    common.log(f"[{time.strftime('%H:%M:%S')}] GEMM peak (matmul_peak.py, jax and torch)")
+    os.makedirs(args.results, exist_ok=True)
+    gemm = bench_dpo.run_worker([os.path.join(HERE, "matmul_peak.py"), "--out",
+                                 os.path.join(args.results, f"peaks-{stamp}.json")],
+                                runner.env, "peak", args.timeout, args.wait_quiet, bench="sampler")
+    peaks = {d: gemm.get(f"machine_{PRECISION[d]}") for d in DTYPES}
+    common.log("  " + (gemm.get("error") or ", ".join(f"{PRECISION[d]} {v / 1e9:.0f} GFLOP/s"
+                                                         for d, v in peaks.items() if v)))
     models = {}
     for model in (MODELS if args.model == "all" else (args.model,)):
         rounds, reps = (QUICK_PLAN if args.quick else DEFAULT_PLAN)[model]
         models[model] = run_model(runner, model, args.rounds or rounds, args.reps or reps, bandwidth,
-                                  args.dtypes)
+                                  args.dtypes, peaks)
     result = dict(bench="sampler", stamp=stamp, command=" ".join(sys.argv), allocator=runner.allocator,
                   batch=BATCH, prompt_len=PROMPT, new_tokens=NEW, top_p=TOP_P, dtypes=list(args.dtypes),
-                  targets=TARGETS, membw=membw, models=models, host=common.host(),
+                  targets=TARGETS, membw=membw, gemm_peaks=gemm, models=models, host=common.host(),
                   cpus=len(os.sched_getaffinity(0)), total_wall_s=round(time.perf_counter() - t_start, 1))
     result["noise"] = noise(models, membw)
-    os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, f"sampler-{stamp}")
     with open(path + ".json", "w") as fh:
         json.dump(result, fh, indent=1, sort_keys=True)

@@ -1,5 +1,6 @@
 """bench/bench_dpo.py --all end to end with its worker processes replaced by canned records:
 the plan, the record parsing, the target ratios and the report (not a performance test)."""
+import copy
 import importlib
 import json
 import os
@@ -143,7 +144,9 @@ def test_sampler_summary_and_table(bench):
                record("hf", "float32", {"greedy": 340, "top_p": 580}, 76),
                record("jax", "bfloat16", {"greedy": 100, "top_p": 110}, 40),
                record("hf", "bfloat16", {"greedy": 250, "top_p": 500}, 60)]
-    m = bs.summarise("anchor", "/tmp/x", 2, 7, records, bandwidth=50.0)
+    without = bs.summarise("anchor", "/tmp/x", 2, 7, copy.deepcopy(records), bandwidth=50.0)
+    m = bs.summarise("anchor", "/tmp/x", 2, 7, records, bandwidth=50.0,
+                     peaks={"float32": 2e11, "bfloat16": 4e11})
     fp32, bf16 = m["dtypes"]["float32"], m["dtypes"]["bfloat16"]
     assert fp32["greedy"]["jax_call_ms"] == 190.0 and fp32["greedy"]["hf_call_ms"] == 330.0
     assert fp32["greedy"]["speedup_best_round"] == pytest.approx(320 / 160, abs=0.01)
@@ -155,6 +158,19 @@ def test_sampler_summary_and_table(bench):
     # bf16 reads half the bytes: the bound halves
     assert bf16["greedy"]["jax_bound_ms_per_step"] == pytest.approx(
         fp32["greedy"]["jax_bound_ms_per_step"] / 2, rel=1e-2)
+    # roofline: the prefill at the peak, 31 steps at max(compute, memory); HF's call over it
+    roof = bs.roofline("anchor", "float32", 2e11, 50.0)
+    assert fp32["roofline"]["call_s"] == pytest.approx(1e3 * roof["call_s"], abs=1e-3)
+    assert roof["step_s"] == max(roof["step_compute_s"], roof["step_memory_s"])
+    assert roof["call_s"] == pytest.approx(roof["prefill_s"] + 31 * roof["step_s"])
+    assert fp32["greedy"]["ceiling_speedup"] == pytest.approx(0.330 / roof["call_s"], abs=0.01)
+    assert fp32["jax_prefill_mfu"] == pytest.approx(roof["prefill_s"] / 0.075, abs=1e-3)  # median 65, 85
+    assert fp32["top_p"]["hf_x_roofline"] == pytest.approx(
+        fp32["top_p"]["hf_decode_ms_per_step"] / 1e3 / roof["step_s"], abs=0.01)
+    assert bf16["roofline"]["prefill_s"] == pytest.approx(fp32["roofline"]["prefill_s"] / 2, abs=1e-3)
+    without = without["dtypes"]["float32"]  # no GEMM peak: no roofline, the rest the same
+    assert "roofline" not in without and "ceiling_speedup" not in without["greedy"]
+    assert without["greedy"]["speedup"] == fp32["greedy"]["speedup"]
     best = m["best"]["greedy"]
     assert (best["jax_dtype"], best["hf_dtype"]) == ("bfloat16", "bfloat16")
     assert best["speedup"] == pytest.approx(tok_s(100) / tok_s(260, 250), abs=0.01)
@@ -171,3 +187,28 @@ def test_sampler_summary_and_table(bench):
     assert any(line.startswith("| anchor | bf16 | top_p") for line in lines)
     best_row = next(line for line in lines if line.startswith("| anchor | greedy | 5120 (bf16)"))
     assert "**no**" not in best_row
+
+def test_sampler_flop_counts_match_an_enumeration_of_the_matmuls(bench):
+    """prefill_flops and decode_flops against the anchor Llama's matmuls written out one by one,
+    as (rows, inputs, outputs) per sequence: 2 · rows · inputs · outputs FLOPs each."""
+    bs, m = bench.bench_sampler, bench.common.MODELS["anchor"]
+    B, P, D, F = bs.BATCH, bs.PROMPT, m["hidden_size"], m["intermediate_size"]
+    L, N, K, H, V = (m["num_hidden_layers"], m["num_attention_heads"], m["num_key_value_heads"],
+                     m["head_dim"], m["vocab_size"])
+
+    def layer(tokens, query_positions, keys_of):
+        """k, v of `tokens` tokens; q, o, MLP and per-head attention at `query_positions`."""
+        q = len(query_positions)
+        mms = [(tokens, D, K * H), (tokens, D, K * H), (q, D, N * H), (q, N * H, D),
+               (q, D, F), (q, D, F), (q, F, D)]
+        for t in query_positions:  # scores q·Kᵀ and probs·V, each head
+            mms += [(1, H, keys_of(t)), (1, keys_of(t), H)] * N
+        return mms
+
+    prefill = [mm for _ in range(L - 1) for mm in layer(P, range(P), lambda t: t + 1)]
+    prefill += layer(P, [P - 1], lambda t: t + 1) + [(1, D, V)]
+    flops = lambda mms: B * sum(2 * r * i * o for r, i, o in mms)  # noqa: E731
+    assert bs.prefill_flops("anchor") == flops(prefill)
+    S = 112
+    step = [mm for _ in range(L) for mm in layer(1, [0], lambda t: S)] + [(1, D, V)]
+    assert bs.decode_flops("anchor", S) == flops(step)
