@@ -104,21 +104,22 @@ def decode_step_s(call_s: float, prefill_s: float) -> float:
 
 
 def _matmul_params(model: str) -> dict:
-    """Weights per layer of the matmuls that act on every token (k, v), on the queries (q, o and
-    the MLP), and the LM head. Norms are not matmuls and are left out (D FLOPs a token)."""
+    """Multiply-adds per token of a layer's matmuls that act on every token (k, v) and on the
+    queries only (q, o, the MLP), of the LM head, and of attention per (query, key) pair (the
+    score and the P·V product, every head). Norms are not matmuls and are left out."""
     m = common.MODELS[model]
     d, h = m["hidden_size"], m["head_dim"]
     return dict(kv=2 * d * m["num_key_value_heads"] * h,
                 queries=2 * d * m["num_attention_heads"] * h + 3 * d * m["intermediate_size"],
                 head=d * m["vocab_size"], layers=m["num_hidden_layers"],
-                attention=2 * 2 * m["num_attention_heads"] * h)  # scores + P·V, per query and key
+                attention=2 * m["num_attention_heads"] * h)
 
 
 def decode_flops(model: str, kv_len: int) -> float:
     """FLOPs one decode step of the batch must execute (2 per multiply-add): every layer's
     matmuls and the LM head for the B new tokens, and attention over kv_len keys."""
     w = _matmul_params(model)
-    per_token = w["layers"] * (w["kv"] + w["queries"] + w["attention"] * kv_len // 2) + w["head"]
+    per_token = w["layers"] * (w["kv"] + w["queries"] + w["attention"] * kv_len) + w["head"]
     return 2.0 * BATCH * per_token
 
 
@@ -131,7 +132,7 @@ def prefill_flops(model: str) -> float:
     queries = (w["layers"] - 1) * P + 1
     keys = (w["layers"] - 1) * P * (P + 1) // 2 + P  # (query, key) pairs attended
     return 2.0 * BATCH * (w["layers"] * P * w["kv"] + queries * w["queries"]
-                          + keys * w["attention"] // 2 + w["head"])
+                          + keys * w["attention"] + w["head"])
 
 
 def roofline(model: str, dtype: str, peak: float, bandwidth: float) -> dict:
@@ -139,7 +140,8 @@ def roofline(model: str, dtype: str, peak: float, bandwidth: float) -> dict:
     GEMM peak, then NEW - 1 decode steps each at max(FLOPs / peak, bytes / bandwidth), over a
     cache that grows (P + NEW/2 keys on average). peak: FLOP/s, bandwidth: GB/s."""
     kv_len = PROMPT + NEW // 2
-    compute_s, memory_s = decode_flops(model, kv_len) / peak, step_bytes(model, kv_len, dtype)["total"] / (bandwidth * 1e9)
+    compute_s = decode_flops(model, kv_len) / peak
+    memory_s = step_bytes(model, kv_len, dtype)["total"] / (bandwidth * 1e9)
     step_s = max(compute_s, memory_s)
     prefill_s = prefill_flops(model) / peak
     return dict(prefill_s=prefill_s, step_compute_s=compute_s, step_memory_s=memory_s, step_s=step_s,
@@ -419,8 +421,8 @@ def summarise_dtype(model: str, dtype: str, records: list[dict], bandwidth: floa
     out = dict(bytes_per_step=bound)
     roof = roofline(model, dtype, peak, bandwidth) if peak and bandwidth else None
     if roof:
-        out["roofline"] = dict({k: round(1e3 * v, 3) for k, v in roof.items()}, peak_gflops=round(peak / 1e9, 1),
-                               units="ms")
+        out["roofline"] = dict({k[:-2] + "_ms": round(1e3 * v, 3) for k, v in roof.items()},
+                               peak_gflops=round(peak / 1e9, 1))
     med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
     for kind, rs in ok.items():
         out[f"{kind}_prefill_ms"] = round(1e3 * med(rs, lambda r: r["prefill"]["median_s"]), 2)
@@ -509,7 +511,7 @@ def markdown(result: dict) -> str:
                     return f"{r[f'jax_{key}']:{fmt}} / {r[f'hf_{key}']:{fmt}}" if f"jax_{key}" in r else ""
                 roof = m.get("roofline")  # absent without a GEMM peak or a bandwidth
                 ceiling = f"{r['ceiling_speedup']:.2f}×" if roof else ""
-                roof_step = f"{roof['step_s']:.2f}" if roof else ""
+                roof_step = f"{roof['step_ms']:.2f}" if roof else ""
                 lines.append(
                     f"| {name} | {PRECISION[dtype]} | {mode} | {r['jax_new_tok_s']:.0f} | "
                     f"{r['hf_new_tok_s']:.0f} | {r['speedup']:.2f}× | {r['speedup_best_round']:.2f}× | "
@@ -544,9 +546,9 @@ def markdown(result: dict) -> str:
                 roof = m["roofline"]
                 lines.append(
                     f"- {name} {PRECISION[dtype]} roofline: prefill {prefill_flops(name) / 1e9:.1f} GFLOP at "
-                    f"{roof['peak_gflops']:.0f} GFLOP/s = {roof['prefill_s']:.1f} ms; a decode step "
-                    f"max(compute {roof['step_compute_s']:.2f}, memory {roof['step_memory_s']:.2f}) ms; "
-                    f"call {roof['call_s']:.1f} ms.")
+                    f"{roof['peak_gflops']:.0f} GFLOP/s = {roof['prefill_ms']:.1f} ms; a decode step "
+                    f"max(compute {roof['step_compute_ms']:.2f}, memory {roof['step_memory_ms']:.2f}) ms; "
+                    f"call {roof['call_ms']:.1f} ms.")
         if "rounds" in model:
             lines.append(f"- {name}: rounds × reps {model['rounds']} × {model['reps']}; failed: "
                          f"{', '.join(model['failed']) or 'none'}.")

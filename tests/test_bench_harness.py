@@ -160,14 +160,14 @@ def test_sampler_summary_and_table(bench):
         fp32["greedy"]["jax_bound_ms_per_step"] / 2, rel=1e-2)
     # roofline: the prefill at the peak, 31 steps at max(compute, memory); HF's call over it
     roof = bs.roofline("anchor", "float32", 2e11, 50.0)
-    assert fp32["roofline"]["call_s"] == pytest.approx(1e3 * roof["call_s"], abs=1e-3)
+    assert fp32["roofline"]["call_ms"] == pytest.approx(1e3 * roof["call_s"], abs=1e-3)
     assert roof["step_s"] == max(roof["step_compute_s"], roof["step_memory_s"])
     assert roof["call_s"] == pytest.approx(roof["prefill_s"] + 31 * roof["step_s"])
     assert fp32["greedy"]["ceiling_speedup"] == pytest.approx(0.330 / roof["call_s"], abs=0.01)
     assert fp32["jax_prefill_mfu"] == pytest.approx(roof["prefill_s"] / 0.075, abs=1e-3)  # median 65, 85
     assert fp32["top_p"]["hf_x_roofline"] == pytest.approx(
         fp32["top_p"]["hf_decode_ms_per_step"] / 1e3 / roof["step_s"], abs=0.01)
-    assert bf16["roofline"]["prefill_s"] == pytest.approx(fp32["roofline"]["prefill_s"] / 2, abs=1e-3)
+    assert bf16["roofline"]["prefill_ms"] == pytest.approx(fp32["roofline"]["prefill_ms"] / 2, abs=1e-3)
     without = without["dtypes"]["float32"]  # no GEMM peak: no roofline, the rest the same
     assert "roofline" not in without and "ceiling_speedup" not in without["greedy"]
     assert without["greedy"]["speedup"] == fp32["greedy"]["speedup"]
