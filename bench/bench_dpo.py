@@ -371,7 +371,8 @@ def targets(records, variant, shared: bool = True) -> dict:
 
 
 def _row_name(r: dict) -> str:
-    return f"{r['label']}/{r['model']}/{r['pairs']}x{r['seq_len']}" + (f" round {r['round'] + 1}" if r.get("round") else "")
+    name = f"{r['label']}/{r['model']}/{r['pairs']}x{r['seq_len']}"
+    return name + (f" round {r['round'] + 1}" if r.get("round") else "")
 
 
 def noise(records, name=_row_name) -> dict:

@@ -103,23 +103,19 @@ def decode_step_s(call_s: float, prefill_s: float) -> float:
     return (call_s - prefill_s) / (NEW - 1)
 
 
-def _matmul_params(model: str) -> dict:
-    """Multiply-adds per token of a layer's matmuls that act on every token (k, v) and on the
-    queries only (q, o, the MLP), of the LM head, and of attention per (query, key) pair (the
-    score and the P·V product, every head). Norms are not matmuls and are left out."""
+def _attention_macs(model: str) -> int:
+    """Multiply-adds of attention per (query, key) pair: the score and the P·V product, every head."""
     m = common.MODELS[model]
-    d, h = m["hidden_size"], m["head_dim"]
-    return dict(kv=2 * d * m["num_key_value_heads"] * h,
-                queries=2 * d * m["num_attention_heads"] * h + 3 * d * m["intermediate_size"],
-                head=d * m["vocab_size"], layers=m["num_hidden_layers"],
-                attention=2 * m["num_attention_heads"] * h)
+    return 2 * m["num_attention_heads"] * m["head_dim"]
 
 
 def decode_flops(model: str, kv_len: int) -> float:
     """FLOPs one decode step of the batch must execute (2 per multiply-add): every layer's
-    matmuls and the LM head for the B new tokens, and attention over kv_len keys."""
-    w = _matmul_params(model)
-    per_token = w["layers"] * (w["kv"] + w["queries"] + w["attention"] * kv_len) + w["head"]
+    matmuls (`common.param_counts`, norms left out) and the LM head for the B new tokens, and
+    attention over kv_len keys."""
+    n, layers = common.param_counts(model), common.MODELS[model]["num_hidden_layers"]
+    per_layer = n["layer_kv"] + n["layer_queries"] + _attention_macs(model) * kv_len
+    per_token = layers * per_layer + n["lm_head"]
     return 2.0 * BATCH * per_token
 
 
@@ -128,11 +124,11 @@ def prefill_flops(model: str) -> float:
     layer; q, o, the MLP and causal attention (query t over t + 1 keys) for every token but in
     the last layer, which needs them at the last column only (all the first new token needs);
     and the LM head there."""
-    w, P = _matmul_params(model), PROMPT
-    queries = (w["layers"] - 1) * P + 1
-    keys = (w["layers"] - 1) * P * (P + 1) // 2 + P  # (query, key) pairs attended
-    return 2.0 * BATCH * (w["layers"] * P * w["kv"] + queries * w["queries"]
-                          + keys * w["attention"] + w["head"])
+    n, layers, P = common.param_counts(model), common.MODELS[model]["num_hidden_layers"], PROMPT
+    queries = (layers - 1) * P + 1
+    keys = (layers - 1) * P * (P + 1) // 2 + P  # (query, key) pairs attended
+    return 2.0 * BATCH * (layers * P * n["layer_kv"] + queries * n["layer_queries"]
+                          + keys * _attention_macs(model) + n["lm_head"])
 
 
 def roofline(model: str, dtype: str, peak: float, bandwidth: float) -> dict:
@@ -447,8 +443,8 @@ def summarise_dtype(model: str, dtype: str, records: list[dict], bandwidth: floa
                 row[f"{kind}_x_roofline"] = round(decode / roof["step_s"], 2)
         row["jax_compile_s_approx"] = round(ok["jax"][0][mode]["compile_s_approx"], 2)
         row["speedup"] = round(row["jax_new_tok_s"] / row["hf_new_tok_s"], 2)
-        # Calls run in one of two speeds on this 2-vCPU VM, fixed per compiled program (README):
-        # the best round of each framework is the other summary, the same for both
+        # The VM's speed drifts over tens of seconds, for every framework alike (README): the best
+        # round of each framework is the other summary, taken the same way for both
         row["speedup_best_round"] = round(max(row["jax_new_tok_s_per_round"])
                                           / max(row["hf_new_tok_s_per_round"]), 2)
         row["target"] = TARGETS[mode]
@@ -479,8 +475,8 @@ def markdown(result: dict) -> str:
         f"Memory bandwidth (best jitted `x + 1` over {MEMBW_MIB} MiB, read + write): "
         f"{bw if bw else 'not measured'} GB/s.", "",
         "new tok/s = 16 · 32 / median call (prefill + decode), median over rounds; best round = "
-        "the fastest round of each framework (JAX calls run at one of two speeds per compiled "
-        "program on this VM). decode ms/step = (median call − "
+        "the fastest round of each framework (the VM's speed drifts over tens of seconds, for "
+        "every framework alike). decode ms/step = (median call − "
         f"prefill) / {NEW - 1}. bound = (block weights + LM head + K,V cache of S slots, in the "
         f"row's precision) / bandwidth, S = {PROMPT + NEW} for jax (full cache read every step), "
         f"{PROMPT + NEW // 2} for HF (its growing cache, mean); ×bound = decode / bound. Cells with "

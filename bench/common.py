@@ -37,17 +37,20 @@ FIRST_WORD_ID = 4  # ids 0..3 are <pad> <s> </s> <unk> in the trl tokenizer
 
 
 def param_counts(name: str) -> dict:
-    """Parameter counts; n_flops = non-embedding params + lm_head (the anchors' N)."""
+    """Parameter counts; n_flops = non-embedding params + lm_head (the anchors' N); layer_kv and
+    layer_queries: one layer's k,v and q,o + MLP matmul weights."""
     m = MODELS[name]
     d, f, L, V = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"], m["vocab_size"]
     hd, nq, nk = m["head_dim"], m["num_attention_heads"], m["num_key_value_heads"]
     kv = d * nk * hd * 2
-    per_layer = d * nq * hd * 2 + kv + 3 * d * f + 2 * d  # q,o + k,v + mlp + norms
+    queries = d * nq * hd * 2 + 3 * d * f  # q,o + mlp: the matmuls a layer runs per query
+    per_layer = queries + kv + 2 * d  # + norms
     blocks = L * per_layer + d  # + final norm
     embed = lm_head = V * d  # tied: the same matrix, still one V×D matmul per scored position
     total = blocks + embed + (0 if m["tie_word_embeddings"] else lm_head)
     return dict(blocks=blocks, embed=embed, lm_head=lm_head, total=total, n_flops=blocks + lm_head,
-                last_layer_queries=per_layer - kv + d)  # what runs at scored columns only
+                last_layer_queries=per_layer - kv + d,  # what runs at scored columns only
+                layer_kv=kv, layer_queries=queries)  # one layer's matmul weights, no norms
 
 
 def tokens_per_step(pairs: int, seq_len: int) -> int:
