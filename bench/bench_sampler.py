@@ -47,6 +47,12 @@ precision):
   batch 16 both models' decode steps are compute-bound here, in both precisions: 16 rows share
   each weight read, so the memory bound alone understates the floor.)
 
+The issue's reference (anchor, fp32, when ../shared/anchors is there; $PDPO_ANCHORS_DIR
+elsewhere): its minimal JAX decode loop, `jax_reference.make_generate` (greedy and its
+sort-free top-p), on the same weights and prompts, in the same rounds, timed as ours. The issue
+set its targets from that loop's speedup over HF on the anchors' machine; the report gives its
+speedup here, ours over it, and whether its greedy tokens equal HF's and ours.
+
 Noise: each worker records load, CPU steal and `others_cpu_frac` (share of the CPUs other
 processes used while it was timing; common.Meter); a worker above 10 % is re-timed up to
 --retries times after waiting for a quiet machine. All workers get the same allocator
@@ -82,6 +88,15 @@ DEFAULT_PLAN = {"anchor": (4, 7), "smollm2-135m": (2, 3)}
 QUICK_PLAN = {"anchor": (1, 3), "smollm2-135m": (1, 2)}
 PREFILL_REPS = 5
 MEMBW_MIB = 512
+# The issue's own minimal JAX decode loop (its "last anchor run"), timed beside ours on the anchor
+# in fp32 when the folder is there; $PDPO_ANCHORS_DIR overrides the place.
+ANCHORS_DIR = os.path.join(HERE, "..", "..", "shared", "anchors")
+
+
+def anchors_dir() -> str | None:
+    """The folder of ../shared/anchors/jax_reference.py, or None when it is not there."""
+    folder = os.path.abspath(os.environ.get("PDPO_ANCHORS_DIR") or ANCHORS_DIR)
+    return folder if os.path.exists(os.path.join(folder, "jax_reference.py")) else None
 
 
 def smollm2_dir() -> str:
@@ -279,9 +294,63 @@ def worker_hf(folder: str, prompts: str, reps: int, torch_threads: int | None,
     return out
 
 
+def _import_reference(folder: str):
+    """../shared/anchors/jax_reference.py as a module. It imports its own `common`, a name this
+    bench's common.py holds in sys.modules: ours is set aside while it loads, then put back."""
+    import importlib
+    ours = sys.modules.pop("common")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("jax_reference")
+    finally:
+        sys.path.remove(folder)
+        sys.modules["common"] = ours
+
+
+def worker_ref(folder: str, prompts: str, reps: int) -> dict:
+    """The issue's minimal JAX decode loop (`jax_reference.make_generate`: fp32, prefill + a
+    `fori_loop` of one-token steps, greedy and its sort-free top-p) on the folder's weights
+    (copied from the HF model by its own `params_from_hf`) and the same prompts: per mode a
+    first call, then `reps` timed calls; then its prefill alone (as its `run_decode` times it).
+    It has no padding mask, one position for all rows and no stop handling, so it does less
+    than our sampler; it is what the issue measured its targets against."""
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+    ref = _import_reference(anchors_dir())
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    params = ref.params_from_hf(hf)
+    del hf
+    prompt = jax.numpy.asarray(np.load(prompts).astype(np.int32))
+    key = jax.random.PRNGKey(0)
+    out = dict(bench="sampler", framework="ref", dtype="float32",
+               source=os.path.join(anchors_dir(), "jax_reference.py"))
+    for mode, ref_mode in (("greedy", "greedy"), ("top_p", "top_p_bisect")):
+        generate = ref.make_generate(NEW, ref_mode)
+        start = time.perf_counter()
+        first = np.asarray(generate(params, prompt, key))
+        first_s = time.perf_counter() - start
+        with common.Meter() as meter:
+            times = timed(lambda: jax.block_until_ready(generate(params, prompt, key)), reps)
+        s = common.summarize(times)
+        out[mode] = dict(call=s, new_tokens_per_s=BATCH * NEW / s["median_s"], first_call_s=first_s,
+                         **meter.result)
+        if mode == "greedy":
+            out[mode]["tokens"] = first.tolist()
+        common.log(f"  [ref] {mode}: first call {first_s:.2f} s, {s['median_s'] * 1e3:.1f} ms/call -> "
+                   f"{out[mode]['new_tokens_per_s']:.0f} new tok/s (others {meter.result['others_cpu_frac']:.0%})")
+    prefill = jax.jit(lambda p, x: ref.hidden_states(p, x, return_kv=True)[0][:, -1] @ p["lm_head"])
+    jax.block_until_ready(prefill(params, prompt))
+    out["prefill"] = common.summarize(timed(lambda: jax.block_until_ready(prefill(params, prompt)),
+                                            PREFILL_REPS))
+    out["versions"] = dict(jax=jax.__version__)
+    return out
+
+
 def finish_worker(record: dict) -> dict:
     """Decode step per mode, the worker's noise (worst mode) and the host facts."""
-    if record.get("framework") in ("jax", "hf"):
+    if record.get("framework") in ("jax", "hf", "ref"):
         prefill = record["prefill"]["median_s"]
         for mode in MODES:
             record[mode]["decode_step_s"] = decode_step_s(record[mode]["call"]["median_s"], prefill)
@@ -320,7 +389,7 @@ class Runner:
             kept=lambda r: {f"{m}_new_tok_s": r[m]["new_tokens_per_s"] for m in MODES if m in r})
         if "error" in record:
             common.log(f"  [{kind}] FAILED ({record['error']}):\n{record['stderr_tail']}")
-        elif kind in ("jax", "hf"):
+        elif kind in ("jax", "hf", "ref"):
             common.log(f"  [{kind}] " + ", ".join(
                 f"{m} {record[m]['new_tokens_per_s']:.0f} new tok/s" for m in MODES)
                 + f"; prefill {record['prefill']['median_s'] * 1e3:.0f} ms; others "
@@ -357,7 +426,9 @@ def run_model(runner: Runner, model: str, rounds: int, reps: int, bandwidth: flo
         records = []
         for r in range(rounds):
             for dtype in dtypes:
-                for kind in ("jax", "hf"):
+                kinds = ("jax", "hf", "ref") if model == "anchor" and dtype == "float32" and anchors_dir() \
+                    else ("jax", "hf")
+                for kind in kinds:
                     common.log(f"[{time.strftime('%H:%M:%S')}] {model} round {r + 1}/{rounds}: "
                                f"{kind} {dtype}")
                     record = runner.worker(model, kind, "--folder", folder, "--prompts", prompts,
@@ -452,9 +523,37 @@ def summarise_dtype(model: str, dtype: str, records: list[dict], bandwidth: floa
         if roof:
             row["ceiling_speedup"] = round(row["hf_call_ms"] / 1e3 / roof["call_s"], 2)
         out[mode] = row
-    agree = [a == b for ra, rb in zip(ok["jax"][0]["greedy"]["tokens"], ok["hf"][0]["greedy"]["tokens"])
-             for a, b in zip(ra, rb)]
-    out["greedy_token_agreement_with_hf"] = round(sum(agree) / len(agree), 4)
+    out["greedy_token_agreement_with_hf"] = _agreement(ok["jax"][0], ok["hf"][0])
+    refs = [r for r in records if r.get("framework") == "ref" and "error" not in r]
+    if refs:
+        out["reference"] = summarise_reference(refs, ok["jax"], ok["hf"])
+    return out
+
+
+def _agreement(a: dict, b: dict) -> float:
+    """Share of the greedy new tokens two records agree on."""
+    same = [x == y for ra, rb in zip(a["greedy"]["tokens"], b["greedy"]["tokens"]) for x, y in zip(ra, rb)]
+    return round(sum(same) / len(same), 4)
+
+
+def summarise_reference(refs: list[dict], jax_records: list[dict], hf_records: list[dict]) -> dict:
+    """The issue's minimal decode loop beside ours and HF's in the same rounds: per mode its
+    median new tok/s over rounds, its speedup over HF (the issue quotes it reaching 2.0× greedy
+    and 3.05× top-p on the machine its targets were set on) and ours over it."""
+    med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
+    out = dict(prefill_ms=round(1e3 * med(refs, lambda r: r["prefill"]["median_s"]), 2),
+               peak_rss_mib=max(r["peak_rss_mib"] for r in refs),
+               max_others_cpu_frac=max(r["others_cpu_frac"] for r in refs),
+               greedy_token_agreement_with_hf=_agreement(refs[0], hf_records[0]),
+               greedy_token_agreement_with_jax=_agreement(refs[0], jax_records[0]))
+    for mode in MODES:
+        tok_s = {k: med(rs, lambda r: r[mode]["new_tokens_per_s"])
+                 for k, rs in (("ref", refs), ("jax", jax_records), ("hf", hf_records))}
+        out[mode] = dict(ref_new_tok_s=round(tok_s["ref"], 1),
+                         ref_new_tok_s_per_round=[round(r[mode]["new_tokens_per_s"], 1) for r in refs],
+                         ref_decode_ms_per_step=round(1e3 * med(refs, lambda r: r[mode]["decode_step_s"]), 3),
+                         ref_speedup_over_hf=round(tok_s["ref"] / tok_s["hf"], 2),
+                         jax_speedup_over_ref=round(tok_s["jax"] / tok_s["ref"], 2))
     return out
 
 
@@ -462,6 +561,13 @@ def noise(models: dict, membw: dict) -> dict:
     records = [r for m in models.values() for r in m.get("records", [])]
     return dict(bench_dpo.noise(records, name=lambda r: f"{r['group']}/{r['framework']}"),
                 membw_waited_for_quiet_s=membw.get("waited_for_quiet_s"))
+
+
+def _cpu_line(host: dict | None, cpus: int | None) -> str:
+    if not host:
+        return ""
+    return (f" CPU: {host['cpu']} (family {host.get('cpu_family')}, model {host.get('cpu_model')}), "
+            f"{cpus} cores.")
 
 
 def markdown(result: dict) -> str:
@@ -473,7 +579,7 @@ def markdown(result: dict) -> str:
         "fp32 = fp32 weights and compute on both sides; bf16 = bf16 weights and compute on both "
         "sides (fp32 logits); the speedup is at the same precision. "
         f"Memory bandwidth (best jitted `x + 1` over {MEMBW_MIB} MiB, read + write): "
-        f"{bw if bw else 'not measured'} GB/s.", "",
+        f"{bw if bw else 'not measured'} GB/s.{_cpu_line(result.get('host'), result.get('cpus'))}", "",
         "new tok/s = 16 · 32 / median call (prefill + decode), median over rounds; best round = "
         "the fastest round of each framework (the VM's speed drifts over tens of seconds, for "
         "every framework alike). decode ms/step = (median call − "
@@ -528,6 +634,21 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {name} | {mode} | {r['jax_new_tok_s']:.0f} ({PRECISION[r['jax_dtype']]}) | "
                              f"{r['hf_new_tok_s']:.0f} ({PRECISION[r['hf_dtype']]}) | {r['speedup']:.2f}× | "
                              f"≥ {r['target']}× | {'yes' if r['met'] else '**no**'} |")
+    refs = [(name, m["reference"]) for name, model in result["models"].items()
+            for m in model.get("dtypes", {}).values() if "reference" in m]
+    if refs:
+        lines += ["", "The issue's minimal JAX decode loop (`../shared/anchors/jax_reference.py`: fp32, no "
+                  "padding mask, no stop handling; sort-free top-p), same weights, prompts and rounds "
+                  "(median new tok/s):", "",
+                  "| model | mode | reference | its speedup over HF | ours over it | its decode ms/step | "
+                  "its prefill ms | greedy tokens = HF / = ours |", "|---|---|---|---|---|---|---|---|"]
+        for name, ref in refs:
+            for mode in MODES:
+                r = ref[mode]
+                lines.append(f"| {name} | {mode} | {r['ref_new_tok_s']:.0f} | {r['ref_speedup_over_hf']:.2f}× | "
+                             f"{r['jax_speedup_over_ref']:.2f}× | {r['ref_decode_ms_per_step']:.2f} | "
+                             f"{ref['prefill_ms']:.1f} | {ref['greedy_token_agreement_with_hf']:.1%} / "
+                             f"{ref['greedy_token_agreement_with_jax']:.1%} |")
     lines += [""]
     for name, model in result["models"].items():
         for dtype, m in model.get("dtypes", {}).items():
@@ -624,7 +745,7 @@ def main():
                     help="precisions to time, comma-separated (default: float32,bfloat16)")
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
-    ap.add_argument("--worker", choices=["build", "membw", "jax", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["build", "membw", "jax", "hf", "ref"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -634,6 +755,8 @@ def main():
         common.emit(worker_membw())
     elif args.worker == "jax":
         common.emit(finish_worker(worker_jax(args.folder, args.prompts, args.reps, args.dtype)))
+    elif args.worker == "ref":
+        common.emit(finish_worker(worker_ref(args.folder, args.prompts, args.reps)))
     elif args.worker == "hf":
         common.emit(finish_worker(worker_hf(args.folder, args.prompts, args.reps, args.torch_threads,
                                             args.dtype)))

@@ -3,6 +3,7 @@ the plan, the record parsing, the target ratios and the report (not a performanc
 import copy
 import importlib
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -119,6 +120,20 @@ def test_rounds_report_each_rows_median_round(bench, tmp_path, monkeypatch):
     assert f"| {1.1 * base:.0f} / {1.6 * base:.0f} / {base:.0f} |" in table and "3 rounds" in table
 
 
+def _sampler_record(bs, kind, dtype, call_ms, prefill_ms, tokens=((1, 2), (3, 4))):
+    """A made-up bench_sampler worker record: per mode one median call of call_ms[mode]."""
+    out = dict(framework=kind, dtype=dtype, prefill={"median_s": prefill_ms / 1e3},
+               peak_rss_mib=500.0, others_cpu_frac=0.0, versions={kind: "x"},
+               unroll_layers=False, attn_implementation="sdpa")
+    for mode in bs.MODES:
+        call = call_ms[mode] / 1e3
+        out[mode] = dict(call={"median_s": call}, new_tokens_per_s=bs.BATCH * bs.NEW / call,
+                         first_call_s=2.0, compile_s_approx=1.0,
+                         decode_step_s=bs.decode_step_s(call, prefill_ms / 1e3))
+    out["greedy"]["tokens"] = [list(row) for row in tokens]
+    return out
+
+
 def test_sampler_summary_and_table(bench):
     """bench_sampler's per-model summary (medians over rounds per precision, best-round speedup,
     bound, each framework at its faster precision) and its markdown rows, on two rounds of
@@ -126,16 +141,8 @@ def test_sampler_summary_and_table(bench):
     bs = bench.bench_sampler
 
     def record(kind, dtype, call_ms, prefill_ms):
-        out = dict(framework=kind, dtype=dtype, prefill={"median_s": prefill_ms / 1e3},
-                   peak_rss_mib=500.0, others_cpu_frac=0.0, versions={kind: "x"},
-                   unroll_layers=False, attn_implementation="sdpa")
-        for mode in bs.MODES:
-            call = call_ms[mode] / 1e3
-            out[mode] = dict(call={"median_s": call}, new_tokens_per_s=bs.BATCH * bs.NEW / call,
-                             first_call_s=2.0, compile_s_approx=1.0,
-                             decode_step_s=bs.decode_step_s(call, prefill_ms / 1e3))
-        out["greedy"]["tokens"] = [[1, 2], [3, 4]] if kind == "jax" or dtype == "float32" else [[1, 2], [3, 5]]
-        return out
+        tokens = ((1, 2), (3, 4)) if kind == "jax" or dtype == "float32" else ((1, 2), (3, 5))
+        return _sampler_record(bs, kind, dtype, call_ms, prefill_ms, tokens)
     records = [record("jax", "float32", {"greedy": 160, "top_p": 200}, 65),
                record("hf", "float32", {"greedy": 320, "top_p": 560}, 80),
                record("jax", "bfloat16", {"greedy": 100, "top_p": 110}, 40),
@@ -187,6 +194,61 @@ def test_sampler_summary_and_table(bench):
     assert any(line.startswith("| anchor | bf16 | top_p") for line in lines)
     best_row = next(line for line in lines if line.startswith("| anchor | greedy | 5120 (bf16)"))
     assert "**no**" not in best_row
+
+def test_sampler_summary_of_the_issue_reference(bench):
+    """The issue's minimal decode loop ("ref") timed in the same rounds: its median over rounds,
+    its speedup over HF and ours over it, its greedy agreement with HF and with ours, and its
+    table; the jax-vs-HF numbers are the same as without it."""
+    bs = bench.bench_sampler
+    ms = lambda g, p: {"greedy": g, "top_p": p}  # noqa: E731
+    records = [_sampler_record(bs, "jax", "float32", ms(160, 200), 65),
+               _sampler_record(bs, "hf", "float32", ms(320, 560), 80),
+               _sampler_record(bs, "ref", "float32", ms(200, 280), 70, tokens=((1, 2), (3, 9))),
+               _sampler_record(bs, "jax", "float32", ms(220, 340), 85),
+               _sampler_record(bs, "hf", "float32", ms(340, 580), 76),
+               _sampler_record(bs, "ref", "float32", ms(240, 300), 72)]
+    without = bs.summarise("anchor", "/tmp/x", 2, 7, copy.deepcopy(
+        [r for r in records if r["framework"] != "ref"]), bandwidth=50.0)["dtypes"]["float32"]
+    m = bs.summarise("anchor", "/tmp/x", 2, 7, records, bandwidth=50.0)
+    fp32 = m["dtypes"]["float32"]
+    assert "reference" not in without
+    assert {k: fp32[k] for k in bs.MODES} == {k: without[k] for k in bs.MODES}
+    ref = fp32["reference"]
+    tok_s = lambda *ms: sum(512 / (t / 1e3) for t in ms) / len(ms)  # median of two = mean  # noqa: E731
+    assert ref["greedy"]["ref_new_tok_s"] == pytest.approx(tok_s(200, 240), abs=0.1)
+    assert ref["greedy"]["ref_new_tok_s_per_round"] == [2560.0, pytest.approx(2133.3, abs=0.1)]
+    assert ref["greedy"]["ref_speedup_over_hf"] == pytest.approx(tok_s(200, 240) / tok_s(320, 340), abs=0.01)
+    assert ref["top_p"]["jax_speedup_over_ref"] == pytest.approx(tok_s(200, 340) / tok_s(280, 300), abs=0.01)
+    assert ref["greedy"]["ref_decode_ms_per_step"] == pytest.approx(
+        1e3 * statistics.median([bs.decode_step_s(0.2, 0.07), bs.decode_step_s(0.24, 0.072)]), abs=1e-3)
+    assert ref["prefill_ms"] == 71.0
+    # its first round's greedy tokens differ from both in one of four
+    assert ref["greedy_token_agreement_with_hf"] == ref["greedy_token_agreement_with_jax"] == 0.75
+    table = bs.markdown(dict(stamp="s", allocator="tcmalloc", command="c", total_wall_s=1.0,
+                             membw={"bandwidth_gbs": 50.0}, models={"anchor": m},
+                             noise=dict(max_load1=0.1, max_others_cpu_frac=0.0, contaminated=[],
+                                        failed=[])))
+    lines = table.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model | mode | reference"))
+    row = lines[header + 2]
+    assert row.startswith("| anchor | greedy | 2347 | ")
+    assert row.count("|") == lines[header].count("|") == lines[header + 1].count("|")
+    assert "75.0% / 75.0%" in row
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(BENCH, "..", "..", "shared", "anchors", "jax_reference.py")),
+                    reason="../shared/anchors is not beside the repo")
+def test_sampler_imports_the_issue_reference_beside_its_own_common(bench):
+    """jax_reference.py imports the anchors' `common`; the bench's own `common` is back in
+    sys.modules afterwards and the reference holds the anchors' one."""
+    bs = bench.bench_sampler
+    ref = bs._import_reference(bs.anchors_dir())
+    try:
+        assert sys.modules["common"] is bench.common
+        assert ref.common is not bench.common and ref.common.GEN_BATCH == bs.BATCH
+        assert (ref.common.PROMPT_LEN, ref.common.GEN_NEW, ref.common.TOP_P) == (bs.PROMPT, bs.NEW, bs.TOP_P)
+    finally:
+        sys.modules.pop("jax_reference", None)
 
 def test_sampler_flop_counts_match_an_enumeration_of_the_matmuls(bench):
     """prefill_flops and decode_flops against the anchor Llama's matmuls written out one by one,
