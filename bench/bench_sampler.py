@@ -426,8 +426,8 @@ def run_model(runner: Runner, model: str, rounds: int, reps: int, bandwidth: flo
         records = []
         for r in range(rounds):
             for dtype in dtypes:
-                kinds = ("jax", "hf", "ref") if model == "anchor" and dtype == "float32" and anchors_dir() \
-                    else ("jax", "hf")
+                with_ref = model == "anchor" and dtype == "float32" and anchors_dir()
+                kinds = ("jax", "hf", "ref") if with_ref else ("jax", "hf")
                 for kind in kinds:
                     common.log(f"[{time.strftime('%H:%M:%S')}] {model} round {r + 1}/{rounds}: "
                                f"{kind} {dtype}")
@@ -564,6 +564,7 @@ def noise(models: dict, membw: dict) -> dict:
 
 
 def _cpu_line(host: dict | None, cpus: int | None) -> str:
+    """' CPU: name (family, model), N cores.' for the report's first paragraph."""
     if not host:
         return ""
     return (f" CPU: {host['cpu']} (family {host.get('cpu_family')}, model {host.get('cpu_model')}), "

@@ -183,10 +183,10 @@ def summarize(times: list[float]) -> dict:
 
 
 def host() -> dict:
-    """The CPU (its name; family and model tell generations apart where the name does not, e.g.
-    "AMD EPYC" is Zen 4 at family 25 and Zen 5 at 26, whose fp32 FMA peak per cycle is twice
-    Zen 4's), the cores we may use, Python and the environment variables that steer the
-    kernels."""
+    """The CPU (its name; family and model tell generations apart where the name does not: an
+    "AMD EPYC" at family 25 model 17 is a Zen 4 (Genoa), at family 26 a Zen 5, whose fp32 FMA
+    peak per cycle is twice Zen 4's), the cores we may use, Python and the environment
+    variables that steer the kernels."""
     info = {}
     with open("/proc/cpuinfo") as fh:
         for line in fh:
