@@ -385,6 +385,11 @@ def noise(records, name=_row_name) -> dict:
                 failed=[r["cmd"] for r in records if "error" in r])
 
 
+ROW_COLUMNS = ["group", "row", "model", "pairs×T", "ms/step", "rounds ms", "steps/s", "tokens/s",
+               "GFLOP exec", "MFU", "MFU(8N)", "compile s", "1st step s", "peak RSS MiB",
+               "steps RSS MiB", "load1", "others", "steal"]
+
+
 def markdown(summary, peaks, records) -> str:
     g = lambda key: (peaks.get(key) or 0) / 1e9  # noqa: E731
     lines = [
@@ -401,12 +406,10 @@ def markdown(summary, peaks, records) -> str:
         "lmhead_resp rows; -shared rows (dpo.share_prompt) run the blocks on prompt + 2 responses "
         "per pair and are credited with those FLOPs); MFU(8N) credits 8·N·tokens to every row. `others` = share of the CPUs "
         "other processes used while the row was timed.", "",
-        "| group | row | model | pairs×T | ms/step | rounds ms | steps/s | tokens/s | GFLOP exec | MFU | MFU(8N) | "
-        "compile s | 1st step s | peak RSS MiB | steps RSS MiB | load1 | others | steal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        *common.table_head(ROW_COLUMNS)]
     for r in records:
         if "step_ms" not in r:
-            lines.append(f"| {r['group']} | FAILED `{r['cmd']}` ({r.get('error')}) |" + " |" * 16)
+            lines.append(common.failed_row([r["group"], f"FAILED `{r['cmd']}` ({r.get('error')})"], ROW_COLUMNS))
             continue
         lines.append(
             f"| {r['group']} | {r['label']} | {r['model']} | {r['pairs']}×{r['seq_len']} | {r['step_ms']:.0f} | "
@@ -422,7 +425,7 @@ def markdown(summary, peaks, records) -> str:
         if key not in summary:
             continue
         lines += ["", f"Targets ({title}; anchor shapes, this run):", "",
-                  "| target | ours | peer | value | target | met |", "|---|---|---|---|---|---|"]
+                  *common.table_head(["target", "ours", "peer", "value", "target", "met"])]
         for name, t in summary[key].items():
             met = "yes" if t["met"] else "**no**"
             if "ratio" in t:

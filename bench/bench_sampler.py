@@ -571,6 +571,23 @@ def _cpu_line(host: dict | None, cpus: int | None) -> str:
             f"{cpus} cores.")
 
 
+ROW_COLUMNS = ["model", "precision", "mode", "jax new tok/s", "hf new tok/s", "speedup", "best round",
+               "target", "met?", "ceiling", "compile s", "prefill ms", "prefill MFU", "decode ms/step",
+               "bound ms/step", "×bound", "roofline ms/step", "×roofline", "peak RSS MiB", "others"]
+
+
+def _mode_table(intro: str, columns: list[str], per_model: dict, cells) -> list[str]:
+    """A section with one row per model and mode: `cells(per_model[name][mode], per_model[name])`
+    after the model and mode cells; nothing when no model has one."""
+    if not per_model:
+        return []
+    lines = ["", intro, "", *common.table_head(["model", "mode", *columns])]
+    for name, summary in per_model.items():
+        for mode in MODES:
+            lines.append("| " + " | ".join([name, mode, *cells(summary[mode], summary)]) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     bw = result["membw"].get("bandwidth_gbs")
     lines = [
@@ -594,17 +611,15 @@ def markdown(result: dict) -> str:
         "roofline ms/step = max(step FLOPs / peak, step bytes / bandwidth) at the mean cache of "
         f"S = {PROMPT + NEW // 2}; ×roofline = decode / that; ceiling = HF's median call / (prefill "
         f"FLOPs / peak + {NEW - 1} roofline steps), the largest speedup over HF this machine allows.", "",
-        "| model | precision | mode | jax new tok/s | hf new tok/s | speedup | best round | target | "
-        "met? | ceiling | compile s | prefill ms | prefill MFU | decode ms/step | bound ms/step | ×bound | "
-        "roofline ms/step | ×roofline | peak RSS MiB | others |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        *common.table_head(ROW_COLUMNS)]
     for name, model in result["models"].items():
         if "skipped" in model or "error" in model:
-            lines.append(f"| {name} | {model.get('skipped') or 'FAILED: ' + model['error']} |" + " |" * 18)
+            lines.append(common.failed_row([name, model.get("skipped") or "FAILED: " + model["error"]],
+                                           ROW_COLUMNS))
             continue
         for dtype, m in model["dtypes"].items():
             if "error" in m:
-                lines.append(f"| {name} | {dtype} | FAILED: {m['error']} |" + " |" * 17)
+                lines.append(common.failed_row([name, dtype, f"FAILED: {m['error']}"], ROW_COLUMNS))
                 continue
             for mode in MODES:
                 r = m[mode]
@@ -625,31 +640,24 @@ def markdown(result: dict) -> str:
                     f"{two('x_bound', '.1f')} | {roof_step} | {two('x_roofline', '.1f')} | "
                     f"{m['jax_peak_rss_mib']:.0f} / {m['hf_peak_rss_mib']:.0f} | "
                     f"{m['jax_max_others_cpu_frac']:.0%} / {m['hf_max_others_cpu_frac']:.0%} |")
-    best = [(name, model["best"]) for name, model in result["models"].items() if "best" in model]
-    if best:
-        lines += ["", "Each framework at its faster precision (median new tok/s):", "",
-                  "| model | mode | jax | hf | speedup | target | met? |", "|---|---|---|---|---|---|---|"]
-        for name, b in best:
-            for mode in MODES:
-                r = b[mode]
-                lines.append(f"| {name} | {mode} | {r['jax_new_tok_s']:.0f} ({PRECISION[r['jax_dtype']]}) | "
-                             f"{r['hf_new_tok_s']:.0f} ({PRECISION[r['hf_dtype']]}) | {r['speedup']:.2f}× | "
-                             f"≥ {r['target']}× | {'yes' if r['met'] else '**no**'} |")
-    refs = [(name, m["reference"]) for name, model in result["models"].items()
-            for m in model.get("dtypes", {}).values() if "reference" in m]
-    if refs:
-        lines += ["", "The issue's minimal JAX decode loop (`../shared/anchors/jax_reference.py`: fp32, no "
-                  "padding mask, no stop handling; sort-free top-p), same weights, prompts and rounds "
-                  "(median new tok/s):", "",
-                  "| model | mode | reference | its speedup over HF | ours over it | its decode ms/step | "
-                  "its prefill ms | greedy tokens = HF / = ours |", "|---|---|---|---|---|---|---|---|"]
-        for name, ref in refs:
-            for mode in MODES:
-                r = ref[mode]
-                lines.append(f"| {name} | {mode} | {r['ref_new_tok_s']:.0f} | {r['ref_speedup_over_hf']:.2f}× | "
-                             f"{r['jax_speedup_over_ref']:.2f}× | {r['ref_decode_ms_per_step']:.2f} | "
-                             f"{ref['prefill_ms']:.1f} | {ref['greedy_token_agreement_with_hf']:.1%} / "
-                             f"{ref['greedy_token_agreement_with_jax']:.1%} |")
+    best = {name: model["best"] for name, model in result["models"].items() if "best" in model}
+    lines += _mode_table(
+        "Each framework at its faster precision (median new tok/s):",
+        ["jax", "hf", "speedup", "target", "met?"], best,
+        lambda r, _: [f"{r['jax_new_tok_s']:.0f} ({PRECISION[r['jax_dtype']]})",
+                      f"{r['hf_new_tok_s']:.0f} ({PRECISION[r['hf_dtype']]})", f"{r['speedup']:.2f}×",
+                      f"≥ {r['target']}×", "yes" if r["met"] else "**no**"])
+    refs = {name: m["reference"] for name, model in result["models"].items()
+            for m in model.get("dtypes", {}).values() if "reference" in m}
+    lines += _mode_table(
+        "The issue's minimal JAX decode loop (`../shared/anchors/jax_reference.py`: fp32, no padding "
+        "mask, no stop handling; sort-free top-p), same weights, prompts and rounds (median new tok/s):",
+        ["reference", "its speedup over HF", "ours over it", "its decode ms/step", "its prefill ms",
+         "greedy tokens = HF / = ours"], refs,
+        lambda r, ref: [f"{r['ref_new_tok_s']:.0f}", f"{r['ref_speedup_over_hf']:.2f}×",
+                        f"{r['jax_speedup_over_ref']:.2f}×", f"{r['ref_decode_ms_per_step']:.2f}",
+                        f"{ref['prefill_ms']:.1f}", f"{ref['greedy_token_agreement_with_hf']:.1%} / "
+                        f"{ref['greedy_token_agreement_with_jax']:.1%}"])
     lines += [""]
     for name, model in result["models"].items():
         for dtype, m in model.get("dtypes", {}).items():

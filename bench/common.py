@@ -49,7 +49,8 @@ def param_counts(name: str) -> dict:
     embed = lm_head = V * d  # tied: the same matrix, still one V×D matmul per scored position
     total = blocks + embed + (0 if m["tie_word_embeddings"] else lm_head)
     return dict(blocks=blocks, embed=embed, lm_head=lm_head, total=total, n_flops=blocks + lm_head,
-                last_layer_queries=per_layer - kv + d,  # what runs at scored columns only
+                # what runs at scored columns only: + the layer's 2 norms and the final norm
+                last_layer_queries=queries + 3 * d,
                 layer_kv=kv, layer_queries=queries)  # one layer's matmul weights, no norms
 
 
@@ -180,6 +181,16 @@ def summarize(times: list[float]) -> dict:
     ts = sorted(times)
     return dict(median_s=statistics.median(ts), min_s=ts[0], max_s=ts[-1], n=len(ts),
                 all_s=[round(t, 4) for t in times])
+
+
+def table_head(columns: list[str]) -> list[str]:
+    """A markdown table's header line and its separator, one cell per column."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def failed_row(cells: list[str], columns: list[str]) -> str:
+    """A table row of `cells` padded with empty cells to the table's width."""
+    return "| " + " | ".join(cells) + " |" + " |" * (len(columns) - len(cells))
 
 
 def host() -> dict:

@@ -134,6 +134,14 @@ def _sampler_record(bs, kind, dtype, call_ms, prefill_ms, tokens=((1, 2), (3, 4)
     return out
 
 
+def _sampler_table(bs, summary: dict) -> list[str]:
+    """The markdown lines of a sampler run whose only model is the anchor, `summary`."""
+    return bs.markdown(dict(stamp="s", allocator="tcmalloc", command="c", total_wall_s=1.0,
+                            membw={"bandwidth_gbs": 50.0}, models={"anchor": summary},
+                            noise=dict(max_load1=0.1, max_others_cpu_frac=0.0, contaminated=[],
+                                       failed=[]))).splitlines()
+
+
 def test_sampler_summary_and_table(bench):
     """bench_sampler's per-model summary (medians over rounds per precision, best-round speedup,
     bound, each framework at its faster precision) and its markdown rows, on two rounds of
@@ -182,11 +190,7 @@ def test_sampler_summary_and_table(bench):
     assert (best["jax_dtype"], best["hf_dtype"]) == ("bfloat16", "bfloat16")
     assert best["speedup"] == pytest.approx(tok_s(100) / tok_s(260, 250), abs=0.01)
     assert best["met"]  # 5120 / 2008.6 = 2.55 >= 2.5
-    table = bs.markdown(dict(stamp="s", allocator="tcmalloc", command="c", total_wall_s=1.0,
-                             membw={"bandwidth_gbs": 50.0}, models={"anchor": m},
-                             noise=dict(max_load1=0.1, max_others_cpu_frac=0.0, contaminated=[],
-                                        failed=[])))
-    lines = table.splitlines()
+    lines = _sampler_table(bs, m)
     header = next(i for i, line in enumerate(lines) if line.startswith("| model | precision"))
     row = next(line for line in lines if line.startswith("| anchor | fp32 | greedy"))
     assert "2.00×" in row
@@ -224,11 +228,7 @@ def test_sampler_summary_of_the_issue_reference(bench):
     assert ref["prefill_ms"] == 71.0
     # its first round's greedy tokens differ from both in one of four
     assert ref["greedy_token_agreement_with_hf"] == ref["greedy_token_agreement_with_jax"] == 0.75
-    table = bs.markdown(dict(stamp="s", allocator="tcmalloc", command="c", total_wall_s=1.0,
-                             membw={"bandwidth_gbs": 50.0}, models={"anchor": m},
-                             noise=dict(max_load1=0.1, max_others_cpu_frac=0.0, contaminated=[],
-                                        failed=[])))
-    lines = table.splitlines()
+    lines = _sampler_table(bs, m)
     header = next(i for i, line in enumerate(lines) if line.startswith("| model | mode | reference"))
     row = lines[header + 2]
     assert row.startswith("| anchor | greedy | 2347 | ")

@@ -5,12 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from batches import micro, pair_rows, sft_rows
 from pdpo_jax import sharding
 from pdpo_jax.config import OptimizerConfig
-from flax import nnx
-
 from pdpo_jax.models import ModelConfig
 from pdpo_jax.models.common import frozen_forward_params
 from pdpo_jax.train import optim, state as st
