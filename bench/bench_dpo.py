@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+from pdpo_jax import tables  # noqa: E402  (no jax import)
 from pdpo_jax.allocator import TCMALLOC, find_tcmalloc  # noqa: E402,F401  (light: ctypes only)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -406,10 +407,10 @@ def markdown(summary, peaks, records) -> str:
         "lmhead_resp rows; -shared rows (dpo.share_prompt) run the blocks on prompt + 2 responses "
         "per pair and are credited with those FLOPs); MFU(8N) credits 8·N·tokens to every row. `others` = share of the CPUs "
         "other processes used while the row was timed.", "",
-        *common.table_head(ROW_COLUMNS)]
+        *tables.table_head(ROW_COLUMNS)]
     for r in records:
         if "step_ms" not in r:
-            lines.append(common.failed_row([r["group"], f"FAILED `{r['cmd']}` ({r.get('error')})"], ROW_COLUMNS))
+            lines.append(tables.table_row([r["group"], f"FAILED `{r['cmd']}` ({r.get('error')})"], len(ROW_COLUMNS)))
             continue
         lines.append(
             f"| {r['group']} | {r['label']} | {r['model']} | {r['pairs']}×{r['seq_len']} | {r['step_ms']:.0f} | "
@@ -425,7 +426,7 @@ def markdown(summary, peaks, records) -> str:
         if key not in summary:
             continue
         lines += ["", f"Targets ({title}; anchor shapes, this run):", "",
-                  *common.table_head(["target", "ours", "peer", "value", "target", "met"])]
+                  *tables.table_head(["target", "ours", "peer", "value", "target", "met"])]
         for name, t in summary[key].items():
             met = "yes" if t["met"] else "**no**"
             if "ratio" in t:

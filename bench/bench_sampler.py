@@ -75,6 +75,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402  (offline env vars before transformers)
+from pdpo_jax import tables  # noqa: E402  (no jax import)
 import bench_dpo  # noqa: E402  (worker_env, run_retimed, noise, find_tcmalloc, source_of; light imports)
 
 BATCH, PROMPT, NEW, TOP_P = 16, 96, 32, 0.9
@@ -581,7 +582,7 @@ def _mode_table(intro: str, columns: list[str], per_model: dict, cells) -> list[
     after the model and mode cells; nothing when no model has one."""
     if not per_model:
         return []
-    lines = ["", intro, "", *common.table_head(["model", "mode", *columns])]
+    lines = ["", intro, "", *tables.table_head(["model", "mode", *columns])]
     for name, summary in per_model.items():
         for mode in MODES:
             lines.append("| " + " | ".join([name, mode, *cells(summary[mode], summary)]) + " |")
@@ -611,15 +612,15 @@ def markdown(result: dict) -> str:
         "roofline ms/step = max(step FLOPs / peak, step bytes / bandwidth) at the mean cache of "
         f"S = {PROMPT + NEW // 2}; ×roofline = decode / that; ceiling = HF's median call / (prefill "
         f"FLOPs / peak + {NEW - 1} roofline steps), the largest speedup over HF this machine allows.", "",
-        *common.table_head(ROW_COLUMNS)]
+        *tables.table_head(ROW_COLUMNS)]
     for name, model in result["models"].items():
         if "skipped" in model or "error" in model:
-            lines.append(common.failed_row([name, model.get("skipped") or "FAILED: " + model["error"]],
-                                           ROW_COLUMNS))
+            lines.append(tables.table_row([name, model.get("skipped") or "FAILED: " + model["error"]],
+                                          len(ROW_COLUMNS)))
             continue
         for dtype, m in model["dtypes"].items():
             if "error" in m:
-                lines.append(common.failed_row([name, dtype, f"FAILED: {m['error']}"], ROW_COLUMNS))
+                lines.append(tables.table_row([name, dtype, f"FAILED: {m['error']}"], len(ROW_COLUMNS)))
                 continue
             for mode in MODES:
                 r = m[mode]

@@ -183,16 +183,6 @@ def summarize(times: list[float]) -> dict:
                 all_s=[round(t, 4) for t in times])
 
 
-def table_head(columns: list[str]) -> list[str]:
-    """A markdown table's header line and its separator, one cell per column."""
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-
-
-def failed_row(cells: list[str], columns: list[str]) -> str:
-    """A table row of `cells` padded with empty cells to the table's width."""
-    return "| " + " | ".join(cells) + " |" + " |" * (len(columns) - len(cells))
-
-
 def host() -> dict:
     """The CPU (its name; family and model tell generations apart where the name does not: an
     "AMD EPYC" at family 25 model 17 is a Zen 4 (Genoa), at family 26 a Zen 5, whose fp32 FMA

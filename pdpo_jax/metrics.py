@@ -48,10 +48,3 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import shutil
 import time
@@ -21,6 +20,7 @@ from jax.experimental import multihost_utils
 from pdpo_jax import data as pdata
 from pdpo_jax import sharding as shd
 from pdpo_jax.config import Config, to_dict
+from pdpo_jax.fileio import atomic_path
 from pdpo_jax.models import from_pretrained
 from pdpo_jax.sampling import SamplingConfig
 from pdpo_jax.sampling.negatives import NegativeBuilder, NegativeJob, swapped_personas
@@ -98,8 +98,8 @@ def _copy_external_pairs(folder: str | None, out: pathlib.Path) -> None:
             raise ValueError(f"{src}: missing; negatives.external must be another run's "
                              "negatives folder")
         pdata.read_preference_jsonl(src)  # validates every line before anything is copied
-        shutil.copyfile(src, out / (name + ".tmp"))
-        os.replace(out / (name + ".tmp"), out / name)
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def _eval(ctx):

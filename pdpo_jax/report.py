@@ -12,7 +12,8 @@ import pathlib
 from pdpo_jax import data as pdata
 from pdpo_jax.eval import plot_training_curves
 from pdpo_jax.eval.config import ResponseSection, resolve_checkpoints
-from pdpo_jax.eval.report import markdown_table
+from pdpo_jax.fileio import write_text_atomic
+from pdpo_jax.tables import markdown_table
 from pdpo_jax.eval.responses import responses_for_checkpoints, select_histories
 
 CURVES = {"sft": ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm"),
@@ -96,8 +97,4 @@ def write_report(run_dir: pathlib.Path, cfg, tokenizer, mesh=None, n_examples: i
             lines.append("")
     lines += ["## Training", ""] + _curves(run_dir, out) + _lengths(run_dir)
     lines += _examples(run_dir, cfg, tokenizer, mesh, n_examples)
-    report = run_dir / "report.md"
-    tmp = report.with_name("report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(report)
-    return report
+    return write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -22,7 +22,7 @@ import pytest
 
 from pdpo_jax.config import load_config
 from pdpo_jax.data import PreferencePair, write_preference_jsonl
-from pdpo_jax.metrics import read_jsonl
+from pdpo_jax.fileio import read_jsonl
 from pdpo_jax.models import build_model, config_from_hf, save_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

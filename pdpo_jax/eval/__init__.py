@@ -22,7 +22,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".judge": ("JudgeTemplate", "load_template", "parse_verdict"),
     ".ratings": ("Record", "Strengths", "bradley_terry", "fit_bradley_terry", "head_to_head",
         "position_bias", "records"),
-    ".report": ("head_to_head_table", "markdown_table", "plot_dnli", "plot_training_curves",
+    ".report": ("head_to_head_table", "plot_dnli", "plot_training_curves",
         "plot_win_rates", "tournament_report", "win_rate_table"),
     ".responses": ("generate_responses", "responses_for_checkpoints", "select_histories"),
     ".stages": ("make_backend", "run_dnli_stage", "run_judge_stage"),

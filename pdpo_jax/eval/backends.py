@@ -169,7 +169,7 @@ class LocalJudge:
                  batch_size: int = 8, mesh=None, tokenizer=None, retry_temperature: float = 0.7):
         import transformers
 
-        from pdpo_jax.eval.io import checkpoint_fingerprint
+        from pdpo_jax.fileio import checkpoint_fingerprint
         from pdpo_jax.models import from_pretrained
         from pdpo_jax.sharding import SAMPLING_RULES
         folder = pathlib.Path(checkpoint).expanduser()

@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterable
 
-from pdpo_jax.eval.io import text_hash
+from pdpo_jax.fileio import text_hash
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS judgments (

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pdpo_jax import data as pdata
 from pdpo_jax.data.records import DNLI_GROUPS
+from pdpo_jax.tables import markdown_table
 from pdpo_jax.train.logprobs import response_logps
 
 log = logging.getLogger(__name__)
@@ -270,16 +271,13 @@ def dnli_table(results: dict[str, DnliResult], normalise: str = "sum", *,
     """Markdown table in the layout of the paper's Table 4: one row per checkpoint (× group)."""
     _check_normalise(normalise)
     group_col = ["Group"] if by_group else []
-    head = ["Checkpoint", *group_col, *_HEADERS, "n"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, result in results.items():
         table = result.rank1(normalise)
         groups = [g for g in table if g != "all"] if by_group else ["all"]
-        for g in groups:
-            cells = [name, *([g] if by_group else []),
-                     *(f"{table[g][c]:.1f}" for c in CATEGORIES), str(table[g]["n"])]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows += [[name, *([g] if by_group else []), *(table[g][c] for c in CATEGORIES),
+                  table[g]["n"]] for g in groups]
+    return markdown_table(["Checkpoint", *group_col, *_HEADERS, "n"], rows)
 
 
 def dnli_report(results: dict[str, DnliResult], normalisations: Sequence[str] = NORMALISATIONS) -> str:

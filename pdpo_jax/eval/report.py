@@ -19,19 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pdpo_jax.eval import ratings  # noqa: E402
 from pdpo_jax.eval.dnli import CATEGORIES, DnliResult  # noqa: E402
-from pdpo_jax.eval.io import read_jsonl  # noqa: E402
+from pdpo_jax.fileio import read_jsonl  # noqa: E402
+from pdpo_jax.tables import markdown_table  # noqa: E402
 from pdpo_jax.eval.tournament import Judgment  # noqa: E402
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table; floats get one decimal, NaN shows as '–'."""
-    def cell(x):
-        if isinstance(x, float):
-            return "–" if math.isnan(x) else f"{x:.1f}"
-        return str(x)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def win_rate_table(judgments: Sequence[Judgment], models: Sequence[str],

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pdpo_jax import data as pdata
 from pdpo_jax.eval.config import ResponseSection
-from pdpo_jax.eval.io import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
+from pdpo_jax.fileio import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
                               write_json_atomic, write_jsonl_atomic)
 
 log = logging.getLogger(__name__)

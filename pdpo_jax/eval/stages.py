@@ -20,7 +20,7 @@ from pdpo_jax.eval.backends import JudgeBackend, JudgeError, LocalJudge, OpenAIB
 from pdpo_jax.eval.cache import JudgmentCache
 from pdpo_jax.eval.config import EvalSection, JudgeSection, ResponseSection
 from pdpo_jax.eval.dnli import DnliResult, dnli_report, score_dnli, select_examples
-from pdpo_jax.eval.io import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
+from pdpo_jax.fileio import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
                               write_json_atomic, write_jsonl_atomic, write_text_atomic)
 from pdpo_jax.eval.judge import load_template
 from pdpo_jax.eval.responses import responses_for_checkpoints, select_histories
@@ -116,7 +116,7 @@ def run_judge_stage(out_dir: str | os.PathLike, checkpoints: dict[str, str | os.
         judgments = run_tournament(plan, picked, replies, backend, judge_template, cache,
                                    parse_retries=judge_cfg.parse_retries)
     write_jsonl_atomic(out / "comparisons.jsonl", [
-        {**j.to_row(), "record_id": picked[j.comparison.history].record_id} for j in judgments])
+        comparison_row(j, picked[j.comparison.history], replies) for j in judgments])
     strengths = ratings.bradley_terry(judgments, models, bootstrap=judge_cfg.bootstrap,
                                       seed=judge_cfg.seed)
     markdown = report.tournament_report(judgments, models, strengths, backend.judge_id)
@@ -124,6 +124,16 @@ def run_judge_stage(out_dir: str | os.PathLike, checkpoints: dict[str, str | os.
     report.plot_win_rates(judgments, models, out / "win_rates.png")
     write_json_atomic(out / "summary.json", _summary(judgments, models, strengths, backend))
     return markdown
+
+
+def comparison_row(judgment, history: pdata.PersonaTurn, replies: dict[str, list[str]]) -> dict:
+    """One line of comparisons.jsonl: the judgment and everything it was shown (persona,
+    dialogue history, both replies in the order shown), so the file alone holds the pair (the
+    human evaluation reads it)."""
+    c = judgment.comparison
+    return {**judgment.to_row(), "record_id": history.record_id, "persona": list(history.persona),
+            "dialogue": list(history.history), "response_first": replies[c.first][c.history],
+            "response_second": replies[c.second][c.history]}
 
 
 def _summary(judgments, models, strengths: ratings.Strengths, backend) -> dict:

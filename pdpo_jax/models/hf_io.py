@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pdpo_jax import sharding as shd
+from pdpo_jax.fileio import write_json_atomic
 from pdpo_jax.models import hf_configs
 from pdpo_jax.models.common import ModelConfig, unstack_layers
 from pdpo_jax.models.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorFiles, write_file
@@ -331,17 +332,11 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, dtype: st
             total += dtype.itemsize * int(np.prod(shape))
     stale = [out / INDEX_FILE] if len(shards) == 1 else [out / SINGLE_FILE]
     if len(shards) > 1:
-        _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json_atomic(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     for path in stale:
         path.unlink(missing_ok=True)
-    _write_json(out / "generation_config.json", hf_configs.generation_config(cfg))
+    write_json_atomic(out / "generation_config.json", hf_configs.generation_config(cfg), indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    _write_json(out / "config.json", config_to_hf(cfg, dtype=str(jnp.dtype(dtype))))
+    write_json_atomic(out / "config.json", config_to_hf(cfg, dtype=str(jnp.dtype(dtype))), indent=2)
     return out
-
-
-def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from pdpo_jax.fileio import atomic_path
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -107,8 +109,7 @@ def write_file(path: pathlib.Path, tensors: Iterable[tuple[str, tuple[int, ...],
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for (name, shape, dtype), (got_name, array) in zip(order, produce, strict=True):
@@ -116,4 +117,3 @@ def write_file(path: pathlib.Path, tensors: Iterable[tuple[str, tuple[int, ...],
                 raise RuntimeError(f"writer expected {name} {shape} {dtype}, got "
                                    f"{got_name} {array.shape} {array.dtype}")
             f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
-    os.replace(tmp, path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 from collections import Counter
@@ -25,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pdpo_jax import data as pdata
+from pdpo_jax.fileio import atomic_path, write_json_atomic, write_jsonl_atomic
 from pdpo_jax.sampling.sampler import Sampler, SamplingConfig
 
 MODES = ("shuffle", "no_shuffle", "external")
@@ -86,7 +86,7 @@ class NegativeBuilder:
                    unit="sample", dynamic_ncols=True)
         for k in todo:
             rows = self._generate_shard(job, k, bar)
-            _write_jsonl_atomic(shard_dir / f"{k:05d}.jsonl", rows)
+            write_jsonl_atomic(shard_dir / f"{k:05d}.jsonl", rows)
         bar.close()
         _barrier(f"negatives-{job.name}")
         if jax.process_index() != 0:
@@ -153,14 +153,12 @@ class NegativeBuilder:
                 metadata={"prompt": prompt, "swapped_persona": r["swapped_persona"],
                           "finish_reason": r["finish_reason"], "sampling": sampling,
                           "generator": self.generator, "seed": self.sampling.seed}))
-        path = job.out_dir / f"{job.name}_pairs.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        pdata.write_preference_jsonl(tmp, pairs)
-        os.replace(tmp, path)
+        with atomic_path(job.out_dir / f"{job.name}_pairs.jsonl") as tmp:
+            pdata.write_preference_jsonl(tmp, pairs)
         summary = {"split": job.name, "records": len(rows), "pairs": len(pairs),
                    "filtered": {k: v for k, v in counts.items() if k != "kept"},
                    "length_words": length_stats(kept, self.tokenizer)}
-        (job.out_dir / f"{job.name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(job.out_dir / f"{job.name}_summary.json", summary, indent=2)
         shutil.rmtree(job.out_dir / f"{job.name}_shards")
         return summary
 
@@ -176,14 +174,6 @@ def length_stats(rows: list[dict], tokenizer) -> dict:
                      "words_p90": float(np.percentile(words, 90)),
                      "tokens_mean": float(tokens.mean())}
     return out
-
-
-def _write_jsonl_atomic(path: pathlib.Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _barrier(name: str) -> None:

@@ -10,29 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from pdpo_jax.fileio import atomic_path, file_digest
 from pdpo_jax.train import state as st
 from pdpo_jax.train.logprobs import LOGIT_CHUNK
 from pdpo_jax.train.steps import pair_logps
-
-
-def _file_digest(path: pathlib.Path, *, header_only: bool = False) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if header_only:  # safetensors: the header names every tensor, shape and offset
-            n = int.from_bytes(f.read(8), "little")
-            h.update(f.read(n))
-            h.update(str(path.stat().st_size).encode())
-        else:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(reference: str | None, pairs: pathlib.Path, data_cfg, tokenizer, seed: int) -> str:
@@ -40,9 +27,9 @@ def cache_key(reference: str | None, pairs: pathlib.Path, data_cfg, tokenizer, s
     if reference is not None:
         folder = pathlib.Path(reference)
         ref = {"config": (folder / "config.json").read_text(),
-               "weights": sorted(_file_digest(p, header_only=True) for p in folder.glob("*.safetensors"))}
+               "weights": sorted(file_digest(p, header_only=True) for p in folder.glob("*.safetensors"))}
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    blob = json.dumps({"reference": ref, "pairs": _file_digest(pairs), "tokenizer": vocab,
+    blob = json.dumps({"reference": ref, "pairs": file_digest(pairs), "tokenizer": vocab,
                        "max_total_tokens": data_cfg.max_total_tokens, "template": data_cfg.template,
                        "max_response_tokens": data_cfg.max_response_tokens}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -80,10 +67,8 @@ def load_or_compute(path: pathlib.Path, make) -> np.ndarray:
         return np.load(path)
     values = make()
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, values)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".tmp.npy") as tmp:
+            np.save(tmp, values)
     return values
 
 
