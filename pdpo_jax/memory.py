@@ -47,7 +47,7 @@ from pdpo_jax import sharding as shd
 from pdpo_jax.config import Config, ConfigError, load_config
 from pdpo_jax.data import bucket_length
 from pdpo_jax.models import ModelConfig, build_model, config_from_hf
-from pdpo_jax.models.common import frozen_forward_params
+from pdpo_jax.models.layers import frozen_forward_params
 from pdpo_jax.sampling.sampler import PROMPT_BUCKET
 from pdpo_jax.train import optim
 from pdpo_jax.train.logprobs import LOGIT_CHUNK

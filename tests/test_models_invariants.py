@@ -70,7 +70,7 @@ def test_unrolled_layers_equal_scanned(arch):
 def test_dense_vjp_equals_autodiff(spec, x_shape, w_shape):
     """The hand-written backward of `dense`/`unembed` against jax autodiff of a plain einsum:
     equal in fp32; in bf16 within bf16 rounding of the fp32 gradient, with bf16 cotangents."""
-    from pdpo_jax.models.common import dense, unembed
+    from pdpo_jax.models.ops import dense, unembed
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
     out_shape = jax.eval_shape(lambda: jnp.einsum(spec, x, w)).shape
@@ -104,7 +104,7 @@ def test_dense_vjp_equals_autodiff(spec, x_shape, w_shape):
 
 
 def test_scale_vjp_equals_autodiff():
-    from pdpo_jax.models.common import scale
+    from pdpo_jax.models.ops import scale
     kx, kw, kg = jax.random.split(jax.random.key(1), 3)
     x, w, g = jax.random.normal(kx, (3, 5, 8)), jax.random.normal(kw, (8,)), jax.random.normal(kg, (3, 5, 8))
     ref = jax.grad(lambda x, w: jnp.sum(x * w[None, None] * g), argnums=(0, 1))(x, w)
@@ -147,7 +147,7 @@ def test_selected_columns_equal_all_columns(arch):
     """hidden_states(select_BQ=idx) (the last layer run at those columns only) equals all the
     columns' hidden states gathered at idx, values and parameter gradients, for a rolled scan,
     an unrolled one with and without remat, and a prefill into a KV cache (same cache)."""
-    from pdpo_jax.models.common import run_layers, take_columns
+    from pdpo_jax.models.layers import run_layers, take_columns
     tokens, mask, positions = _batch(lengths=(12, 8))
     index = jnp.asarray([[11, 3, 7, 7], [11, 4, 5, 9]], jnp.int32)  # row-varying, a repeat
     g = jax.random.normal(jax.random.key(0), (2, 4, CONFIGS[arch].d_model))
@@ -181,7 +181,7 @@ def test_selected_columns_equal_all_columns(arch):
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_unstacked_layers_equal_stacked(arch):
     """`unstack_layers` (what the decode loop runs) changes no logit, with or without a cache."""
-    from pdpo_jax.models.common import unstack_layers
+    from pdpo_jax.models.layers import unstack_layers
     tokens, mask, positions = _batch(lengths=(12, 8))
     stacked = build_model(CONFIGS[arch], seed=4)
     unstacked = unstack_layers(build_model(CONFIGS[arch], seed=4))
@@ -201,7 +201,7 @@ def test_unstacked_layers_equal_stacked(arch):
 def test_unstacked_matrices_in_compute_dtype_change_no_number(arch):
     """The decode layout's bf16 matrices (`unstack_layers(matrices_dtype=)`) give the very same
     logits and cache as casting at each use; norm scales stay fp32 (GPT-2 applies them so)."""
-    from pdpo_jax.models.common import unstack_layers
+    from pdpo_jax.models.layers import unstack_layers
     cfg = CONFIGS[arch].replace(dtype="bfloat16")
     tokens, mask, positions = _batch(lengths=(12, 8))
     plain = unstack_layers(build_model(cfg, seed=4))

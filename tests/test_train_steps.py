@@ -11,7 +11,7 @@ from batches import micro, pair_rows, sft_rows
 from pdpo_jax import sharding
 from pdpo_jax.config import OptimizerConfig
 from pdpo_jax.models import ModelConfig
-from pdpo_jax.models.common import frozen_forward_params
+from pdpo_jax.models.layers import frozen_forward_params
 from pdpo_jax.train import optim, state as st
 from pdpo_jax.train.steps import DpoObjective, make_dpo_step, make_sft_step
 
@@ -223,7 +223,7 @@ def test_frozen_reference_in_fp32_is_a_copy():
 
 def test_frozen_reference_of_unstacked_layers_casts_the_same_arrays():
     from pdpo_jax.models import build_model
-    from pdpo_jax.models.common import unstack_layers
+    from pdpo_jax.models.layers import unstack_layers
     model = build_model(CFG.replace(dtype="bfloat16"), seed=0)
     stacked = frozen_forward_params(model)
     unstacked = frozen_forward_params(unstack_layers(build_model(CFG.replace(dtype="bfloat16"), seed=0)))

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pdpo_jax.models import common
-from pdpo_jax.models.common import KVCache, ModelConfig, param
+from pdpo_jax.models import attention, layers, ops
+from pdpo_jax.models.attention import KVCache
+from pdpo_jax.models.config import ModelConfig, param
 
 _normal = jax.nn.initializers.normal(0.02)
 _zeros = jax.nn.initializers.zeros
@@ -49,19 +50,19 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, mask_BTS, keys, kv_cache, select_BQ=None):
         """Keys and values of every column; queries (and the output) at select_BQ's columns
-        only when it is given (`common.run_layers`), T of them otherwise."""
+        only when it is given (`layers.run_layers`), T of them otherwise."""
         dt = x_BTD.dtype
         w_D3NH, b_3NH = self.qkv_D3NH[...].astype(dt), self.qkv_bias_3NH[...].astype(dt)
         if select_BQ is None:
-            qkv = common.dense("BTD,DCNH->CBTNH", x_BTD, w_D3NH) + b_3NH[:, None, None]
+            qkv = ops.dense("BTD,DCNH->CBTNH", x_BTD, w_D3NH) + b_3NH[:, None, None]
             q, k, v, mask_BQS = qkv[0], qkv[1], qkv[2], mask_BTS
         else:
-            x_BQD, _, mask_BQS = common.select_queries(select_BQ, x_BTD, None, mask_BTS)
-            q = common.dense("BTD,DNH->BTNH", x_BQD, w_D3NH[:, 0]) + b_3NH[0][None, None]
-            kv = common.dense("BTD,DCNH->CBTNH", x_BTD, w_D3NH[:, 1:]) + b_3NH[1:, None, None]
+            x_BQD, _, mask_BQS = layers.select_queries(select_BQ, x_BTD, None, mask_BTS)
+            q = ops.dense("BTD,DNH->BTNH", x_BQD, w_D3NH[:, 0]) + b_3NH[0][None, None]
+            kv = ops.dense("BTD,DCNH->CBTNH", x_BTD, w_D3NH[:, 1:]) + b_3NH[1:, None, None]
             k, v = kv[0], kv[1]
-        out_BQNH, kv_cache = common.attend(self.cfg, q, k, v, mask_BQS, keys, kv_cache)
-        out = common.dense("BTNH,NHD->BTD", out_BQNH, self.o_NHD[...].astype(dt))
+        out_BQNH, kv_cache = attention.attend(self.cfg, q, k, v, mask_BQS, keys, kv_cache)
+        out = ops.dense("BTNH,NHD->BTD", out_BQNH, self.o_NHD[...].astype(dt))
         return out + self.o_bias_D[...].astype(dt)[None, None], kv_cache
 
 
@@ -75,10 +76,10 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = x_BTD.dtype
-        h = common.dense("BTD,DF->BTF", x_BTD, self.fc_DF[...].astype(dt))
+        h = ops.dense("BTD,DF->BTF", x_BTD, self.fc_DF[...].astype(dt))
         h = jax.nn.gelu(h + self.fc_bias_F[...].astype(dt)[None, None],
                         approximate=True)  # gelu_new is the tanh approximation
-        h = common.dense("BTF,FD->BTD", h, self.proj_FD[...].astype(dt))
+        h = ops.dense("BTF,FD->BTD", h, self.proj_FD[...].astype(dt))
         return h + self.proj_bias_D[...].astype(dt)[None, None]
 
 
@@ -94,7 +95,7 @@ class Block(nnx.Module):
         attn_out, kv_cache = self.attn(self.ln_1(h_BTD), positions_BT, mask_BTS, keys, kv_cache,
                                        select_BQ)
         if select_BQ is not None:
-            h_BTD = common.take_columns(h_BTD, select_BQ)
+            h_BTD = layers.take_columns(h_BTD, select_BQ)
         h_BTD = h_BTD + attn_out
         return h_BTD + self.mlp(self.ln_2(h_BTD)), kv_cache
 
@@ -116,7 +117,7 @@ class GPT2(nnx.Module):
         V, P, D, pd = cfg.vocab_size, cfg.max_positions, cfg.d_model, cfg.params_dtype
         self.embed_VD = param(_normal, rngs.params(), (V, D), pd, ("vocab", "embed"))
         self.pos_embed_PD = param(_normal, rngs.params(), (P, D), pd, ("positions", "embed"))
-        self.layers = common.make_stacked_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        self.layers = layers.make_stacked_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
         self.ln_f = LayerNorm(cfg, rngs)
 
     def unembedding_VD(self) -> jax.Array:
@@ -125,16 +126,16 @@ class GPT2(nnx.Module):
     def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None,
                       segments_BT=None, select_BQ=None):
         """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache.
-        segments_BT: int segment ids, no cache (see `common.key_info`). select_BQ: int [B, Q],
-        return [B, Q, D] at those columns only, computed with less work (`common.run_layers`)."""
+        segments_BT: int segment ids, no cache (see `attention.key_info`). select_BQ: int [B, Q],
+        return [B, Q, D] at those columns only, computed with less work (`layers.run_layers`)."""
         cfg = self.cfg
         h = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
         # Padding rows may carry any position; clip so the gather stays in range.
         positions = jnp.clip(positions_BT, 0, cfg.max_positions - 1)
         h = (h + jnp.take(self.pos_embed_PD[...], positions, axis=0)).astype(cfg.compute_dtype)
-        return common.final_hidden(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
+        return layers.final_hidden(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
                                    self.ln_f, select_BQ=select_BQ, segments_BT=segments_BT)
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
         h, cache = self.hidden_states(tokens_BT, positions_BT, attention_mask_BT, cache)
-        return common.logits_from_hidden(h, self.unembedding_VD()), cache
+        return ops.logits_from_hidden(h, self.unembedding_VD()), cache

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 
-from pdpo_jax.models.common import ModelConfig
+from pdpo_jax.models.config import ModelConfig
 
 _REQUIRED = object()
 LLAMA_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

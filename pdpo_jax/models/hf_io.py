@@ -22,7 +22,9 @@ from jax.sharding import Mesh, NamedSharding
 from pdpo_jax import sharding as shd
 from pdpo_jax.fileio import write_json_atomic
 from pdpo_jax.models import hf_configs
-from pdpo_jax.models.common import ModelConfig, unstack_layers
+from pdpo_jax.models.config import ModelConfig
+from pdpo_jax.models.families import build_model
+from pdpo_jax.models.layers import unstack_layers
 from pdpo_jax.models.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorFiles, write_file
 
 config_from_hf = hf_configs.config_from_hf
@@ -232,10 +234,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     dtype: compute dtype; param_dtype: stored weights; mesh: place each parameter straight
     into its sharding (rules: logical axis → mesh axis table); remat, unroll_layers: see
     ModelConfig. stack_layers=False: `model.layers` is one module per layer
-    (`common.unstack_layers`), the layout the sampler decodes with, so that with
+    (`layers.unstack_layers`), the layout the sampler decodes with, so that with
     param_dtype = dtype a `Sampler` needs no second copy of the layers.
     """
-    from pdpo_jax.models import build_model  # local: models/__init__ imports this module
     folder = pathlib.Path(path).expanduser()
     cfg = config_from_hf(_read_config(folder), source=str(folder / "config.json"))
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, remat=remat,

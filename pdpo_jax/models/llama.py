@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pdpo_jax.models import common
-from pdpo_jax.models.common import KVCache, ModelConfig, param
+from pdpo_jax.models import attention, layers, ops, rope
+from pdpo_jax.models.attention import KVCache
+from pdpo_jax.models.config import ModelConfig, param
 
 _normal = jax.nn.initializers.normal(0.02)
 _zeros = jax.nn.initializers.zeros
@@ -22,7 +23,7 @@ def rms_norm(x_BTD, scale_D, eps: float):
     """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
     x = x_BTD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return common.scale(x.astype(x_BTD.dtype), scale_D)
+    return ops.scale(x.astype(x_BTD.dtype), scale_D)
 
 
 class Attention(nnx.Module):
@@ -40,20 +41,20 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, rope_table, mask_BTS, keys, kv_cache, select_BQ=None):
         """Keys and values of every column; queries (and the output) at select_BQ's columns
-        only when it is given (`common.run_layers`), T of them otherwise."""
+        only when it is given (`layers.run_layers`), T of them otherwise."""
         cfg, dt = self.cfg, x_BTD.dtype
-        x_BQD, table_q, mask_BQS = common.select_queries(select_BQ, x_BTD, rope_table, mask_BTS)
-        q = common.dense("BTD,DNH->BTNH", x_BQD, self.q_DNH[...].astype(dt))
-        k = common.dense("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(dt))
-        v = common.dense("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(dt))
+        x_BQD, table_q, mask_BQS = layers.select_queries(select_BQ, x_BTD, rope_table, mask_BTS)
+        q = ops.dense("BTD,DNH->BTNH", x_BQD, self.q_DNH[...].astype(dt))
+        k = ops.dense("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(dt))
+        v = ops.dense("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(dt))
         if cfg.qkv_bias:
             q = q + self.q_bias_NH[...].astype(dt)[None, None]
             k = k + self.k_bias_KH[...].astype(dt)[None, None]
             v = v + self.v_bias_KH[...].astype(dt)[None, None]
-        q = common.rope(q, table_q)
-        k = common.rope(k, rope_table)
-        out_BQNH, kv_cache = common.attend(cfg, q, k, v, mask_BQS, keys, kv_cache)
-        return common.dense("BTNH,NHD->BTD", out_BQNH, self.o_NHD[...].astype(dt)), kv_cache
+        q = rope.rope(q, table_q)
+        k = rope.rope(k, rope_table)
+        out_BQNH, kv_cache = attention.attend(cfg, q, k, v, mask_BQS, keys, kv_cache)
+        return ops.dense("BTNH,NHD->BTD", out_BQNH, self.o_NHD[...].astype(dt)), kv_cache
 
 
 class Mlp(nnx.Module):
@@ -67,9 +68,9 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = x_BTD.dtype
-        gate = jax.nn.silu(common.dense("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt)))
-        up = common.dense("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
-        return common.dense("BTF,FD->BTD", gate * up, self.down_FD[...].astype(dt))
+        gate = jax.nn.silu(ops.dense("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt)))
+        up = ops.dense("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
+        return ops.dense("BTF,FD->BTD", gate * up, self.down_FD[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -87,7 +88,7 @@ class Block(nnx.Module):
         attn_out, kv_cache = self.attn(rms_norm(h_BTD, self.attn_norm_D[...], eps),
                                        rope_table, mask_BTS, keys, kv_cache, select_BQ)
         if select_BQ is not None:
-            h_BTD = common.take_columns(h_BTD, select_BQ)
+            h_BTD = layers.take_columns(h_BTD, select_BQ)
         h_BTD = h_BTD + attn_out
         h_BTD = h_BTD + self.mlp(rms_norm(h_BTD, self.mlp_norm_D[...], eps))
         return h_BTD, kv_cache
@@ -106,7 +107,7 @@ class Llama(nnx.Module):
         self.cfg = cfg
         V, D, pd = cfg.vocab_size, cfg.d_model, cfg.params_dtype
         self.embed_VD = param(_normal, rngs.params(), (V, D), pd, ("vocab", "embed"))
-        self.layers = common.make_stacked_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        self.layers = layers.make_stacked_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
         self.final_norm_D = param(_ones, rngs.params(), (D,), pd, ("norm",))
         if not cfg.tie_embeddings:
             self.lm_head_VD = param(_normal, rngs.params(), (V, D), pd, ("vocab", "embed"))
@@ -117,16 +118,16 @@ class Llama(nnx.Module):
     def hidden_states(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None,
                       segments_BT=None, select_BQ=None):
         """Final-norm hidden states [B, T, D] in the compute dtype, and the updated cache.
-        segments_BT: int segment ids, no cache (see `common.key_info`). select_BQ: int [B, Q],
-        return [B, Q, D] at those columns only, computed with less work (`common.run_layers`)."""
+        segments_BT: int segment ids, no cache (see `attention.key_info`). select_BQ: int [B, Q],
+        return [B, Q, D] at those columns only, computed with less work (`layers.run_layers`)."""
         cfg = self.cfg
         h = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cfg.compute_dtype)
-        table = common.rope_table(positions_BT, cfg.head_dim, cfg.rope_theta)
-        return common.final_hidden(
+        table = rope.rope_table(positions_BT, cfg.head_dim, cfg.rope_theta)
+        return layers.final_hidden(
             cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
             lambda h: rms_norm(h, self.final_norm_D[...], cfg.norm_eps), select_BQ=select_BQ,
             per_position=table, segments_BT=segments_BT)
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
         h, cache = self.hidden_states(tokens_BT, positions_BT, attention_mask_BT, cache)
-        return common.logits_from_hidden(h, self.unembedding_VD()), cache
+        return ops.logits_from_hidden(h, self.unembedding_VD()), cache

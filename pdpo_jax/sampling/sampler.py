@@ -21,7 +21,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pdpo_jax import sharding as shd
-from pdpo_jax.models.common import KVCache, is_unstacked, logits_from_hidden, unstack_layers
+from pdpo_jax.models.attention import KVCache
+from pdpo_jax.models.layers import is_unstacked, unstack_layers
+from pdpo_jax.models.ops import logits_from_hidden
 from pdpo_jax.sampling.filters import sample_tokens
 
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (few compiled shapes)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pdpo_jax.models.common import SHARED_SEGMENT, unembed
+from pdpo_jax.models.attention import SHARED_SEGMENT
+from pdpo_jax.models.ops import unembed
 
 LOGIT_CHUNK = 128  # time steps of fp32 logits built at once (the default `chunk`)
 

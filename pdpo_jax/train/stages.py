@@ -27,7 +27,7 @@ from pdpo_jax.checkpoint import Checkpointer, export_atomically
 from pdpo_jax.config import Config, StageSection
 from pdpo_jax.metrics import MetricsWriter
 from pdpo_jax.models import ModelConfig, config_from_hf, from_pretrained
-from pdpo_jax.models.common import frozen_forward_params
+from pdpo_jax.models.layers import frozen_forward_params
 from pdpo_jax.train import loop, optim, reference, state as st
 from pdpo_jax.train.steps import (DpoObjective, make_dpo_eval, make_dpo_step, make_sft_eval,
                                   make_sft_step)

@@ -1,0 +1,143 @@
+"""Attention: the KV cache, which keys each query may see, and the softmax attention itself."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdpo_jax.models.config import ModelConfig
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for S slots; rows of a batch share the write index.
+
+    Left-padded prompts keep rows aligned: padding slots are simply not `valid`, and each
+    slot remembers the position of the token it holds, so causality is `pos_k <= pos_q`.
+      k, v: one [B, K, S, H] array per layer (tuples of L): the layout the decode einsums
+        read as they are. One stacked [L, ...] array would make XLA:CPU copy a layer's slice
+        out of it for every read (a dynamic slice per layer and step: ~40% of a decode step
+        at the anchor shape, bench/README.md);
+      positions: int32 [B, S]; valid: bool [B, S]; length: int32 [];
+      empty: static, True for a cache nothing was written to yet (`init`): its first call
+        (the prefill) attends over the new tokens alone, not over S mostly empty slots.
+    """
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    positions: jax.Array
+    valid: jax.Array
+    length: jax.Array
+    empty: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros(), v=zeros(),
+                   positions=jnp.zeros((batch, max_len), jnp.int32),
+                   valid=jnp.zeros((batch, max_len), bool),
+                   length=jnp.zeros((), jnp.int32), empty=True)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KeyInfo:
+    """What attention needs to know about the keys: where they sit and whether they are real.
+
+    positions_BS, valid_BS describe the S keys (with a cache: all its slots, the new tokens
+    written in); `write_at` is the cache slot of the first new token (None without a cache);
+    segments_BS: the keys' segment ids (see `key_info`) or None; prefill: static, the cache was
+    empty, so attention needs only its first T slots, the new tokens.
+    """
+    positions_BS: jax.Array
+    valid_BS: jax.Array
+    write_at: jax.Array | int | None
+    segments_BS: jax.Array | None = None
+    prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
+SHARED_SEGMENT = 1  # segment id of a prefix that every other segment of its row attends to
+
+
+def key_info(positions_BT, attention_mask_BT, cache: KVCache | None, segments_BT=None) -> KeyInfo:
+    """attention_mask_BT: bool, True = real token. segments_BT (no cache only): int segment
+    ids, 0 padding, SHARED_SEGMENT (1) a prefix every token of the row may attend to, k >= 2
+    tokens that attend only to their own segment and the shared prefix. Segments let one row
+    hold a prompt once and several continuations of it (DPO's chosen and rejected, each with
+    positions counted from the prompt's end); causality still follows the positions."""
+    if cache is None:
+        return KeyInfo(positions_BT, attention_mask_BT.astype(bool), None, segments_BT)
+    if segments_BT is not None:
+        raise ValueError("segments_BT works without a KV cache only")
+    start = 0 if cache.empty else cache.length
+    pos = jax.lax.dynamic_update_slice(cache.positions, positions_BT.astype(jnp.int32), (0, start))
+    valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BT.astype(bool), (0, start))
+    return KeyInfo(pos, valid, start, prefill=cache.empty)
+
+
+def attention_mask_BTS(cfg: ModelConfig, positions_BT, keys: KeyInfo):
+    """bool [B, T, S]: key s is real, not in the future of query t, inside the window and (with
+    segments) in t's segment or the shared prefix. At a prefill S = T: the new tokens alone."""
+    k_pos, k_valid = keys.positions_BS, keys.valid_BS
+    if keys.prefill:
+        k_pos, k_valid = k_pos[:, :positions_BT.shape[1]], k_valid[:, :positions_BT.shape[1]]
+    q = positions_BT[:, :, None]
+    k = k_pos[:, None, :]
+    mask = k_valid[:, None, :] & (k <= q)
+    if cfg.sliding_window is not None:
+        mask &= (q - k) < cfg.sliding_window
+    if keys.segments_BS is not None:  # no cache: the queries are the keys
+        seg_q, seg_k = keys.segments_BS[:, :, None], keys.segments_BS[:, None, :]
+        mask &= (seg_k == SHARED_SEGMENT) | (seg_k == seg_q)
+    return mask
+
+
+def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv_cache):
+    """Attention of the new tokens; with a cache, their keys/values are written into it first.
+
+    kv_cache: None, or this layer's (k_BKSH, v_BKSH). Returns (out_BTNH, None or the updated
+    (k_BKSH, v_BKSH)).
+    Without a cache (training, scoring) this is `jax.nn.dot_product_attention`
+    (`cfg.attn_implementation` picks cudnn/xla). With one, two einsums read the cache in its
+    stored [B, K, S, H] layout: dot_product_attention wants [B, S, K, H] and XLA would
+    transpose the whole cache at every decode step (measured 1.6x slower decoding on CPU). A
+    prefill reads the just-written first T slots the same way, which skips the transposes
+    dot_product_attention makes of q, k and v (anchor prefill ~54 -> ~52 ms, interleaved).
+    """
+    if kv_cache is None:
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None],
+            implementation=cfg.attn_implementation), None
+    k_BKSH, v_BKSH = kv_cache
+    at = (0, 0, keys.write_at, 0)
+    k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BTKH.swapaxes(1, 2).astype(k_BKSH.dtype), at)
+    v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BTKH.swapaxes(1, 2).astype(v_BKSH.dtype), at)
+    # A prefill's keys are the new tokens, the first T slots (the queries may be fewer:
+    # `select_queries`); a decode step reads every slot, masked.
+    S = k_BTKH.shape[1] if keys.prefill else k_BKSH.shape[2]
+    out = cached_attention(q_BTNH, k_BKSH[:, :, :S], v_BKSH[:, :, :S], mask_BTS)
+    return out, (k_BKSH, v_BKSH)
+
+
+def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
+    """Softmax attention over a cache laid out [B, K, S, H]; grouped queries share a kv head."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    k, v = k_BKSH.astype(q.dtype), v_BKSH.astype(q.dtype)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) / np.sqrt(H)
+    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    # Batch axes first in both outputs: XLA:CPU then reads the cache rows in place (K·qᵀ and
+    # P·V); with the output as [B, T, K, G, H] it computed (P·V)ᵀ, striding through V (SmolLM2
+    # decode, G = 3: 10.9 -> 1.4 ms per step).
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
