@@ -12,39 +12,27 @@
 # --dry_run prints the sbatch script and the command, and submits nothing.
 set -euo pipefail
 
-usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
-die() { echo "launch/slurm.sh: $*" >&2; exit 2; }
-need() { (($# >= 2)) && [[ -n $2 && $2 != --* ]] || die "$1 needs a value"; }
+source "$(dirname "$0")/args.sh"
 
 nodes="" gpus="" partition="" account="" time_limit="04:00:00" workdir="$PWD" script=""
-python=".venv/bin/python" dry_run=0
-while (($#)); do
+own_option() {
+  consumed=2
   case "$1" in
-    --nodes) need "$@"; nodes=$2; shift 2 ;;
-    --gpus_per_node) need "$@"; gpus=$2; shift 2 ;;
-    --partition) need "$@"; partition=$2; shift 2 ;;
-    --account) need "$@"; account=$2; shift 2 ;;
-    --time) need "$@"; time_limit=$2; shift 2 ;;
-    --workdir) need "$@"; workdir=$2; shift 2 ;;
-    --script) need "$@"; script=$2; shift 2 ;;
-    --python) need "$@"; python=$2; shift 2 ;;
-    --dry_run) dry_run=1; shift ;;
-    -h|--help) usage 0 ;;
-    --) shift; break ;;
-    *) die "unknown option '$1' (trainer arguments go after --)" ;;
+    --nodes) need "$@"; nodes=$2 ;;
+    --gpus_per_node) need "$@"; gpus=$2 ;;
+    --partition) need "$@"; partition=$2 ;;
+    --account) need "$@"; account=$2 ;;
+    --time) need "$@"; time_limit=$2 ;;
+    --script) need "$@"; script=$2 ;;
+    *) return 1 ;;
   esac
-done
+}
+parse_args "$@"
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes '$nodes': expected a positive integer"
 [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus_per_node '$gpus': expected a positive integer"
 [[ "$time_limit" =~ ^[0-9:-]+$ ]] || die "--time '$time_limit': expected e.g. 04:00:00"
-(($#)) || die "no trainer arguments: pass e.g. -- --config configs/tiny_sft.yaml"
-[[ " $* " == *" --config "* || " $* " == *" --config="* ]] || die "trainer arguments need --config FILE"
-for arg in "$@"; do
-  [[ "$arg" != "--distributed" ]] || die "leave --distributed out: this script adds it"
-done
 
-train="$(printf '%q' "$python") -m pdpo_jax.train --distributed"
-for arg in "$@"; do train+=" $(printf '%q' "$arg")"; done
+train="$(train_command)"
 device_ids="$(seq -s, 0 $((gpus - 1)))"
 
 body="#!/bin/bash

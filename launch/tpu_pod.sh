@@ -13,34 +13,23 @@
 # --dry_run prints the gcloud command and runs nothing.
 set -euo pipefail
 
-usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
-die() { echo "launch/tpu_pod.sh: $*" >&2; exit 2; }
-need() { (($# >= 2)) && [[ -n $2 && $2 != --* ]] || die "$1 needs a value"; }
+source "$(dirname "$0")/args.sh"
 
-name="" zone="" project="" workdir="~/pdpo_jax" python=".venv/bin/python" dry_run=0
-while (($#)); do
+name="" zone="" project="" workdir="~/pdpo_jax"
+own_option() {
+  consumed=2
   case "$1" in
-    --name) need "$@"; name=$2; shift 2 ;;
-    --zone) need "$@"; zone=$2; shift 2 ;;
-    --project) need "$@"; project=$2; shift 2 ;;
-    --workdir) need "$@"; workdir=$2; shift 2 ;;
-    --python) need "$@"; python=$2; shift 2 ;;
-    --dry_run) dry_run=1; shift ;;
-    -h|--help) usage 0 ;;
-    --) shift; break ;;
-    *) die "unknown option '$1' (trainer arguments go after --)" ;;
+    --name) need "$@"; name=$2 ;;
+    --zone) need "$@"; zone=$2 ;;
+    --project) need "$@"; project=$2 ;;
+    *) return 1 ;;
   esac
-done
+}
+parse_args "$@"
 [[ -n "$name" ]] || die "--name: the TPU VM name is required"
 [[ -n "$zone" ]] || die "--zone: the TPU's zone is required (e.g. us-central2-b)"
-(($#)) || die "no trainer arguments: pass e.g. -- --config configs/tiny_sft.yaml"
-[[ " $* " == *" --config "* || " $* " == *" --config="* ]] || die "trainer arguments need --config FILE"
-for arg in "$@"; do
-  [[ "$arg" != "--distributed" ]] || die "leave --distributed out: this script adds it"
-done
 
-remote="cd $workdir && $python -m pdpo_jax.train --distributed"
-for arg in "$@"; do remote+=" $(printf '%q' "$arg")"; done
+remote="cd $workdir && $(train_command)"
 cmd=(gcloud compute tpus tpu-vm ssh "$name" --zone "$zone")
 [[ -z "$project" ]] || cmd+=(--project "$project")
 cmd+=(--worker=all --command)

@@ -13,9 +13,11 @@ import sys
 
 def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]):
     """exports: relative submodule name ('.dnli') -> the names the package re-exports from it.
-    Returns the package's (__all__, __getattr__, __dir__)."""
+    Returns the package's (__all__, __getattr__, __dir__); the name → submodule table is kept
+    as the package's `__lazy_exports__` (the import-layering test reads it)."""
     where = {name: importlib.util.resolve_name(sub, package)
              for sub, names in exports.items() for name in names}
+    sys.modules[package].__lazy_exports__ = where
 
     def __getattr__(name: str):
         if name not in where:

@@ -2,7 +2,7 @@
 
 Compiling a training step allocates a few hundred MiB (LLVM, buffer assignment) that are freed
 when it ends; glibc malloc and tcmalloc both keep such pages mapped for reuse, so they stay in
-the process's RSS for the whole run (bench/README.md measures ~250 MiB at the anchor shape).
+the process's RSS for the whole run (measured in docs/performance.md).
 """
 from __future__ import annotations
 
@@ -31,11 +31,9 @@ def synchronous_cpu_dispatch() -> None:
     """Runs XLA:CPU programs inline in the calling thread (JAX's jax_cpu_enable_async_dispatch
     off); call it before JAX creates its CPU client. XLA:CPU frees a program's temporaries
     asynchronously, after the outputs are ready, so with async dispatch the next training step
-    can allocate its temporaries before the last step's are freed, and the allocator keeps both:
-    the anchor DPO step's peak RSS was ~705 MiB in some processes and ~905 MiB (+ its 197 MiB
-    of temporaries) in others; inline, ~705 MiB in every one (bench/README.md). On 2 cores
-    nothing is lost: the host work it stops overlapping is a batch's slicing (~1%). GPU and TPU
-    clients are unaffected."""
+    can allocate its temporaries before the last step's are freed, and the allocator keeps both
+    (docs/performance.md). Little is lost: the host work it stops overlapping is a batch's
+    slicing. GPU and TPU clients are unaffected."""
     import jax
     jax.config.update("jax_cpu_enable_async_dispatch", False)
 

@@ -14,6 +14,8 @@ import pathlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from pdpo_jax.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[pathlib.Path]:
@@ -99,7 +101,7 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
     """
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist; check eval.checkpoints")
+        raise UserError(f"checkpoint folder {folder} does not exist; check eval.checkpoints")
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".model", ".gguf"):

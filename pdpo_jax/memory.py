@@ -45,7 +45,7 @@ from flax import nnx
 
 from pdpo_jax import sharding as shd
 from pdpo_jax.config import Config, ConfigError, load_config
-from pdpo_jax.data import bucket_length
+from pdpo_jax.data.batches import bucket_length, round_up
 from pdpo_jax.models import ModelConfig, build_model, config_from_hf
 from pdpo_jax.models.layers import frozen_forward_params
 from pdpo_jax.sampling.sampler import PROMPT_BUCKET
@@ -233,29 +233,39 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     if section.batch_size % batch_shards:
         raise ValueError(f"{stage}.batch_size={section.batch_size} must be divisible by "
                          f"data*fsdp = {batch_shards}; set {stage}.batch_size or the mesh")
-    pairs = section.batch_size // batch_shards
+    _, params = nnx.split(nnx.eval_shape(lambda: build_model(c)))
+    train, per_layer, notes = _train_bytes(cfg, c, params, mesh, stage)
+    T = bucket_length(min(cfg.data.max_total_tokens, max(cfg.data.buckets)), cfg.data.buckets)
+    if T < cfg.data.max_total_tokens:
+        notes.append(f"data.max_total_tokens={cfg.data.max_total_tokens} exceeds the largest "
+                     f"bucket {T}; longer rows cannot be batched")
+    return Plan(mesh, stage, device_memory, memory_source, train, _sampling_bytes(cfg, c, params, mesh),
+                per_layer, notes)
+
+
+def _train_bytes(cfg: Config, c: ModelConfig, params, mesh: MeshShape, stage: str):
+    """({entry: (bytes, note)} of one training step, activation bytes per layer by remat policy,
+    notes)."""
+    section = cfg.sft if stage == "sft" else cfg.dpo
+    pairs = section.batch_size // (mesh.data * mesh.fsdp)
     window = cfg.data.max_response_tokens
     T = bucket_length(min(cfg.data.max_total_tokens, max(cfg.data.buckets)), cfg.data.buckets)
     rows, row_T, scored = (pairs * 2 if stage == "dpo" else pairs), T, window
     if stage == "dpo" and cfg.dpo.share_prompt:  # one row per pair: [prompt | chosen | rejected]
         rows, row_T, scored = pairs, T + window, 2 * window
     chunk = min(LOGIT_CHUNK, scored)
-
-    _, params = nnx.split(nnx.eval_shape(lambda: build_model(c)))
     tx, _ = optim.make_optimizer(section.optimizer, total_steps=1)
     param_b = tree_bytes(params, mesh)
-    opt_b = tree_bytes(jax.eval_shape(tx.init, params), mesh)
     per_layer = {r: layer_activation_bytes(c, rows, row_T, r, mesh.tensor) for r in
                  ("none", "full", "dots_saveable")}
     saved = per_layer[c.remat] * c.num_layers + _once_activation_bytes(c, rows, row_T, c.remat,
                                                                       mesh.tensor)
     logits = rows * chunk * _per_device(c.vocab_size, mesh.tensor) * 4 * 2
-    transient = logits + (per_layer["none"] if c.remat != "none" else 0)
     pdt = c.params_dtype.name
     train = {
         "parameters": (param_b, f"{pdt}, TRAIN_RULES shards"),
-        "optimizer state": (opt_b, f"AdamW mu+nu ({pdt}, like the params, which are the "
-                                   "master copy)"),
+        "optimizer state": (tree_bytes(jax.eval_shape(tx.init, params), mesh),
+                            f"AdamW mu+nu ({pdt}, like the params, which are the master copy)"),
         "gradients": (param_b * (2 if section.grad_accum > 1 else 1),
                       "sharded like params" + (" (+ accumulator: grad_accum > 1)"
                                                if section.grad_accum > 1 else "")),
@@ -271,18 +281,23 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
             + (f", matrices in {c.dtype}" if c.compute_dtype != c.params_dtype else ""))
     train["activations"] = (saved, f"remat={c.remat}: {c.num_layers} layers x {rows} rows x "
                                    f"T={row_T} (estimate)")
-    train["transient"] = (transient, f"logits [{rows}, {chunk}, V] fp32 x2"
-                                     + (" + one layer rebuilt" if c.remat != "none" else ""))
+    train["transient"] = (logits + (per_layer["none"] if c.remat != "none" else 0),
+                          f"logits [{rows}, {chunk}, V] fp32 x2"
+                          + (" + one layer rebuilt" if c.remat != "none" else ""))
+    return train, per_layer, notes
 
-    neg = cfg.negatives
-    prompt = -(-(cfg.data.max_total_tokens - window) // PROMPT_BUCKET) * PROMPT_BUCKET
+
+def _sampling_bytes(cfg: Config, c: ModelConfig, params, mesh: MeshShape) -> dict:
+    """{entry: (bytes, note)} of the negatives stage's sampler."""
+    neg, window = cfg.negatives, cfg.data.max_response_tokens
+    prompt = round_up(cfg.data.max_total_tokens - window, PROMPT_BUCKET)
     S = prompt + window
-    brows = -(-neg.batch_size // batch_shards)
+    brows = -(-neg.batch_size // (mesh.data * mesh.fsdp))
     kv_heads = _per_device(c.num_kv_heads, mesh.tensor)
     kv = 2 * c.num_layers * brows * S * kv_heads * c.head_dim * c.compute_dtype.itemsize
     as_compute = lambda b: b * c.compute_dtype.itemsize // c.params_dtype.itemsize  # noqa: E731
     head_b = _per_device(c.vocab_size, mesh.tensor) * c.d_model * c.compute_dtype.itemsize
-    sampling = {
+    return {
         # The negatives stage loads the weights in the compute dtype (no fp32 master copy),
         # straight into the decode layout: the sampler adds only the head's [D, V] copy.
         "parameters": (as_compute(tree_bytes(params, mesh, shd.SAMPLING_RULES)),
@@ -293,10 +308,6 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
                          f"{c.head_dim} ({c.dtype})"),
         "logits": (brows * c.vocab_size * 4 * 2, "[rows, V] fp32 per decode step, x2"),
     }
-    if T < cfg.data.max_total_tokens:
-        notes.append(f"data.max_total_tokens={cfg.data.max_total_tokens} exceeds the largest "
-                     f"bucket {T}; longer rows cannot be batched")
-    return Plan(mesh, stage, device_memory, memory_source, train, sampling, per_layer, notes)
 
 
 def human(n: float) -> str:

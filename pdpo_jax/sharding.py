@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are spread over
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +28,7 @@ def _warn_once(message: str) -> None:
 
 # Training: parameters are FSDP-sharded on `embed` and tensor-parallel on the head/mlp/vocab axes.
 TRAIN_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -110,9 +111,27 @@ def variable_names(variable) -> tuple[str, ...]:
     return tuple(names)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=TRAIN_RULES) -> nnx.State:
-    """A NamedSharding for every variable of an (abstract) nnx.State, from its axis names."""
-    def one(variable):
-        spec = logical_to_spec(variable_names(variable), variable.shape, rules=rules, mesh=mesh)
-        return NamedSharding(mesh, spec)
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def tree_shardings(tree, mesh: Mesh, rules=TRAIN_RULES):
+    """NamedShardings for a pytree holding nnx Variables (params, optimizer moments, an abstract
+    nnx.State): each Variable by its logical axis names, any other leaf (step counters)
+    replicated."""
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def one(x):
+        if is_var(x):
+            return NamedSharding(mesh, logical_to_spec(variable_names(x), x.shape, rules=rules,
+                                                       mesh=mesh))
+        return NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(one, tree, is_leaf=is_var)
+
+
+def batch_divisor(mesh: Mesh | None) -> int:
+    """How many ways a batch's rows are split (data x fsdp); 1 without a mesh."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def row_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
+    """Rows over the batch axes for an array of `ndim` dims whose row axis comes after
+    `leading` unsharded axes (a micro-batch axis, say)."""
+    spec = (None,) * leading + (BATCH_AXES,) + (None,) * (ndim - leading - 1)
+    return NamedSharding(mesh, PartitionSpec(*spec))

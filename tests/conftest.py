@@ -47,6 +47,33 @@ def tokenizers_dir(shared_dir) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_tok(tokenizers_dir):
+    """The real GPT-2 tokenizer (from ../shared)."""
+    from transformers import GPT2TokenizerFast
+    return GPT2TokenizerFast.from_pretrained(tokenizers_dir / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    """The embedded 4,096-token BPE the from-scratch models use (data/tokenizer_demo)."""
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer_demo")
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_model(tmp_path_factory, demo_tokenizer) -> pathlib.Path:
+    """A random 1-layer Llama over the demo vocabulary saved as an HF folder with its tokenizer,
+    standing in for a run's SFT model."""
+    from pdpo_jax.models import ModelConfig, build_model, save_pretrained
+    cfg = ModelConfig(arch="llama", vocab_size=4096, d_model=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, mlp_dim=64, norm_eps=1e-5, max_positions=512,
+                      tie_embeddings=True, eos_token_id=0)
+    folder = tmp_path_factory.mktemp("sft") / "best"
+    save_pretrained(build_model(cfg, seed=0), folder, tokenizer=demo_tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> pathlib.Path:
     """The real SmolLM2-135M-Instruct checkpoint built by ../shared/models/build_smollm2.sh."""
     path = os.environ.get("PDPO_SMOLLM2_DIR")

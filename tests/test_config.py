@@ -56,3 +56,49 @@ def test_every_shipped_config_builds_its_model_abstractly(path):
     abstract = nnx.eval_shape(lambda: build_model(model_cfg))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
     assert n_params > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sft.batch_size=-3", r"sft.batch_size: -3 is out of range; allowed: \[1, inf\)"),
+    ("sft.max_steps=0", r"sft.max_steps: 0 is out of range"),
+    ("dpo.optimizer.lr=-1e-6", r"dpo.optimizer.lr: -1e-06 is out of range; allowed: \[0, inf\)"),
+    ("dpo.beta=0", r"dpo.beta: 0.0 is out of range; allowed: \(0, inf\)"),
+    ("negatives.top_p=0", r"negatives.top_p: 0.0 is out of range; allowed: \(0, 1\]"),
+    ("negatives.top_p=1.5", r"negatives.top_p: 1.5 is out of range"),
+    ("negatives.temperature=-0.5", r"negatives.temperature: -0.5 is out of range"),
+    ("sft.optimizer.warmup_ratio=1", r"warmup_ratio: 1.0 is out of range; allowed: \[0, 1\)"),
+    ("dpo.label_smoothing=0.5", r"dpo.label_smoothing: 0.5 is out of range; allowed: \[0, 0.5\)"),
+    ("mesh.fsdp=0", r"mesh.fsdp: 0 is out of range; allowed: \[1, inf\) or -1"),
+    ("data.buckets=[64,0]", r"data.buckets\[1\]: 0 is out of range"),
+    ("data.max_train_records=0", r"data.max_train_records: 0 is out of range"),
+    ("eval.responses.top_p=2", r"eval.responses.top_p: 2.0 is out of range"),
+    ("run.seed=-1", r"run.seed: -1 is out of range"),
+])
+def test_values_out_of_range_name_key_value_and_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, (override,))
+
+
+def test_values_on_the_edge_of_a_range_load():
+    cfg = load_config(None, ("negatives.top_p=1", "negatives.temperature=0", "mesh.fsdp=-1",
+                             "dpo.optimizer.lr=0", "sft.optimizer.warmup_ratio=0"))
+    assert cfg.negatives.top_p == 1.0 and cfg.negatives.temperature == 0.0 and cfg.mesh.fsdp == -1
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    (lambda tmp: (tmp / "bad.jsonl").write_text('{"persona": ["x"]}\n') and
+     [f"data.train={tmp / 'bad.jsonl'}", f"data.dev={tmp / 'bad.jsonl'}"], "bad.jsonl:1: "),
+    (lambda tmp: ["model.checkpoint=/nonexistent/ckpt", "model.tokenizer=null",
+                  "model.architecture=null"], "/nonexistent/ckpt is not a folder"),
+    (lambda tmp: ["sft.batch_size=-3"], "sft.batch_size: -3 is out of range"),
+])
+def test_cli_user_mistakes_are_one_line_and_status_2(tmp_path, capsys, setup, fragment):
+    """A malformed data file, a missing checkpoint folder, a bad value: one line, exit 2."""
+    from pdpo_jax.train.__main__ import main
+    overrides = setup(tmp_path)
+    status = main(["--config", "configs/tiny_sft.yaml", f"run.out_dir={tmp_path / 'run'}",
+                   *overrides])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 2 and len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err

@@ -170,9 +170,8 @@ def test_iterator_state_round_trips_through_json():
         other.set_state(state)
 
 
-def test_real_data_end_to_end(shared_dir, tokenizers_dir):
-    from transformers import GPT2TokenizerFast
-    tok = GPT2TokenizerFast.from_pretrained(tokenizers_dir / "gpt2")
+def test_real_data_end_to_end(shared_dir, gpt2_tok):
+    tok = gpt2_tok
     records = D.read_fbdialog(shared_dir / "data/personachat/valid_self_original_no_cands.txt.gz")[:200]
     encoded, stats = D.encode_records(tok, "english", records, max_total_tokens=256)
     assert stats.kept == 200

@@ -1,8 +1,9 @@
 """The eval: config section and how checkpoint entries resolve to folders."""
 import pytest
 
-from pdpo_jax.config import ConfigError, build
-from pdpo_jax.eval import EvalSection, resolve_checkpoints
+from pdpo_jax.config import ConfigError, EvalSection, build
+from pdpo_jax.errors import UserError
+from pdpo_jax.eval import resolve_checkpoints
 
 
 def _ckpt(folder):
@@ -40,7 +41,7 @@ def test_resolve_checkpoints(tmp_path):
     got = resolve_checkpoints(["sft", f"base={other}", str(other / ".." / "llama-7b")], run)
     assert got == {"sft": sft, "base": other, "llama-7b": other / ".." / "llama-7b"}
     assert resolve_checkpoints([str(sft)]) == {"sft": sft}  # a stage's best/ is named after it
-    with pytest.raises(FileNotFoundError, match="'dpo'.*finished stage name"):
+    with pytest.raises(UserError, match="'dpo'.*finished stage name"):
         resolve_checkpoints(["dpo"], run)
     with pytest.raises(ValueError, match="two entries are labelled 'llama-7b'"):
         resolve_checkpoints([str(other), f"llama-7b={sft}"])

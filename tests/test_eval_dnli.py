@@ -8,15 +8,10 @@ import torch
 
 from hf_reference import tiny_hf_model
 from pdpo_jax import data as pdata
-from pdpo_jax.eval import EvalSection, dnli, run_dnli_stage
+from pdpo_jax.config import EvalSection
+from pdpo_jax.eval import dnli, run_dnli_stage
 from pdpo_jax.eval.dnli import DnliResult, dnli_table, score_dnli, select_examples
 from pdpo_jax.models import from_pretrained
-
-
-@pytest.fixture(scope="module")
-def gpt2_tok(tokenizers_dir):
-    from transformers import GPT2TokenizerFast
-    return GPT2TokenizerFast.from_pretrained(tokenizers_dir / "gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +166,17 @@ def test_sharded_scores_equal_unsharded(tiny, gpt2_tok, embedded):
 
 
 def test_command_line_on_any_checkpoint(tmp_path, tiny, gpt2_tok, capsys):
-    from pdpo_jax.config import ConfigError
     from pdpo_jax.eval.__main__ import main
     gpt2_tok.save_pretrained(tmp_path / "tok")
     args = ["dnli", "--checkpoint", f"mine={tiny[0]}", "--tokenizer", str(tmp_path / "tok"),
             "--out", str(tmp_path / "out"), "max_examples=3", "eval.max_prompt_tokens=96",
             "normalise=sum"]
-    markdown = main(args)
+    assert main(args) == 0
+    markdown = capsys.readouterr().out
     assert "| mine |" in markdown and "length-normalised" not in markdown
     assert (tmp_path / "out" / "dnli" / "mine.jsonl").is_file()
-    with pytest.raises(ConfigError, match="did you mean 'max_examples'"):
-        main([*args[:7], "max_example=3"])
+    # a user's mistake: one line naming the key and the fix, status 2, no traceback
+    assert main([*args[:7], "max_example=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "did you mean 'max_examples'" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

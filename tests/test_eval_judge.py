@@ -19,9 +19,10 @@ import time
 import pytest
 
 from pdpo_jax.data import PersonaTurn
-from pdpo_jax.eval import (JudgeError, JudgeSection, JudgmentCache, OpenAIBackend, load_template,
-                           make_backend, parse_verdict, plan_comparisons, run_judge_stage,
-                           run_tournament)
+from pdpo_jax.config import JudgeSection
+from pdpo_jax.errors import UserError
+from pdpo_jax.eval import (JudgeError, JudgmentCache, OpenAIBackend, load_template, make_backend,
+                           parse_verdict, plan_comparisons, run_judge_stage, run_tournament)
 
 SECRET = "sk-test-DO-NOT-LEAK-1234"
 
@@ -254,7 +255,7 @@ def test_template_errors(tmp_path):
     bad.write_text("{persona} {history} {response_1} {response_2} {response_1}")
     with pytest.raises(ValueError, match=r"\{response_1\} repeated"):
         load_template(str(bad))
-    with pytest.raises(FileNotFoundError, match="judge.template"):
+    with pytest.raises(UserError, match="judge.template"):
         load_template(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="repeated"):  # checked before the key
         make_backend(JudgeSection(template=str(bad), api_key_env="PDPO_UNSET_KEY"))

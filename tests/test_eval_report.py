@@ -4,9 +4,10 @@ import json
 import pytest
 
 from pdpo_jax.eval import (Comparison, DnliResult, Judgment, bradley_terry, head_to_head_table,
-                           markdown_table, plot_dnli, plot_training_curves, plot_win_rates,
-                           tournament_report, win_rate_table)
+                           plot_dnli, plot_training_curves, plot_win_rates, tournament_report,
+                           win_rate_table)
 from pdpo_jax.eval.dnli import CandidateScore, dnli_report
+from pdpo_jax.tables import markdown_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -82,10 +83,11 @@ def test_markdown_table_formats_cells():
     assert md.splitlines() == ["| a | b |", "|---|---|", "| x | 1.2 |", "| y | – |"]
 
 
-def test_curves_command(tmp_path):
+def test_curves_command(tmp_path, capsys):
     from pdpo_jax.eval.__main__ import main
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n'
                                                    '{"step": 2, "train/loss": 1.5}\n')
-    out = main(["curves", str(tmp_path / "sft" / "metrics.jsonl"), "--out", str(tmp_path / "c.png")])
-    assert _png(tmp_path / "c.png") and out.endswith("c.png")
+    status = main(["curves", str(tmp_path / "sft" / "metrics.jsonl"), "--out", str(tmp_path / "c.png")])
+    assert status == 0 and _png(tmp_path / "c.png")
+    assert capsys.readouterr().out.strip().endswith("c.png")

@@ -7,16 +7,10 @@ import pytest
 
 from hf_reference import tiny_hf_model
 from pdpo_jax import data as pdata
-from pdpo_jax.eval import (JudgeSection, LocalJudge, ResponseSection, generate_responses,
-                           run_judge_stage, select_histories)
+from pdpo_jax.config import JudgeSection, ResponseSection
+from pdpo_jax.eval import LocalJudge, generate_responses, run_judge_stage, select_histories
 from pdpo_jax.eval import responses as responses_module
 from pdpo_jax.models import from_pretrained
-
-
-@pytest.fixture(scope="module")
-def gpt2_tok(tokenizers_dir):
-    from transformers import GPT2TokenizerFast
-    return GPT2TokenizerFast.from_pretrained(tokenizers_dir / "gpt2")
 
 
 @pytest.fixture(scope="module")

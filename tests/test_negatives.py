@@ -40,14 +40,8 @@ def test_shuffle_needs_two_personas():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    cfg = ModelConfig(arch="llama", vocab_size=4096, d_model=32, num_layers=1, num_heads=2,
-                      num_kv_heads=1, head_dim=16, mlp_dim=64, norm_eps=1e-5, max_positions=512,
-                      tie_embeddings=True, eos_token_id=0)
-    folder = tmp_path_factory.mktemp("sft") / "best"
-    save_pretrained(build_model(cfg, seed=0), folder,
-                    tokenizer=transformers.AutoTokenizer.from_pretrained(TOKENIZER))
-    return folder
+def tiny_model(tiny_sft_model):
+    return tiny_sft_model
 
 
 def _builder(model_dir, shard_size=16, max_new=8):
@@ -76,7 +70,7 @@ def test_no_shuffle_uses_own_persona_and_resume_is_identical(tiny_model, tmp_pat
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    real = neg._write_jsonl_atomic
+    real = neg.write_jsonl_atomic
     calls = {"n": 0}
 
     def dying(path, rows):
@@ -85,12 +79,12 @@ def test_no_shuffle_uses_own_persona_and_resume_is_identical(tiny_model, tmp_pat
             raise KeyboardInterrupt  # killed after one of three shards was written
         real(path, rows)
 
-    monkeypatch.setattr(neg, "_write_jsonl_atomic", dying)
+    monkeypatch.setattr(neg, "write_jsonl_atomic", dying)
     with pytest.raises(KeyboardInterrupt):
         _builder(tiny_model).run(neg.NegativeJob("train", records, personas, killed))
     assert len(list((killed / "train_shards").glob("*.jsonl"))) == 1
     assert not list((killed / "train_shards").glob("*.tmp"))
-    monkeypatch.setattr(neg, "_write_jsonl_atomic", real)
+    monkeypatch.setattr(neg, "write_jsonl_atomic", real)
     _builder(tiny_model).run(neg.NegativeJob("train", records, personas, killed))
     assert _lines(killed / "train_pairs.jsonl") == _lines(whole / "train_pairs.jsonl")
 
@@ -114,7 +108,7 @@ def test_stage_errors(tmp_path, tiny_model):
         pipeline.run(_cfg(tmp_path / "a"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="no records"):
+    with pytest.raises(ValueError, match="holds no dialogues"):
         pipeline.run(_cfg(tmp_path / "e", f"model.checkpoint={tiny_model}", f"data.train={empty}",
                           f"data.dev={empty}"))
     with pytest.raises(ValueError, match="train_pairs.jsonl: missing"):

@@ -96,16 +96,13 @@ def test_cli_reports_config_errors(capsys):
 
 
 @pytest.fixture(scope="module")
-def dpo_inputs(tmp_path_factory):
+def dpo_inputs(tmp_path_factory, tiny_sft_model):
     """A random tiny model (as the SFT model) and small preference files, no sampling needed."""
+    import shutil
+
     from pdpo_jax import data as pdata
-    from pdpo_jax.models import ModelConfig, build_model, save_pretrained
     root = tmp_path_factory.mktemp("dpo_inputs")
-    cfg = ModelConfig(arch="llama", vocab_size=4096, d_model=32, num_layers=1, num_heads=2,
-                      num_kv_heads=1, head_dim=16, mlp_dim=64, norm_eps=1e-5, max_positions=512,
-                      tie_embeddings=True, eos_token_id=0)
-    save_pretrained(build_model(cfg, seed=0), root / "sft",
-                    tokenizer=transformers.AutoTokenizer.from_pretrained("data/tokenizer_demo"))
+    shutil.copytree(tiny_sft_model, root / "sft")
     records = pdata.read_turns(pdata.default_paths().dev)[:48]
     pairs = [pdata.PreferencePair(r.persona, r.history, r.response, records[(i + 7) % 48].response, f"p{i}")
              for i, r in enumerate(records)]

@@ -109,11 +109,16 @@ def test_sharded_sft_and_dpo_equal_one_device(mesh_shape):
 def test_nan_loss_leaves_state_untouched():
     mesh, graphdef, tx, lr, state, state_sh = _setup()
     step = st.jit_sft_step(make_sft_step(graphdef, tx, lr, window=8), state_sh, mesh)
-    before = jax.device_get(state.params)
     poisoned = jax.tree.map(lambda x: x, state)
     poisoned.params["embed_VD"][...] = jnp.full_like(poisoned.params["embed_VD"][...], jnp.nan)
+    # read before the call: the step donates its state
+    want_params, want_opt = jax.device_get((poisoned.params, poisoned.opt_state))
     out, metrics = step(poisoned, st.shard_batch(micro(_sft_batch()), mesh))
     assert not bool(metrics["finite"]) and int(out.step) == 0
+    # every parameter (the NaN embedding too) and every optimizer moment as they were
+    got_params, got_opt = jax.device_get((out.params, out.opt_state))
+    jax.tree.map(np.testing.assert_array_equal, got_params, want_params)
+    jax.tree.map(np.testing.assert_array_equal, got_opt, want_opt)
 
 
 def test_indivisible_batch_is_a_clear_error():

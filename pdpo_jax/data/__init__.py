@@ -12,15 +12,15 @@ from pdpo_jax._lazy import lazy_exports
 
 # Each name imports its submodule on first use (see pdpo_jax._lazy).
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    ".batches": ("DEFAULT_BUCKETS", "bucket_length", "preference_batch", "prompt_batch",
-        "sft_batch"),
+    ".batches": ("DEFAULT_BUCKETS", "bucket_length", "left_pad", "preference_batch",
+        "prompt_batch", "round_up", "sft_batch"),
     ".defaults": ("DefaultPaths", "default_paths"),
     ".dialogue_jsonl": ("read_dialogue_jsonl",),
     ".dnli": ("read_dnli", "read_dnli_files"),
     ".encode": ("DoesNotFit", "Encoded", "EncodedPair", "EncodeStats", "encode_pair",
         "encode_preference", "encode_records", "pad_id", "special_ids"),
     ".personachat": ("read_fbdialog", "read_hf_personachat"),
-    ".pipeline": ("BatchIterator", "Batches", "plan_epoch", "preference_batches",
+    ".loader": ("BatchIterator", "Batches", "plan_epoch", "preference_batches",
         "prompt_batches", "sft_batches"),
     ".preferences": ("read_preference_jsonl", "write_preference_jsonl"),
     ".readers": ("read_turns",),

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pdpo_jax.data.encode import Encoded, EncodedPair
+from pdpo_jax.errors import UserError
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
@@ -31,8 +32,13 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     for bucket in sorted(buckets):
         if length <= bucket:
             return bucket
-    raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}; "
-                     "encode with max_total_tokens <= the largest bucket or add a bucket")
+    raise UserError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}; "
+                    "encode with max_total_tokens <= the largest bucket or add a bucket")
+
+
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple` (prompt-length and batch-size padding)."""
+    return -(-n // multiple) * multiple
 
 
 def sft_batch(examples: Sequence[Encoded | None], seq_len: int, pad_id: int,
@@ -59,22 +65,28 @@ def _index(examples: Sequence[object | None], index: Sequence[int] | None) -> np
     return np.asarray(index, np.int32).reshape(len(examples))
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None):
+    """Token ids → (tokens int32 [B, length], mask bool [B, length]), each prompt ending in
+    the last column (the sampler's layout); None rows are all padding. length: default the
+    longest prompt."""
+    lengths = [0 if p is None else len(p) for p in prompts]
+    length = max(lengths, default=0) if length is None else length
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, (ids, n) in enumerate(zip(prompts, lengths)):
+        if n:
+            _check_fits(n, length)
+            tokens[row, length - n:] = ids
+            mask[row, length - n:] = True
+    return tokens, mask
+
+
 def prompt_batch(prompts: Sequence[np.ndarray | Encoded | EncodedPair | None], seq_len: int,
                  pad_id: int, index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Left-padded prompt batch; `index` (default 0..B-1, -1 for None rows) labels the rows."""
-    b = len(prompts)
-    tokens = np.full((b, seq_len), pad_id, np.int32)
-    positions = np.zeros((b, seq_len), np.int32)
-    attention = np.zeros((b, seq_len), bool)
-    for row, prompt in enumerate(prompts):
-        if prompt is None:
-            continue
-        ids = getattr(prompt, "prompt_ids", prompt)
-        n = _check_fits(len(ids), seq_len)
-        tokens[row, seq_len - n:] = ids
-        positions[row, seq_len - n:] = np.arange(n)
-        attention[row, seq_len - n:] = True
-    return {"tokens": tokens, "positions": positions, "attention_mask": attention,
+    tokens, mask = left_pad([getattr(p, "prompt_ids", p) for p in prompts], pad_id, seq_len)
+    positions = np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0)
+    return {"tokens": tokens, "positions": positions, "attention_mask": mask,
             "index": _index(prompts, index)}
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pdpo_jax.errors import UserError
+
 # DNLI candidate groups (file keys) -> the category names of the paper's Table 4.
 DNLI_CATEGORIES = {"label": "hits", "similar": "entail", "rand": "random", "neg": "contradict"}
 DNLI_GROUPS = ("attributes", "havenot", "likedislike")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """A data file does not match its format. The message names file, line, bad value and fix."""
 
     def __init__(self, path: Any, line: int | None, problem: str, fix: str):

@@ -26,6 +26,8 @@ import dataclasses
 import difflib
 from collections.abc import Sequence
 
+from pdpo_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
@@ -61,7 +63,7 @@ def get_template(template: str | PromptTemplate) -> PromptTemplate:
     if template not in TEMPLATES:
         near = difflib.get_close_matches(str(template), TEMPLATES, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown prompt template {template!r}{hint} Known: {sorted(TEMPLATES)}")
+        raise UserError(f"unknown prompt template {template!r}{hint} Known: {sorted(TEMPLATES)}")
     return TEMPLATES[template]
 
 

@@ -10,14 +10,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import pathlib
 import sys
 
-import yaml
-
-from pdpo_jax.config import build
-from pdpo_jax.eval.config import EvalSection, resolve_checkpoints
+from pdpo_jax.cli import run_cli, setup_logging
+from pdpo_jax.config import EvalSection, build
+from pdpo_jax.config.loading import set_dotted
+from pdpo_jax.eval.checkpoints import resolve_checkpoints
 
 
 def parse_args(argv):
@@ -29,36 +28,37 @@ def parse_args(argv):
     p.add_argument("--tokenizer", help="tokenizer folder (default: the first checkpoint's)")
     p.add_argument("--template", default="english", help="prompt template the models were trained with")
     p.add_argument("--histories", help="judge: dialogue file of test histories (default: embedded dev)")
+    p.add_argument("--max-examples", type=int, help="dnli: score this many examples (round-robin "
+                   "over relation groups; = eval.max_examples)")
     p.add_argument("--out", required=True, help="output folder (curves: the PNG path)")
     return p.parse_intermixed_args(argv)  # overrides may follow the options
 
 
-def eval_section(overrides) -> EvalSection:
-    raw: dict = {}
+def eval_section(overrides, max_examples: int | None = None) -> EvalSection:
+    """The `eval:` section from `key=value` overrides (the `eval.` prefix optional)."""
+    raw: dict = {} if max_examples is None else {"max_examples": max_examples}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"override {item!r} must look like eval.key=value")
-        *parents, leaf = key.strip().removeprefix("eval.").split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        set_dotted(raw, item, prefix="eval.")
     return build(EvalSection, raw, "eval")
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
+    return run_cli(lambda: _run(args))
+
+
+def _run(args) -> int:
     if args.command == "curves":
-        from pdpo_jax.eval.report import plot_training_curves
+        from pdpo_jax.eval.plots import plot_training_curves
         sources = {pathlib.Path(f).parent.name: f for f in args.inputs}
-        return str(plot_training_curves(sources, args.out))
+        print(plot_training_curves(sources, args.out))
+        return 0
     import transformers
 
     from pdpo_jax import data as pdata
     from pdpo_jax.eval.stages import run_dnli_stage, run_judge_stage
-    cfg = eval_section(args.inputs)
+    cfg = eval_section(args.inputs, args.max_examples)
     checkpoints = resolve_checkpoints(args.checkpoint or cfg.checkpoints)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         args.tokenizer or next(iter(checkpoints.values())))
@@ -69,8 +69,8 @@ def main(argv=None) -> str:
         markdown = run_judge_stage(args.out, checkpoints, tokenizer, histories, cfg.judge,
                                    cfg.responses, template=args.template)
     print(markdown)
-    return markdown
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

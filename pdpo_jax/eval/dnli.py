@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from pdpo_jax import data as pdata
+from pdpo_jax import sharding as shd
 from pdpo_jax.data.records import DNLI_GROUPS
 from pdpo_jax.tables import markdown_table
 from pdpo_jax.train.logprobs import response_logps
@@ -164,8 +165,7 @@ def _plan_batches(rows_by_example: list[list[_Row]], batch_size: int) -> list[li
 def _device_batch(batch: dict[str, np.ndarray], mesh: Mesh | None):
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
-    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    return {k: jax.device_put(v, rows) for k, v in batch.items()}
+    return {k: jax.device_put(v, shd.row_sharding(mesh, v.ndim)) for k, v in batch.items()}
 
 
 def score_dnli(model, tokenizer, template, examples: Sequence[pdata.DnliExample], *,
@@ -180,9 +180,9 @@ def score_dnli(model, tokenizer, template, examples: Sequence[pdata.DnliExample]
     skipped and named in `result.skipped`.
     """
     graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
-    if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if batch_size % shd.batch_divisor(mesh):
         raise ValueError(f"eval batch size {batch_size} must be divisible by data*fsdp = "
-                         f"{mesh.shape['data'] * mesh.shape['fsdp']}; set eval.batch_size")
+                         f"{shd.batch_divisor(mesh)}; set eval.batch_size")
     rows_by_example, prompts, skipped = [], {}, {}
     for i, ex in enumerate(examples):
         try:
@@ -283,7 +283,7 @@ def dnli_table(results: dict[str, DnliResult], normalise: str = "sum", *,
 def dnli_report(results: dict[str, DnliResult], normalisations: Sequence[str] = NORMALISATIONS) -> str:
     """Both scorings, overall and per relation group, as one markdown section."""
     label = {"sum": "sum of token log-probs", "mean": "length-normalised (mean per token)"}
-    parts = ["## Dialogue-NLI consistency ranking",
+    parts = ["## Dialogue-NLI consistency ranking (Table 4 layout)",
              "% of examples whose top-ranked candidate is in each category."]
     for norm in normalisations:
         parts += [f"### Score: {label[norm]}", dnli_table(results, norm),

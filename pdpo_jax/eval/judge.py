@@ -18,8 +18,9 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
+from pdpo_jax.errors import UserError
+
 PLACEHOLDERS = ("persona", "history", "response_1", "response_2")
-VERDICTS = {1: "first", 2: "second", 3: "tie"}
 
 ENGLISH = """\
 Two assistants received the same conversation and were each asked to write the next reply while \
@@ -132,8 +133,8 @@ def load_template(spec: str) -> JudgeTemplate:
         return JudgeTemplate(spec, _BUILTIN[spec], _SPEAKERS[spec])
     path = pathlib.Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"judge template {spec!r} is neither a built-in "
-                                f"({sorted(_BUILTIN)}) nor a file; set judge.template")
+        raise UserError(f"judge template {spec!r} is neither a built-in "
+                        f"({sorted(_BUILTIN)}) nor a file; set judge.template")
     text = path.read_text(encoding="utf-8")
     japanese = re.search(r"[\u3040-\u30ff]", text) is not None
     return JudgeTemplate(str(path), text, _SPEAKERS["japanese" if japanese else "english"])

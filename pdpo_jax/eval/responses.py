@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pdpo_jax import data as pdata
-from pdpo_jax.eval.config import ResponseSection
+from pdpo_jax.config import ResponseSection
 from pdpo_jax.fileio import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
                               write_json_atomic, write_jsonl_atomic)
 

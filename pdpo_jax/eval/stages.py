@@ -15,10 +15,12 @@ import pathlib
 from collections.abc import Sequence
 
 from pdpo_jax import data as pdata
-from pdpo_jax.eval import ratings, report
+from pdpo_jax.eval import judge_report, plots, ratings
 from pdpo_jax.eval.backends import JudgeBackend, JudgeError, LocalJudge, OpenAIBackend
 from pdpo_jax.eval.cache import JudgmentCache
-from pdpo_jax.eval.config import EvalSection, JudgeSection, ResponseSection
+from pdpo_jax.config import EvalSection, JudgeSection, ResponseSection
+from pdpo_jax.context import RunContext, read_dialogues
+from pdpo_jax.eval.checkpoints import resolve_checkpoints
 from pdpo_jax.eval.dnli import DnliResult, dnli_report, score_dnli, select_examples
 from pdpo_jax.fileio import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
                               write_json_atomic, write_jsonl_atomic, write_text_atomic)
@@ -62,7 +64,7 @@ def run_dnli_stage(out_dir: str | os.PathLike, checkpoints: dict[str, str | os.P
     markdown = dnli_report(results, eval_cfg.normalisations)
     write_text_atomic(out / "report.md", markdown)
     for norm in eval_cfg.normalisations:
-        report.plot_dnli(results, out / f"dnli_{norm}.png", norm)
+        plots.plot_dnli(results, out / f"dnli_{norm}.png", norm)
     return markdown
 
 
@@ -119,9 +121,9 @@ def run_judge_stage(out_dir: str | os.PathLike, checkpoints: dict[str, str | os.
         comparison_row(j, picked[j.comparison.history], replies) for j in judgments])
     strengths = ratings.bradley_terry(judgments, models, bootstrap=judge_cfg.bootstrap,
                                       seed=judge_cfg.seed)
-    markdown = report.tournament_report(judgments, models, strengths, backend.judge_id)
+    markdown = judge_report.tournament_report(judgments, models, strengths, backend.judge_id)
     write_text_atomic(out / "report.md", markdown)
-    report.plot_win_rates(judgments, models, out / "win_rates.png")
+    plots.plot_win_rates(judgments, models, out / "win_rates.png")
     write_json_atomic(out / "summary.json", _summary(judgments, models, strengths, backend))
     return markdown
 
@@ -145,3 +147,26 @@ def _summary(judgments, models, strengths: ratings.Strengths, backend) -> dict:
                            "bt_theta": float(strengths.theta[i]),
                            "bt_interval": [float(strengths.low[i]), float(strengths.high[i])]}
                        for i, m in enumerate(models)}}
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline stages
+
+
+def run_eval(ctx: RunContext) -> None:
+    """The `eval` stage: Dialogue-NLI ranking of `eval.checkpoints` into <run>/eval/dnli/."""
+    checkpoints = resolve_checkpoints(ctx.cfg.eval.checkpoints, ctx.run_dir)
+    markdown = run_dnli_stage(ctx.stage_dir("eval"), checkpoints, ctx.tokenizer, ctx.cfg.eval,
+                              ctx.cfg.data.template, mesh=ctx.mesh)
+    log.info("Dialogue-NLI:\n%s", markdown)
+
+
+def run_judge(ctx: RunContext) -> None:
+    """The `judge` stage: the pairwise tournament of `eval.checkpoints` on dev histories."""
+    cfg = ctx.cfg
+    checkpoints = resolve_checkpoints(cfg.eval.checkpoints, ctx.run_dir)
+    histories = read_dialogues(cfg.data.dev or pdata.default_paths().dev, None, key="data.dev")
+    markdown = run_judge_stage(ctx.stage_dir("eval"), checkpoints, ctx.tokenizer, histories,
+                               cfg.eval.judge, cfg.eval.responses, template=cfg.data.template,
+                               mesh=ctx.mesh)
+    log.info("judge:\n%s", markdown)

@@ -59,12 +59,6 @@ class Judgment:
                 "winner": self.winner, "attempts": self.attempts, "cached": self.cached,
                 "answer": self.answer}
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "Judgment":
-        comp = Comparison(row["index"], row["history"], row["first"], row["second"])
-        return cls(comp, row["verdict"], row.get("answer", ""), row.get("attempts", 1),
-                   row.get("cached", False))
-
 
 def plan_comparisons(models: Sequence[str], n_histories: int, comparisons: int,
                      seed: int) -> list[Comparison]:

@@ -18,8 +18,7 @@ class KVCache:
     slot remembers the position of the token it holds, so causality is `pos_k <= pos_q`.
       k, v: one [B, K, S, H] array per layer (tuples of L): the layout the decode einsums
         read as they are. One stacked [L, ...] array would make XLA:CPU copy a layer's slice
-        out of it for every read (a dynamic slice per layer and step: ~40% of a decode step
-        at the anchor shape, bench/README.md);
+        out of it for every read (a dynamic slice per layer and step);
       positions: int32 [B, S]; valid: bool [B, S]; length: int32 [];
       empty: static, True for a cache nothing was written to yet (`init`): its first call
         (the prefill) attends over the new tokens alone, not over S mostly empty slots.
@@ -107,9 +106,8 @@ def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv
     Without a cache (training, scoring) this is `jax.nn.dot_product_attention`
     (`cfg.attn_implementation` picks cudnn/xla). With one, two einsums read the cache in its
     stored [B, K, S, H] layout: dot_product_attention wants [B, S, K, H] and XLA would
-    transpose the whole cache at every decode step (measured 1.6x slower decoding on CPU). A
-    prefill reads the just-written first T slots the same way, which skips the transposes
-    dot_product_attention makes of q, k and v (anchor prefill ~54 -> ~52 ms, interleaved).
+    transpose the whole cache at every decode step. A prefill reads the just-written first T
+    slots the same way, which skips the transposes dot_product_attention makes of q, k and v.
     """
     if kv_cache is None:
         return jax.nn.dot_product_attention(
@@ -136,8 +134,7 @@ def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
     scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     # Batch axes first in both outputs: XLA:CPU then reads the cache rows in place (K·qᵀ and
-    # P·V); with the output as [B, T, K, G, H] it computed (P·V)ᵀ, striding through V (SmolLM2
-    # decode, G = 3: 10.9 -> 1.4 ms per step).
+    # P·V); with the output as [B, T, K, G, H] it computed (P·V)ᵀ, striding through V.
     out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
+from pdpo_jax.errors import UserError
 from pdpo_jax.models.config import ModelConfig
 
 _REQUIRED = object()
@@ -19,12 +19,12 @@ SUPPORTED = ("gpt2", *LLAMA_TYPES)
 def _get(hf: dict, key: str, source: str, default: Any = _REQUIRED):
     value = hf.get(key, default)
     if value is _REQUIRED or (value is None and default is _REQUIRED):
-        raise ValueError(f"{source}: required key {key!r} is missing")
+        raise UserError(f"{source}: required key {key!r} is missing")
     return value
 
 
 def _refuse(source: str, key: str, value, fix: str):
-    raise ValueError(f"{source}: {key}={value!r} is not implemented by pdpo_jax; {fix}")
+    raise UserError(f"{source}: {key}={value!r} is not implemented by pdpo_jax; {fix}")
 
 
 def _rope_theta(hf: dict, source: str) -> float:
@@ -105,7 +105,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         return _gpt2_from_hf(hf, source)
     if mt in LLAMA_TYPES:
         return _llama_from_hf(hf, source)
-    raise ValueError(f"{source}: model_type={mt!r} is not supported; pdpo_jax ports {list(SUPPORTED)}")
+    raise UserError(f"{source}: model_type={mt!r} is not supported; pdpo_jax ports {list(SUPPORTED)}")
 
 
 def _token_ids(cfg: ModelConfig) -> dict:

@@ -20,12 +20,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pdpo_jax import sharding as shd
+from pdpo_jax.errors import UserError
 from pdpo_jax.fileio import write_json_atomic
 from pdpo_jax.models import hf_configs
 from pdpo_jax.models.config import ModelConfig
 from pdpo_jax.models.families import build_model
 from pdpo_jax.models.layers import unstack_layers
-from pdpo_jax.models.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorFiles, write_file
+from pdpo_jax.models.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorFiles, write_sharded
 
 config_from_hf = hf_configs.config_from_hf
 config_to_hf = hf_configs.config_to_hf
@@ -136,9 +137,9 @@ class _Source:
         has_st = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
         if not has_st and bin_path.is_file():
             if not allow_pickle:
-                raise ValueError(f"{bin_path}: only pytorch_model.bin found; it is a pickle that can "
-                                 "run code when loaded. Pass allow_pickle=True if you trust it, or "
-                                 "convert it to safetensors")
+                raise UserError(f"{bin_path}: only pytorch_model.bin found; it is a pickle that can "
+                                "run code when loaded. Pass allow_pickle=True if you trust it, or "
+                                "convert it to safetensors")
             import torch  # a test-only dependency; needed only for this opt-in path
             state = torch.load(bin_path, map_location="cpu", weights_only=True)
             self._arrays = {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
@@ -181,13 +182,13 @@ def _hf_shape(rule: Rule, cfg: ModelConfig, our_shape: tuple[int, ...]) -> tuple
 
 def _read_one(src: _Source, key: str, rule: Rule, cfg: ModelConfig, our_shape, dtype) -> np.ndarray:
     if not src.has(key):
-        raise ValueError(f"{src.where}: tensor {key!r} is missing; the checkpoint does not match "
-                         f"its config.json ({cfg.hf_model_type}, {cfg.num_layers} layers)")
+        raise UserError(f"{src.where}: tensor {key!r} is missing; the checkpoint does not match "
+                        f"its config.json ({cfg.hf_model_type}, {cfg.num_layers} layers)")
     w = src.get(key)
     want = _hf_shape(rule, cfg, our_shape)
     if tuple(w.shape) != tuple(want):
-        raise ValueError(f"{src.file_of(key)}: tensor {key!r} has shape {tuple(w.shape)}, but "
-                         f"config.json implies {tuple(want)}; the checkpoint and config disagree")
+        raise UserError(f"{src.file_of(key)}: tensor {key!r} has shape {tuple(w.shape)}, but "
+                        f"config.json implies {tuple(want)}; the checkpoint and config disagree")
     return np.asarray(rule.to_ours(w, cfg)).astype(dtype)
 
 
@@ -209,12 +210,12 @@ def _load_param(src: _Source, rule: Rule, cfg: ModelConfig, shape, dtype, shardi
 def _read_config(folder: pathlib.Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise ValueError(f"{path}: missing; pass a folder that holds a Hugging Face checkpoint "
-                         "(config.json + model.safetensors)")
+        raise UserError(f"{path}: missing; pass a folder that holds a Hugging Face checkpoint "
+                        "(config.json + model.safetensors)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 def _unstacked(path: tuple) -> tuple[tuple, int | None]:
@@ -262,9 +263,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
                     else [rule.hf])
     unexpected = sorted(k for k in src.canonical_keys() - used if not _ignorable(k, cfg))
     if unexpected:
-        raise ValueError(f"{src.where}: tensors {unexpected[:5]}{'…' if len(unexpected) > 5 else ''} "
-                         f"have no place in a {cfg.hf_model_type} model; the checkpoint holds "
-                         "parts this port does not implement")
+        raise UserError(f"{src.where}: tensors {unexpected[:5]}{'…' if len(unexpected) > 5 else ''} "
+                        f"have no place in a {cfg.hf_model_type} model; the checkpoint holds "
+                        "parts this port does not implement")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -287,57 +288,43 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, dtype: st
     out = pathlib.Path(path)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    values, per_layer = _params_by_path(model)
+    rules = _TABLES[cfg.arch](cfg)
+    groups = []  # one group per parameter: its HF tensors, written together
+    for rule in rules:
+        shape = (values[rule.ours].shape if rule.ours in values
+                 else (cfg.num_layers, *per_layer[rule.ours][0].shape))
+        names = [rule.hf.format(i=i) for i in range(cfg.num_layers)] if rule.layered else [rule.hf]
+        hf_shape = _hf_shape(rule, cfg, shape[1:] if rule.layered else shape)
+        groups.append([(n, hf_shape, dtype) for n in names])
+
+    def produce(g: int):
+        rule = rules[g]
+        if rule.ours in per_layer:
+            parts = [_host(per_layer[rule.ours][i][...]) for i in range(cfg.num_layers)]
+        else:
+            host = _host(values[rule.ours][...])
+            parts = list(host) if rule.layered else [host]
+        for (name, _, _), part in zip(groups[g], parts, strict=True):
+            yield name, np.asarray(rule.to_hf(part, cfg)).astype(dtype)
+
+    write_sharded(out, groups, produce, max_shard_bytes)
+    write_json_atomic(out / "generation_config.json", hf_configs.generation_config(cfg), indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    write_json_atomic(out / "config.json", config_to_hf(cfg, dtype=str(jnp.dtype(dtype))), indent=2)
+    return out
+
+
+def _params_by_path(model):
+    """({path: Variable} of whole parameters, {stacked path: {layer: Variable}} of unstacked
+    layers (stack_layers=False))."""
     _, state = nnx.split(model, nnx.Param)
-    values, per_layer = {}, {}  # per_layer: unstacked layers (stack_layers=False), by layer
+    values, per_layer = {}, {}
     for p, v in nnx.to_flat_state(state):
         stacked_path, layer = _unstacked(p)
         if layer is None:
             values[p] = v
         else:
             per_layer.setdefault(stacked_path, {})[layer] = v
-    groups = []  # one group per parameter: its HF tensors, written together
-    for rule in _TABLES[cfg.arch](cfg):
-        shape = (values[rule.ours].shape if rule.ours in values
-                 else (cfg.num_layers, *per_layer[rule.ours][0].shape))
-        names = [rule.hf.format(i=i) for i in range(cfg.num_layers)] if rule.layered else [rule.hf]
-        hf_shape = _hf_shape(rule, cfg, shape[1:] if rule.layered else shape)
-        groups.append((rule, [(n, hf_shape, dtype) for n in names]))
-
-    shards, size = [[]], 0
-    for group in groups:
-        nbytes = sum(dtype.itemsize * int(np.prod(s)) for _, s, _ in group[1])
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(group)
-        size += nbytes
-
-    def produce(shard_groups):
-        for rule, tensors in shard_groups:
-            if rule.ours in per_layer:
-                parts = [_host(per_layer[rule.ours][i][...]) for i in range(cfg.num_layers)]
-            else:
-                host = _host(values[rule.ours][...])
-                parts = list(host) if rule.layered else [host]
-            for (name, _, _), part in zip(tensors, parts, strict=True):
-                yield name, np.asarray(rule.to_hf(part, cfg)).astype(dtype)
-
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    weight_map, total = {}, 0
-    for name, shard in zip(names, shards):
-        declared = [t for _, tensors in shard for t in tensors]
-        write_file(out / name, declared, produce(shard))
-        for tname, shape, _ in declared:
-            weight_map[tname] = name
-            total += dtype.itemsize * int(np.prod(shape))
-    stale = [out / INDEX_FILE] if len(shards) == 1 else [out / SINGLE_FILE]
-    if len(shards) > 1:
-        write_json_atomic(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    for path in stale:
-        path.unlink(missing_ok=True)
-    write_json_atomic(out / "generation_config.json", hf_configs.generation_config(cfg), indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    write_json_atomic(out / "config.json", config_to_hf(cfg, dtype=str(jnp.dtype(dtype))), indent=2)
-    return out
+    return values, per_layer

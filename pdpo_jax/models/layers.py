@@ -86,8 +86,7 @@ def run_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attent
                                       prevent_cse=False)
             body, last = remat(body), remat(last)
         # Unrolled, no [L, ...] stacked residual buffers for XLA:CPU to update by copying
-        # (measured 4–24% less step time at SmolLM2-135M size, ~7% at the anchor shape;
-        # compile 5 s → 11 s for 30 layers; bench/results/).
+        # (faster steps, longer compiles: docs/performance.md).
         if select_BQ is None:
             return jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0], None
         h_BTD = jax.lax.scan(body, h_BTD, jax.tree.map(lambda x: x[:-1], state), unroll=True)[0]
@@ -172,7 +171,7 @@ def unstack_layers(model: nnx.Module, matrices_dtype=None) -> nnx.Module:
 
     For loops that run the model many times (decoding): every later call reads each layer's
     weights in place, where the stacked form makes XLA:CPU copy a layer's slice out of the
-    [L, ...] arrays at every call (measured: ~1 ms of a 4 ms anchor decode step).
+    [L, ...] arrays at every call.
     matrices_dtype: also cast each layer's arrays of >= 2 dims (projection weights, per-head
     biases) to this dtype in the same copy; pass the compute dtype, which every block casts
     them to at each use, so no number changes and a bf16 decode step reads half the bytes. The

@@ -21,11 +21,11 @@ def _accumulation(x):
 def dense(spec: str, x, w):
     """`einsum(spec, x, w)` in x's dtype, accumulated in fp32 (a projection: x activations, w weights).
 
-    Why a custom VJP (measured on XLA:CPU, bench/README.md): a bf16 matmul runs natively
-    (YNNPACK, ~2x fp32) only as bf16 x bf16 -> fp32, while autodiff of a bf16 einsum yields
+    Why a custom VJP (XLA:CPU; docs/architecture.md): a bf16 matmul runs natively (YNNPACK)
+    only as bf16 x bf16 -> fp32, while autodiff of a bf16 einsum yields
     bf16-output and fp32 x bf16 matmuls that XLA upcasts to fp32; and in fp32 autodiff leaves
     the weight gradient xᵀ·g in a transposed form YNNPACK does not take (XLA's generic dot,
-    ~1.7x slower). The backward below spells out dx = g·wᵀ and dw = xᵀ·g, with the cotangent
+    slower). The backward below spells out dx = g·wᵀ and dw = xᵀ·g, with the cotangent
     cast to the compute dtype (as torch autocast does). fp32 numbers are unchanged. The output
     is named "dense" so that remat="dots_saveable" keeps it, as it keeps a plain matmul's.
     """
@@ -46,8 +46,7 @@ def _matmul(spec: str, out_dtype, x, w):
 def _einsum_flat(spec: str, x, w, accumulation):
     """einsum(spec, x, w), with several contracting axes that end x and begin w, in the same
     order (the output projection's "BTNH,NHD->BTD"), merged into one: a plain matmul. Given the
-    two axes, XLA:CPU transposed the weight at every call of the decode loop (SmolLM2: 4.4 ms
-    of a 74 ms step). The reshapes stay inside `_matmul`, so its residuals are still the
+    two axes, XLA:CPU transposed the weight at every call of the decode loop. The reshapes stay inside `_matmul`, so its residuals are still the
     weights themselves (a layer scan forwards them instead of saving copies)."""
     (xs, ws), out = spec.split("->")[0].split(","), spec.split("->")[1]
     contracted = "".join(c for c in xs if c in ws and c not in out)

@@ -11,12 +11,13 @@ import json
 import os
 import pathlib
 import struct
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
 
-from pdpo_jax.fileio import atomic_path
+from pdpo_jax.errors import UserError
+from pdpo_jax.fileio import atomic_path, write_json_atomic
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -40,19 +41,19 @@ class TensorFiles:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e}); "
-                                 "re-export the checkpoint") from None
+                raise UserError(f"{index}: not a safetensors index with a 'weight_map' ({e}); "
+                                "re-export the checkpoint") from None
             files = sorted(set(weight_map.values()))
         elif (self.folder / SINGLE_FILE).is_file():
             files = [SINGLE_FILE]
         else:
-            raise ValueError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}; pass a folder "
-                             "written by save_pretrained (or allow_pickle=True for pytorch_model.bin)")
+            raise UserError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}; pass a folder "
+                            "written by save_pretrained (or allow_pickle=True for pytorch_model.bin)")
         self._where: dict[str, tuple[pathlib.Path, dict, int]] = {}
         for name in files:
             path = self.folder / name
             if not path.is_file():
-                raise ValueError(f"{index}: names shard {name!r}, which is missing from {self.folder}")
+                raise UserError(f"{index}: names shard {name!r}, which is missing from {self.folder}")
             header, data_start = read_header(path)
             for key, info in header.items():
                 if key != "__metadata__":
@@ -71,12 +72,12 @@ class TensorFiles:
         """The tensor as a read-only memory-mapped array (no copy until it is used)."""
         path, info, data_start = self._where[key]
         if info["dtype"] not in DTYPES:
-            raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']!r}, which is not supported")
+            raise UserError(f"{path}: tensor {key!r} has dtype {info['dtype']!r}, which is not supported")
         begin, end = info["data_offsets"]
         dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
         if end - begin != dtype.itemsize * int(np.prod(shape)):
-            raise ValueError(f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape} "
-                             f"{info['dtype']}; the file is corrupt")
+            raise UserError(f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape} "
+                            f"{info['dtype']}; the file is corrupt")
         if not shape or 0 in shape:
             return np.zeros(shape, dtype)
         return np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
@@ -86,12 +87,12 @@ def read_header(path: pathlib.Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: too short to be a safetensors file")
+            raise UserError(f"{path}: too short to be a safetensors file")
         (n,) = struct.unpack("<Q", raw)
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+            raise UserError(f"{path}: corrupt safetensors header ({e})") from None
     return header, 8 + n
 
 
@@ -117,3 +118,37 @@ def write_file(path: pathlib.Path, tensors: Iterable[tuple[str, tuple[int, ...],
                 raise RuntimeError(f"writer expected {name} {shape} {dtype}, got "
                                    f"{got_name} {array.shape} {array.dtype}")
             f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+
+
+Declared = tuple[str, tuple[int, ...], np.dtype]
+
+
+def write_sharded(folder: pathlib.Path, groups: list[list[Declared]],
+                  produce: Callable[[int], Iterator[tuple[str, np.ndarray]]],
+                  max_shard_bytes: int) -> None:
+    """Writes a checkpoint's tensors as model.safetensors, or as numbered shards with an index
+    once they exceed `max_shard_bytes` (a stale file of the other layout is removed).
+
+    groups: the declared tensors, in groups that stay in one shard (a parameter's layers);
+    produce(g): yields (name, array) for group g's tensors, in order."""
+    shards, size = [[]], 0
+    for g, group in enumerate(groups):
+        nbytes = sum(np.dtype(d).itemsize * int(np.prod(s)) for _, s, d in group)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(g)
+        size += nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        declared = [t for g in shard for t in groups[g]]
+        write_file(folder / name, declared, (x for g in shard for x in produce(g)))
+        for tname, shape, dtype in declared:
+            weight_map[tname] = name
+            total += np.dtype(dtype).itemsize * int(np.prod(shape))
+    if len(shards) > 1:
+        write_json_atomic(folder / INDEX_FILE, {"metadata": {"total_size": total},
+                                                "weight_map": weight_map}, indent=2)
+    (folder / (INDEX_FILE if len(shards) == 1 else SINGLE_FILE)).unlink(missing_ok=True)

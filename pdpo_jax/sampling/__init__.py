@@ -6,9 +6,8 @@
 from pdpo_jax.sampling.filters import (argmax_first, draw_from, filter_logits, sample_tokens,
                                        top_k_mask, top_p_mask)
 from pdpo_jax.sampling.sampler import (DecodeWeights, SampleOutput, Sampler, SamplerState,
-                                       SamplingConfig, SamplingLoop, bucket_length, generate,
-                                       left_pad)
+                                       SamplingConfig, SamplingLoop, generate, left_pad)
 
 __all__ = ["DecodeWeights", "SampleOutput", "Sampler", "SamplerState", "SamplingConfig", "SamplingLoop",
-           "bucket_length", "generate", "left_pad", "argmax_first", "draw_from", "filter_logits",
+           "generate", "left_pad", "argmax_first", "draw_from", "filter_logits",
            "sample_tokens", "top_k_mask", "top_p_mask"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 import shutil
 from collections import Counter
@@ -24,11 +25,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pdpo_jax import data as pdata
+from pdpo_jax import sharding as shd
+from pdpo_jax.context import RunContext, check_tokenizer
+from pdpo_jax.errors import UserError
 from pdpo_jax.fileio import atomic_path, write_json_atomic, write_jsonl_atomic
+from pdpo_jax.models import from_pretrained
 from pdpo_jax.sampling.sampler import Sampler, SamplingConfig
 
-MODES = ("shuffle", "no_shuffle", "external")
-
+log = logging.getLogger(__name__)
 
 def swapped_personas(records: Sequence[pdata.PersonaTurn], seed: int) -> list[tuple[str, ...]]:
     """For each record a persona from another dialogue with different text, seeded per record."""
@@ -180,3 +184,66 @@ def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline stage
+
+
+def run_negatives(ctx: RunContext) -> None:
+    """The `negatives` stage: pairs for data.train and data.dev into <run>/negatives/."""
+    cfg, neg = ctx.cfg, ctx.cfg.negatives
+    out = ctx.stage_dir("negatives")
+    if neg.mode == "external":
+        copy_external_pairs(neg.external, out)
+        return
+    generator = ctx.sft_model()
+    if generator is None:
+        raise UserError("the negatives stage samples from an SFT model: add `sft` to run.stages "
+                        "or set model.checkpoint")
+    builder = _builder(ctx, generator)
+    summaries = {}
+    for split in ("train", "dev"):
+        records = ctx.dialogues(split)
+        personas = (swapped_personas(records, cfg.run.seed) if neg.mode == "shuffle"
+                    else [tuple(r.persona) for r in records])
+        summaries[split] = builder.run(NegativeJob(split, records, personas, out))
+    log.info("negatives: %s", json.dumps(summaries))
+
+
+def _builder(ctx: RunContext, generator: str) -> NegativeBuilder:
+    cfg, neg = ctx.cfg, ctx.cfg.negatives
+    mesh = ctx.mesh
+    if jax.process_count() > 1:  # each host samples its own shards on its own devices
+        mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
+    # Sampling needs no fp32 master weights: hold them in the compute dtype (bf16 halves a 13B),
+    # loaded straight into the sampler's decode layout and sharding (no second copy).
+    model = from_pretrained(generator, mesh=mesh, dtype=cfg.model.dtype,
+                            param_dtype=cfg.model.dtype, rules=shd.SAMPLING_RULES,
+                            stack_layers=False)
+    check_tokenizer(ctx.tokenizer, model.cfg, generator)
+    eos = {ctx.tokenizer.eos_token_id, *np.atleast_1d(model.cfg.eos_token_id or [])} - {None}
+    sampling = SamplingConfig(max_new_tokens=cfg.data.max_response_tokens,
+                              temperature=neg.temperature or 1.0, greedy=neg.temperature == 0,
+                              top_p=neg.top_p, top_k=neg.top_k,
+                              eos_ids=tuple(sorted(int(e) for e in eos)), seed=cfg.run.seed,
+                              pad_id=pdata.pad_id(ctx.tokenizer))
+    return NegativeBuilder(model, ctx.tokenizer, cfg.data.template, sampling,
+                           max_prompt_tokens=cfg.data.max_total_tokens - cfg.data.max_response_tokens,
+                           batch_size=neg.batch_size, shard_size=neg.shard_size,
+                           keep_truncated=neg.keep_truncated, generator=generator, mesh=mesh)
+
+
+def copy_external_pairs(folder: str | None, out: pathlib.Path) -> None:
+    """negatives.mode=external: another run's train/dev pairs, validated, copied atomically."""
+    if not folder:
+        raise UserError("negatives.mode=external needs negatives.external: a folder holding "
+                        "train_pairs.jsonl and dev_pairs.jsonl written by another run")
+    for name in ("train_pairs.jsonl", "dev_pairs.jsonl"):
+        src = pathlib.Path(folder) / name
+        if not src.is_file():
+            raise UserError(f"{src}: missing; negatives.external must be another run's "
+                            "negatives folder")
+        pdata.read_preference_jsonl(src)  # validates every line before anything is copied
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(src, tmp)

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pdpo_jax import sharding as shd
+from pdpo_jax.data.batches import left_pad, round_up
 from pdpo_jax.models.attention import KVCache
 from pdpo_jax.models.layers import is_unstacked, unstack_layers
 from pdpo_jax.models.ops import logits_from_hidden
@@ -284,26 +285,6 @@ def _chosen_logprob(logits_BV, token_B):
 # Host side: padding, bucketing, placement on the mesh, and the result.
 
 
-def bucket_length(n: int, multiple: int) -> int:
-    """n rounded up to a multiple of `multiple` (the prompt-length buckets)."""
-    return -(-n // multiple) * multiple
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None):
-    """Python lists of ids → (tokens int32 [B, length], mask bool [B, length]), left-padded."""
-    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token, and there must be one prompt")
-    length = length or max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), bool)
-    for row, ids in enumerate(prompts):
-        if len(ids) > length:
-            raise ValueError(f"prompt {row} has {len(ids)} tokens, more than length={length}")
-        tokens[row, length - len(ids):] = ids
-        mask[row, length - len(ids):] = True
-    return tokens, mask
-
-
 class Sampler:
     """Samples continuations from a model: `Sampler(model, cfg).generate([[ids], ...])`.
 
@@ -338,7 +319,9 @@ class Sampler:
                  params=None) -> SampleOutput:
         """Samples for python lists of prompt ids (any lengths); see `sample`."""
         cfg = self.cfg if cfg is None else cfg
-        width = bucket_length(max(len(p) for p in prompts), self.prompt_bucket) if prompts else 0
+        if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token, and there must be one prompt")
+        width = round_up(max(len(p) for p in prompts), self.prompt_bucket)
         tokens, mask = left_pad(prompts, cfg.pad_id, width)
         return self.sample(tokens, mask, cfg=cfg, seed=seed, example_ids=example_ids,
                            params=params)
@@ -385,28 +368,23 @@ class Sampler:
             raise ValueError(f"a {longest}-token prompt + max_new_tokens={new} exceeds the "
                              f"{self.model_cfg.max_positions} learned positions of this model; "
                              "shorten the prompt or lower max_new_tokens")
-        width = bucket_length(tokens_BP.shape[1], self.prompt_bucket) - tokens_BP.shape[1]
+        width = round_up(tokens_BP.shape[1], self.prompt_bucket) - tokens_BP.shape[1]
         return (np.pad(tokens_BP, ((0, 0), (width, 0)), constant_values=cfg.pad_id),
                 np.pad(mask_BP, ((0, 0), (width, 0))))
 
     def _pad_batch(self, tokens_BP, mask_BP, ids_B):
         """Appends dummy rows (copies of row 0, born done) up to a multiple of data*fsdp."""
         B = tokens_BP.shape[0]
-        extra = bucket_length(B, self._batch_divisor()) - B
+        extra = round_up(B, shd.batch_divisor(self.mesh)) - B
         take = np.concatenate([np.arange(B), np.zeros(extra, int)])
         live_B = np.arange(B + extra) < B
         ids_B = np.concatenate([ids_B, np.arange(B, B + extra)])
         return tokens_BP[take], mask_BP[take], live_B, ids_B
 
-    def _batch_divisor(self) -> int:
-        if self.mesh is None:
-            return 1
-        return int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
-
     def _place_params(self, params):
         if self.mesh is None:
             return params
-        return jax.device_put(params, shd.state_shardings(params, self.mesh, shd.SAMPLING_RULES))
+        return jax.device_put(params, shd.tree_shardings(params, self.mesh, shd.SAMPLING_RULES))
 
     def _place_batch(self, *arrays):
         if self.mesh is None:

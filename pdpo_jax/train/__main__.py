@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from pdpo_jax import allocator
-from pdpo_jax.config import ConfigError, load_config
+from pdpo_jax.cli import run_cli, setup_logging
+from pdpo_jax.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,14 +18,12 @@ def main(argv: list[str] | None = None) -> int:
                              "Cloud TPU and SLURM, else reads JAX_COORDINATOR_ADDRESS etc.)")
     args = parser.parse_args(argv)
     allocator.synchronous_cpu_dispatch()  # before any JAX client exists
-    logging.basicConfig(level=os.environ.get("PDPO_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames
-    try:
-        cfg = load_config(args.config, tuple(args.overrides))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    setup_logging()
+    return run_cli(lambda: _train(args))
+
+
+def _train(args) -> int:
+    cfg = load_config(args.config, tuple(args.overrides))
     if args.distributed:
         import jax
         jax.distributed.initialize()

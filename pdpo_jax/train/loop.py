@@ -58,13 +58,13 @@ def _tokens(batch: dict) -> int:
 
 def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Callable[[object], dict],
         export: Callable[[object, dict], None], ckpt: Checkpointer, writer: MetricsWriter,
-        meta: dict, abstract_state=None):
+        meta: dict):
     """Trains to `spec.total_steps`, resuming from `ckpt` when it holds a step. Returns
     (final state, best dev metrics)."""
     iterator = batches.iterator()
     best = None
     if ckpt.latest_step() is not None:
-        state, data_state, saved = ckpt.restore(abstract_state if abstract_state is not None else state, meta)
+        state, data_state, saved = ckpt.restore(state, meta)
         iterator.set_state(data_state)
         best = saved.get("best")
     start = int(state.step)

@@ -11,20 +11,18 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import pathlib
 
 import jax
 import numpy as np
-import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 from pdpo_jax import data as pdata
-from pdpo_jax import sharding as shd
 from pdpo_jax.checkpoint import Checkpointer, export_atomically
-from pdpo_jax.config import Config, StageSection
+from pdpo_jax.config import StageSection
+from pdpo_jax.context import RunContext, check_tokenizer
+from pdpo_jax.errors import UserError
 from pdpo_jax.metrics import MetricsWriter
 from pdpo_jax.models import ModelConfig, config_from_hf, from_pretrained
 from pdpo_jax.models.layers import frozen_forward_params
@@ -33,28 +31,6 @@ from pdpo_jax.train.steps import (DpoObjective, make_dpo_eval, make_dpo_step, ma
                                   make_sft_step)
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class RunContext:
-    """What every stage of one run shares."""
-    cfg: Config
-    run_dir: pathlib.Path
-    mesh: Mesh
-    tokenizer: object
-
-    def stage_dir(self, name: str) -> pathlib.Path:
-        path = self.run_dir / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-
-def load_tokenizer(cfg: Config, checkpoint: str | None = None):
-    source = cfg.model.tokenizer or checkpoint or cfg.model.checkpoint
-    if not source:
-        raise ValueError("model.tokenizer is not set and there is no model.checkpoint to take "
-                         "it from; set model.tokenizer to a tokenizer folder")
-    return transformers.AutoTokenizer.from_pretrained(os.path.expanduser(source))
 
 
 def load_params(ctx: RunContext, checkpoint: str | None):
@@ -71,19 +47,12 @@ def load_params(ctx: RunContext, checkpoint: str | None):
         graphdef, params = nnx.split(model)
         return graphdef, params, model.cfg
     if m.architecture is None:
-        raise ValueError("set model.checkpoint (an HF folder) or model.architecture (HF config "
-                         "keys for a randomly initialised model)")
+        raise UserError("set model.checkpoint (an HF folder) or model.architecture (HF config "
+                        "keys for a randomly initialised model)")
     model_cfg = config_from_hf(m.architecture, source="model.architecture").replace(**dtypes)
     check_tokenizer(ctx.tokenizer, model_cfg, "model.architecture")
     graphdef, params = st.init_params(model_cfg, ctx.mesh, seed=ctx.cfg.run.seed)
     return graphdef, params, model_cfg
-
-
-def check_tokenizer(tokenizer, model_cfg: ModelConfig, where: str) -> None:
-    """A tokenizer with ids the model has no embedding for is the wrong tokenizer."""
-    if len(tokenizer) > model_cfg.vocab_size:
-        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab "
-                         f"is {model_cfg.vocab_size}; set model.tokenizer to the model's tokenizer")
 
 
 def _check_same_architecture(want: ModelConfig, got: ModelConfig, where: str):
@@ -91,13 +60,8 @@ def _check_same_architecture(want: ModelConfig, got: ModelConfig, where: str):
             "mlp_dim")
     diff = {k: (getattr(want, k), getattr(got, k)) for k in keys if getattr(want, k) != getattr(got, k)}
     if diff:
-        raise ValueError(f"{where}: checkpoint architecture differs from model.architecture "
-                         f"(config vs checkpoint): {diff}")
-
-
-def read_dialogues(path: str, limit: int | None, default: pathlib.Path) -> list[pdata.PersonaTurn]:
-    records = pdata.read_turns(path or default)
-    return records[:limit] if limit else records
+        raise UserError(f"{where}: checkpoint architecture differs from model.architecture "
+                        f"(config vs checkpoint): {diff}")
 
 
 def encode(ctx: RunContext, records, what: str):
@@ -107,8 +71,8 @@ def encode(ctx: RunContext, records, what: str):
                                           max_response_tokens=d.max_response_tokens)
     log.info("%s: %s", what, stats)
     if not encoded:
-        raise ValueError(f"{what}: no record fits data.max_total_tokens={d.max_total_tokens} / "
-                         f"max_response_tokens={d.max_response_tokens} ({stats})")
+        raise UserError(f"{what}: no record fits data.max_total_tokens={d.max_total_tokens} / "
+                        f"max_response_tokens={d.max_response_tokens} ({stats})")
     return encoded, stats
 
 
@@ -148,13 +112,11 @@ def _meta(stage: str, model_cfg: ModelConfig) -> dict:
 
 
 def run_sft(ctx: RunContext) -> pathlib.Path:
+    """SFT of model.checkpoint (or a random model.architecture) on data.train."""
     cfg, stage = ctx.cfg, ctx.cfg.sft
     out = ctx.stage_dir("sft")
-    paths = pdata.default_paths() if not (cfg.data.train and cfg.data.dev) else None
-    train, _ = encode(ctx, read_dialogues(cfg.data.train, cfg.data.max_train_records,
-                                          paths and paths.train), "sft train")
-    dev, _ = encode(ctx, read_dialogues(cfg.data.dev, cfg.data.max_dev_records,
-                                        paths and paths.dev), "sft dev")
+    train, _ = encode(ctx, ctx.dialogues("train"), "sft train")
+    dev, _ = encode(ctx, ctx.dialogues("dev"), "sft dev")
     graphdef, params, model_cfg = load_params(ctx, cfg.model.checkpoint)
     batches = pdata.sft_batches(train, **_batch_kwargs(ctx, stage, train=True))
     dev_batches = pdata.sft_batches(dev, **_batch_kwargs(ctx, stage, train=False))
@@ -199,13 +161,15 @@ def preference_files(ctx: RunContext) -> tuple[pathlib.Path, pathlib.Path]:
     dev = pathlib.Path(d.dev_pairs) if d.dev_pairs else negatives / "dev_pairs.jsonl"
     for path, key in ((train, "dpo.pairs"), (dev, "dpo.dev_pairs")):
         if not path.is_file():
-            raise ValueError(f"{path}: preference pairs not found; run the `negatives` stage first "
-                             f"or set {key} to a preference JSONL file")
+            raise UserError(f"{path}: preference pairs not found; run the `negatives` stage first "
+                            f"or set {key} to a preference JSONL file")
     return train, dev
 
 
-def run_dpo(ctx: RunContext, init_checkpoint: str | None) -> pathlib.Path:
+def run_dpo(ctx: RunContext) -> pathlib.Path:
+    """DPO from this run's SFT model (or model.checkpoint) against it as the frozen reference."""
     cfg, stage = ctx.cfg, ctx.cfg.dpo
+    init_checkpoint = ctx.sft_model()
     out = ctx.stage_dir("dpo")
     train_path, dev_path = preference_files(ctx)
     train, _ = encode(ctx, pdata.read_preference_jsonl(train_path), "dpo train")
@@ -225,7 +189,7 @@ def run_dpo(ctx: RunContext, init_checkpoint: str | None) -> pathlib.Path:
     total = _total_steps(stage, batches.batches_per_epoch)
     tx, lr = optim.make_optimizer(stage.optimizer, total)
     state, state_sh = st.create_state(params, tx, ctx.mesh)
-    objective = DpoObjective(stage.loss, stage.beta, stage.label_smoothing, stage.rpo_alpha)
+    objective = DpoObjective.from_section(stage)
     precomputed = stage.precompute_ref
     share = stage.share_prompt
     step = make_dpo_step(graphdef, tx, lr, objective, window=window, precomputed_ref=precomputed,
@@ -263,10 +227,3 @@ def _cached_reference(ctx: RunContext, graphdef, params, encoded, pairs_path, ch
     return reference.load_or_compute(path, lambda: reference.compute(
         graphdef, params, ordered, len(encoded), ctx.mesh, window=cfg.data.max_response_tokens,
         share_prompt=cfg.dpo.share_prompt))
-
-
-def make_context(cfg: Config) -> RunContext:
-    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    run_dir = pathlib.Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return RunContext(cfg, run_dir, mesh, load_tokenizer(cfg))

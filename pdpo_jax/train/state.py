@@ -11,37 +11,20 @@ from pdpo_jax import sharding as shd
 from pdpo_jax.models import ModelConfig, build_model
 from pdpo_jax.train.steps import TrainState
 
-BATCH_AXES = ("data", "fsdp")
-
-
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def tree_shardings(tree, mesh: Mesh, rules=shd.TRAIN_RULES):
-    """NamedShardings for a pytree holding nnx Variables (params, optimizer moments): each
-    Variable by its logical axis names, any other leaf (step counters) replicated."""
-    def one(x):
-        if _is_var(x):
-            spec = shd.logical_to_spec(shd.variable_names(x), x.shape, rules=rules, mesh=mesh)
-            return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, P())
-    return jax.tree.map(one, tree, is_leaf=_is_var)
-
 
 def init_params(cfg: ModelConfig, mesh: Mesh, seed: int, rules=shd.TRAIN_RULES):
     """Random parameters created directly in their shardings (never whole on one device)."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=seed)))
-    shardings = tree_shardings(abstract, mesh, rules)
+    shardings = shd.tree_shardings(abstract, mesh, rules)
     params = jax.jit(lambda: nnx.split(build_model(cfg, seed=seed))[1], out_shardings=shardings)()
     return graphdef, params
 
 
 def create_state(params, tx, mesh: Mesh, rules=shd.TRAIN_RULES):
     """(TrainState, its shardings) with params placed by the rules table and moments alike."""
-    param_sh = tree_shardings(params, mesh, rules)
+    param_sh = shd.tree_shardings(params, mesh, rules)
     params = jax.device_put(params, param_sh)
-    opt_sh = tree_shardings(jax.eval_shape(tx.init, params), mesh, rules)
+    opt_sh = shd.tree_shardings(jax.eval_shape(tx.init, params), mesh, rules)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     replicated = NamedSharding(mesh, P())
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
@@ -50,13 +33,13 @@ def create_state(params, tx, mesh: Mesh, rules=shd.TRAIN_RULES):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leaves are [A, B, ...]: micro-batches replicated, B over data×fsdp."""
-    return NamedSharding(mesh, P(None, BATCH_AXES))
+    return NamedSharding(mesh, P(None, shd.BATCH_AXES))
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Host-local numpy [A, B_local, ...] → global jax arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
-    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    n = shd.batch_divisor(mesh)
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)

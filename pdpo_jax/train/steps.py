@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pdpo_jax.config import DpoSection
 from pdpo_jax.train import losses
 from pdpo_jax.train.logprobs import (LOGIT_CHUNK, response_logps, sequence_logps,
                                      shared_prompt_logps)
@@ -112,15 +113,24 @@ def reference_logps(graphdef, ref_params, mb, *, window, chunk, precomputed: boo
 
 @dataclasses.dataclass(frozen=True)
 class DpoObjective:
+    """The per-pair preference loss the DPO step minimises (static: part of the compiled step)."""
     loss: str = "sigmoid"
     beta: float = 0.5
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
 
-    def __call__(self, lp: losses.PairLogps):
+    def __post_init__(self):
         if self.loss not in losses.PREFERENCE_LOSSES:
             raise ValueError(f"dpo.loss={self.loss!r}; choose one of {sorted(losses.PREFERENCE_LOSSES)}")
-        per_pair = losses.PREFERENCE_LOSSES[self.loss](lp, self.beta, label_smoothing=self.label_smoothing)
+
+    @classmethod
+    def from_section(cls, dpo: DpoSection) -> "DpoObjective":
+        """The objective a config's `dpo:` section describes."""
+        return cls(dpo.loss, dpo.beta, dpo.label_smoothing, dpo.rpo_alpha)
+
+    def __call__(self, lp: losses.PairLogps):
+        per_pair = losses.preference_loss(self.loss, lp, beta=self.beta,
+                                          label_smoothing=self.label_smoothing)
         if self.rpo_alpha:
             per_pair = per_pair + self.rpo_alpha * losses.rpo_nll(lp)
         return per_pair

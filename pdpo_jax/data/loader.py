@@ -27,9 +27,15 @@ from typing import Any
 import grain
 import numpy as np
 
-from pdpo_jax.data.batches import (DEFAULT_BUCKETS, bucket_length, preference_batch, prompt_batch,
-                                   sft_batch)
+from pdpo_jax.data.batches import (
+    DEFAULT_BUCKETS,
+    bucket_length,
+    preference_batch,
+    prompt_batch,
+    sft_batch,
+)
 from pdpo_jax.data.encode import Encoded, EncodedPair
+from pdpo_jax.errors import UserError
 
 
 def plan_epoch(lengths: Sequence[int], batch_size: int, buckets: Sequence[int], *, seed: int,
@@ -89,9 +95,9 @@ class BatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self._fingerprint:
-            raise ValueError(f"iterator state is for pipeline {state.get('fingerprint')!r}, not "
-                             f"{self._fingerprint!r}: data, batch size, buckets, seed or host "
-                             "layout changed since the checkpoint")
+            raise UserError(f"iterator state is for pipeline {state.get('fingerprint')!r}, not "
+                            f"{self._fingerprint!r}: data, batch size, buckets, seed or host "
+                            "layout changed since the checkpoint")
         self._parent.set_state({"next_index": int(state["next_index"])})
 
 
@@ -136,15 +142,15 @@ def _batches(examples: Sequence[Any], lengths: Sequence[int], kind: str,
              process_count: int | None = None) -> Batches:
     host, hosts = _host(process_index, process_count)
     if batch_size <= 0 or batch_size % hosts:
-        raise ValueError(f"batch size {batch_size} must be a positive multiple of the process "
-                         f"count {hosts}; set the global batch size")
+        raise UserError(f"batch size {batch_size} must be a positive multiple of the process "
+                        f"count {hosts}; set the global batch size")
     if lengths and max(lengths) > max(buckets):
         bucket_length(max(lengths), buckets)  # raises with the fix
     source = _BatchSource(examples, np.asarray(lengths, np.int64), kind, batch_size, pad_id,
                           tuple(sorted(buckets)), seed, shuffle, drop_remainder, num_epochs, host, hosts)
     if source.per_epoch == 0:
-        raise ValueError(f"{len(examples)} examples make no batch of {batch_size} with "
-                         "drop_remainder=True; lower the batch size or pass drop_remainder=False")
+        raise UserError(f"{len(examples)} examples make no batch of {batch_size} with "
+                        "drop_remainder=True; lower the batch size or pass drop_remainder=False")
     return Batches(grain.MapDataset.source(source), source.per_epoch, source.fingerprint())
 
 

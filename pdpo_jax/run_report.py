@@ -7,14 +7,20 @@ side-by-side replies of the SFT and PseudoDPO models (like the paper's Table 5).
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 
 from pdpo_jax import data as pdata
 from pdpo_jax.eval import plot_training_curves
-from pdpo_jax.eval.config import ResponseSection, resolve_checkpoints
+from pdpo_jax.config import ResponseSection
+from pdpo_jax.eval.checkpoints import resolve_checkpoints
+from pdpo_jax.context import RunContext, read_dialogues
+from pdpo_jax.errors import UserError
 from pdpo_jax.fileio import write_text_atomic
 from pdpo_jax.tables import markdown_table
 from pdpo_jax.eval.responses import responses_for_checkpoints, select_histories
+
+log = logging.getLogger(__name__)
 
 CURVES = {"sft": ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm"),
           "dpo": ("train/loss", "eval/loss", "train/rewards/accuracies", "eval/rewards/accuracies",
@@ -63,10 +69,9 @@ def _lengths(run_dir: pathlib.Path) -> list[str]:
 def _examples(run_dir, cfg, tokenizer, mesh, n: int) -> list[str]:
     try:
         checkpoints = resolve_checkpoints(cfg.eval.checkpoints, run_dir)
-    except FileNotFoundError:
+    except UserError:
         return []
-    paths = pdata.default_paths() if not cfg.data.dev else None
-    records = pdata.read_turns(cfg.data.dev or paths.dev)
+    records = read_dialogues(cfg.data.dev or pdata.default_paths().dev, None, key="data.dev")
     histories = select_histories([r for r in records if len(r.history) >= 2], n, seed=cfg.run.seed)
     settings = ResponseSection(num_histories=n, greedy=True, max_new_tokens=cfg.data.max_response_tokens,
                                max_prompt_tokens=cfg.data.max_total_tokens - cfg.data.max_response_tokens)
@@ -88,13 +93,17 @@ def write_report(run_dir: pathlib.Path, cfg, tokenizer, mesh=None, n_examples: i
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# pdpo_jax run report: `{run_dir}`", "",
              f"Stages: {', '.join(cfg.run.stages)}. Config: `{run_dir / 'config.json'}`.", ""]
-    for title, path in (("Dialogue-NLI ranking (Table 4 layout)", run_dir / "eval" / "dnli" / "report.md"),
-                        ("Pairwise judge (Tables 1-3 layout)", run_dir / "eval" / "judge" / "report.md")):
-        if path.is_file():
+    for path in (run_dir / "eval" / "dnli" / "report.md", run_dir / "eval" / "judge" / "report.md"):
+        if path.is_file():  # each stage's report opens with its own heading
             text = path.read_text().replace("](", f"]({path.parent.relative_to(run_dir)}/")
-            lines += [f"## {title}", "", text, ""]
+            lines += [text, ""]
             lines += [f"![{p.stem}]({p.relative_to(run_dir)})" for p in sorted(path.parent.glob("*.png"))]
             lines.append("")
     lines += ["## Training", ""] + _curves(run_dir, out) + _lengths(run_dir)
     lines += _examples(run_dir, cfg, tokenizer, mesh, n_examples)
     return write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def run_report(ctx: RunContext) -> None:
+    """The `report` stage."""
+    log.info("report: %s", write_report(ctx.run_dir, ctx.cfg, ctx.tokenizer, mesh=ctx.mesh))
