@@ -33,8 +33,10 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}; "
-                               "pick another --port or --host") from None
+        error = OSError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port "
+                        "or --host")
+        error.errno = e.errno
+        raise error from None
     sock.set_inheritable(True)
     return sock
 
