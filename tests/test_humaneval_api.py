@@ -250,3 +250,21 @@ def test_japanese_page(tmp_path):
     assert '<html lang="ja">' in page
     assert "公平に判断し" in page and "[[" not in page and "{persona}" not in page
     assert "ユーザー:" in page and "1の方が良い" in page and "評価者: 評価者A" in page
+
+
+def test_forms_from_another_site_are_refused(tmp_path):
+    client = _client(_study(tmp_path))
+    r = client.post("/signin", data={"name": "ann"}, headers={"origin": "https://evil.example"})
+    assert r.status_code == 403 and "another site" in r.text
+    r = client.post("/signin", data={"name": "ann"}, headers={"origin": "http://127.0.0.1"})
+    assert r.status_code == 303
+
+
+def test_an_open_study_caps_the_number_of_names(tmp_path, monkeypatch):
+    from pdpo_jax.humaneval import store as store_module
+    monkeypatch.setattr(store_module, "MAX_ANNOTATORS", 2)
+    client = _client(_study(tmp_path))
+    for name in ("ann", "bob", "ann"):  # a known name may sign in again
+        assert client.post("/signin", data={"name": name}).status_code == 303
+    r = client.post("/signin", data={"name": "cyd"})
+    assert r.status_code == 409 and "has its 2 annotators" in r.text

@@ -173,7 +173,11 @@ def admin(request: Request) -> None:
 
 
 async def _form(request: Request, model: type[_Body]) -> _Body:
-    """A url-encoded form body as `model` (422 when it does not fit)."""
+    """A url-encoded form body as `model` (422 when it does not fit). A form posted from
+    another site (its Origin is not this host) is refused."""
+    origin = request.headers.get("origin")
+    if origin is not None and urllib.parse.urlsplit(origin).netloc != request.headers.get("host"):
+        raise HTTPException(403, "a form from another site is refused; open this site directly")
     if request.headers.get("content-type", "").split(";")[0] != "application/x-www-form-urlencoded":
         raise HTTPException(415, "send the form as application/x-www-form-urlencoded")
     try:

@@ -55,6 +55,7 @@ CREATE INDEX IF NOT EXISTS assignments_by_pair ON assignments (pair, status);
 CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments (annotator, status, seq);
 """
 CHOICES = {1: "1", 2: "2", 3: "tie"}
+MAX_ANNOTATORS = 1000  # an open study (sign-in by name) accepts at most this many names
 _NEXT_PAIR = """
 WITH load AS (SELECT pair, COUNT(*) AS n FROM assignments WHERE status != 'released' GROUP BY pair)
 SELECT p.id FROM pairs p LEFT JOIN load l ON l.pair = p.id
@@ -206,6 +207,11 @@ class Store:
                 if row is None:
                     raise Forbidden("unknown token; use the link or token you were given")
             else:
+                known = db.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone()
+                if not known and db.execute("SELECT COUNT(*) FROM annotators").fetchone()[0] \
+                        >= MAX_ANNOTATORS:
+                    raise Conflict(f"this study has its {MAX_ANNOTATORS} annotators; ask the "
+                                   "organiser for a personal token")
                 db.execute("INSERT OR IGNORE INTO annotators (name, created) VALUES (?, ?)",
                            (name, iso(self.clock())))
                 row = db.execute("SELECT id, name FROM annotators WHERE name = ?", (name,)).fetchone()
