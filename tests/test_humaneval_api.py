@@ -256,8 +256,12 @@ def test_forms_from_another_site_are_refused(tmp_path):
     client = _client(_study(tmp_path))
     r = client.post("/signin", data={"name": "ann"}, headers={"origin": "https://evil.example"})
     assert r.status_code == 403 and "another site" in r.text
+    r = client.post("/signin", data={"name": "ann"}, headers={"origin": "null"})  # sandboxed frame
+    assert r.status_code == 403
     r = client.post("/signin", data={"name": "ann"}, headers={"origin": "http://127.0.0.1"})
     assert r.status_code == 303
+    # pages ask browsers to send the Origin of same-site posts (no-referrer would make it 'null')
+    assert client.get("/").headers["referrer-policy"] == "same-origin"
 
 
 def test_an_open_study_caps_the_number_of_names(tmp_path, monkeypatch):
