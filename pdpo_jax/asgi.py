@@ -24,8 +24,9 @@ DEFAULTS = {"limit_concurrency": 64, "backlog": 128, "timeout_keep_alive": 5,
             "timeout_graceful_shutdown": 10, "log_level": "warning"}
 
 
-def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening TCP socket on (host, port); port 0 picks a free one."""
+def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = DEFAULTS["backlog"]) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one. It listens at once, so
+    a client that connects before uvicorn runs waits in the backlog instead of being refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -37,6 +38,7 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
                         "or --host")
         error.errno = e.errno
         raise error from None
+    sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
 
@@ -53,10 +55,10 @@ def serve(app, host: str = "127.0.0.1", port: int = 8080, *,
     (at most timeout_graceful_shutdown seconds). Loopback unless `host` says otherwise.
     `ready(base_url)` is called once the port is bound (port 0: a free one).
     After SIGTERM uvicorn re-raises the signal, so the process ends with the signal's status."""
-    sock = bind(host, port)
+    sock = bind(host, port, config.get("backlog", DEFAULTS["backlog"]))
     port = sock.getsockname()[1]
     server = make_server(app, host=host, port=port, **config)
-    if ready is not None:
+    if ready is not None:  # clients may connect now: the socket listens
         ready(_url(host, port))
     try:
         server.run(sockets=[sock])
@@ -72,7 +74,7 @@ def running(app, host: str = "127.0.0.1", *, start_timeout: float = 10.0,
     """Serve `app` on a free port of `host` in a daemon thread; yields its base URL
     ('http://127.0.0.1:PORT'). Waits (bounded) until it accepts connections; on exit asks it
     to stop, lets in-flight requests finish, and waits (bounded) for the thread."""
-    sock = bind(host, 0)
+    sock = bind(host, 0, config.get("backlog", DEFAULTS["backlog"]))
     port = sock.getsockname()[1]
     server = make_server(app, host=host, port=port, **config)
     thread = threading.Thread(target=_run_quietly, args=(server, sock), name=f"uvicorn-{port}",

@@ -80,7 +80,6 @@ def test_a_server_that_fails_to_start_is_an_error_not_a_hang():
 
 def test_bind_names_the_address_in_use():
     taken = asgi.bind("127.0.0.1", 0)
-    taken.listen()
     port = taken.getsockname()[1]
     with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: .*--port"):
         asgi.bind("127.0.0.1", port)
@@ -141,6 +140,22 @@ def test_serve_finishes_in_flight_requests_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_serve_answers_a_client_that_connects_as_soon_as_it_is_ready():
+    box = {}
+
+    def ready(url):  # runs before uvicorn starts: the request waits in the backlog
+        box["url"] = url
+        threading.Thread(target=lambda: box.update(r=httpx.get(url + "/hello", timeout=10)),
+                         daemon=True).start()
+
+    server = threading.Thread(target=asgi.serve, args=(_app(), "127.0.0.1", 0),
+                              kwargs={"ready": ready, "limit_max_requests": 1}, daemon=True)
+    server.start()  # limit_max_requests=1: the server stops after answering it
+    server.join(15)
+    assert not server.is_alive()
+    assert box["r"].status_code == 200 and box["r"].json() == {"hello": "world"}
 
 
 def _read_line(proc: subprocess.Popen, timeout: float = 20) -> str:

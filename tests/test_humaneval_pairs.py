@@ -136,7 +136,6 @@ def test_cli_refuses_a_database_of_other_pairs_and_a_busy_port(tmp_path):
     result = _cli("serve", "--pairs", str(two), "--db", str(tmp_path / "a.sqlite"))
     assert result.returncode == 2 and "holds a study of other pairs" in result.stderr
     taken = asgi.bind("127.0.0.1", 0)
-    taken.listen()
     port = str(taken.getsockname()[1])
     result = _cli("serve", "--pairs", str(one), "--db", str(tmp_path / "a.sqlite"), "--port", port)
     taken.close()
