@@ -73,9 +73,9 @@ def test_a_server_that_fails_to_start_is_an_error_not_a_hang():
 
     app = FastAPI(lifespan=boom)
 
-    with pytest.raises(RuntimeError, match="exited during start-up"):
-        with asgi.running(app, start_timeout=5):
-            pass
+    with pytest.raises(RuntimeError, match="exited during start-up"), \
+            asgi.running(app, start_timeout=5):
+        pass
 
 
 def test_bind_names_the_address_in_use():

@@ -1,4 +1,5 @@
 """The human-evaluation statistics against values derived by hand here, and the report files."""
+import itertools
 import json
 import math
 
@@ -54,13 +55,15 @@ def test_majority_rule(labels, expected):
     assert majority(labels) == expected
 
 
-def _row(annotator, pair, winner, swapped=False, n=[0]):
+_ASSIGNMENT = itertools.count(1)
+
+
+def _row(annotator, pair, winner, swapped=False):
     """An exported judgment: `winner` is MODEL_A, MODEL_B or 'tie'."""
-    n[0] += 1
     shown = (MODEL_B, MODEL_A) if swapped else (MODEL_A, MODEL_B)
     choice = "tie" if winner == "tie" else ("1" if winner == shown[0] else "2")
     return {"annotator": annotator, "pair": pair, "shown_1": shown[0], "shown_2": shown[1],
-            "choice": choice, "winner": winner, "assignment": n[0]}
+            "choice": choice, "winner": winner, "assignment": next(_ASSIGNMENT)}
 
 
 A, B, T = MODEL_A, MODEL_B, "tie"

@@ -203,8 +203,13 @@ def agreement(votes: Votes, reps: int = 1000, seed: int = 0) -> dict[str, Estima
     # per annotation: each judgment against the judge's verdict on its pair, neither a draw
     j_dec = (votes.outcome != DRAW) & (judge[votes.item] != DRAW) & (judge[votes.item] != NONE)
     j_match = j_dec & (votes.outcome == judge[votes.item])
-    per_pair = lambda x: np.bincount(votes.item, weights=x.astype(float), minlength=n)  # noqa: E731
-    kappa = lambda w: cohen_kappa((w @ cells).reshape(-1, 3, 3))  # noqa: E731
+
+    def per_pair(x):
+        return np.bincount(votes.item, weights=x.astype(float), minlength=n)
+
+    def kappa(w):
+        return cohen_kappa((w @ cells).reshape(-1, 3, 3))
+
     return {"with_draws": share(valid & (human == judge), valid, reps, seed),
             "without_draws": share(decisive & (human == judge), decisive, reps, seed),
             "annotations_without_draws": share(per_pair(j_match), per_pair(j_dec), reps, seed),
@@ -247,13 +252,12 @@ def annotator_stats(votes: Votes, reps: int = 1000, seed: int = 0) -> list[dict]
     for name in sorted(set(votes.annotator)):
         mine = np.flatnonzero(votes.annotator == name)
         o, judge = votes.outcome[mine], votes.judge[votes.item[mine]]
-        ones = np.ones(len(mine))
-        stat = lambda hit, among: share(hit, among, reps, seed)  # noqa: E731
+        ones, other = np.ones(len(mine)), others[mine]
         out.append({"annotator": name, "n": len(mine),
-                    "win": stat(o == WIN, ones), "draw": stat(o == DRAW, ones),
-                    "agree_others": stat((others[mine] == o) & (others[mine] != NONE),
-                                         others[mine] != NONE),
-                    "agree_judge": stat((judge == o) & (judge != NONE), judge != NONE)})
+                    "win": share(o == WIN, ones, reps, seed),
+                    "draw": share(o == DRAW, ones, reps, seed),
+                    "agree_others": share((other == o) & (other != NONE), other != NONE, reps, seed),
+                    "agree_judge": share((judge == o) & (judge != NONE), judge != NONE, reps, seed)})
     return out
 
 

@@ -23,8 +23,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
-                      field_validator)
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -65,7 +64,7 @@ class JudgmentIn(_Body):
     @classmethod
     def _not_bool(cls, value):  # a Literal admits True as 1
         if isinstance(value, bool):
-            raise ValueError("Input should be 1, 2 or 3, not a boolean")
+            raise ValueError("Input should be 1, 2 or 3, not a boolean")  # noqa: TRY004 (pydantic)
         return value
 
 
@@ -172,6 +171,11 @@ def admin(request: Request) -> None:
         raise HTTPException(403, "wrong admin token")
 
 
+Who = Annotated[Annotator, Depends(annotator)]
+JsonBody = Annotated[None, Depends(json_body)]
+Admin = Annotated[None, Depends(admin)]
+
+
 async def _form(request: Request, model: type[_Body]) -> _Body:
     """A url-encoded form body as `model` (422 when it does not fit). A form posted from
     another site (its Origin is not this host, or 'null') is refused; browsers send the Origin
@@ -221,7 +225,7 @@ def sign_out(request: Request) -> Response:
     return response
 
 
-def task(request: Request, who: Annotator = Depends(annotator)) -> Response:
+def task(request: Request, who: Who) -> Response:
     study = _study(request)
     current = study.store.current(who)
     progress = study.store.progress(who)
@@ -248,25 +252,25 @@ def _assignment_json(study: Study, who: Annotator, a: Assignment | None) -> dict
     return out
 
 
-def current_assignment(request: Request, who: Annotator = Depends(annotator)) -> dict:
+def current_assignment(request: Request, who: Who) -> dict:
     study = _study(request)
     return _assignment_json(study, who, study.store.current(who))
 
 
 def one_assignment(assignment_id: Annotated[int, Path(ge=1, le=2**62)], request: Request,
-                   who: Annotator = Depends(annotator)) -> dict:
+                   who: Who) -> dict:
     study = _study(request)
     return _assignment_json(study, who, study.store.assignment(who, assignment_id))
 
 
-def submit(body: JudgmentIn, request: Request, who: Annotator = Depends(annotator),
-           _: None = Depends(json_body)) -> dict:
+def submit(body: JudgmentIn, request: Request, who: Who,
+           _: JsonBody) -> dict:
     status = _study(request).store.submit(who, body.assignment_id, body.choice)
     return {"status": status, "assignment_id": body.assignment_id, "choice": body.choice}
 
 
-def undo(body: UndoIn, request: Request, who: Annotator = Depends(annotator),
-         _: None = Depends(json_body)) -> dict:
+def undo(body: UndoIn, request: Request, who: Who,
+         _: JsonBody) -> dict:
     status = _study(request).store.undo(who, body.assignment_id)
     return {"status": status, "assignment_id": body.assignment_id}
 
@@ -292,13 +296,13 @@ async def admin_sign_in(request: Request) -> Response:
     return _cookie(RedirectResponse("/admin", 303), request, ADMIN, body.token, path="/admin")
 
 
-def export_jsonl(request: Request, _: None = Depends(admin)) -> Response:
+def export_jsonl(request: Request, _: Admin) -> Response:
     rows = _study(request).store.judgments()
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return Response(text, media_type="application/x-ndjson", headers=_attachment("judgments.jsonl"))
 
 
-def export_csv(request: Request, _: None = Depends(admin)) -> Response:
+def export_csv(request: Request, _: Admin) -> Response:
     out = io.StringIO()
     writer = csv.DictWriter(out, EXPORT_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -311,7 +315,7 @@ def _attachment(name: str) -> dict[str, str]:
     return {"Content-Disposition": f'attachment; filename="{name}"'}
 
 
-def progress_json(request: Request, _: None = Depends(admin)) -> dict:
+def progress_json(request: Request, _: Admin) -> dict:
     store = _study(request).store
     return {"annotators": store.annotator_progress(), "pairs": store.pair_progress()}
 

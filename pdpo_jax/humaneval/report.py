@@ -54,12 +54,12 @@ def markdown(result: dict, db, source, bootstrap: int, seed: int) -> str:
     a, b, pairs = result["a"], result["b"], result["pairs"]
     raters = ", ".join(f"{k} × {v}" for k, v in result["raters"].items())
     head = [f"# Human evaluation: {a} vs {b}",
-            f"Annotations `{db}`, judge verdicts `{source}`. {pairs} pairs judged by "
-            f"{result['annotators']} annotators ({result['judgments']} judgments, "
-            f"{result['judgments'] / max(pairs, 1):.1f} per pair; annotators per pair: {raters}); "
-            f"the judge's verdict is valid on {result['judge_valid']} of them. Rates are % of "
-            f"pairs with a percentile bootstrap 95% interval ({bootstrap} resamples of the pairs, "
-            f"seed {seed}); invalid judge verdicts are left out of the judge's statistics."]
+            (f"Annotations `{db}`, judge verdicts `{source}`. {pairs} pairs judged by "
+             f"{result['annotators']} annotators ({result['judgments']} judgments, "
+             f"{result['judgments'] / max(pairs, 1):.1f} per pair; annotators per pair: {raters}); "
+             f"the judge's verdict is valid on {result['judge_valid']} of them. Rates are % of "
+             f"pairs with a percentile bootstrap 95% interval ({bootstrap} resamples of the pairs, "
+             f"seed {seed}); invalid judge verdicts are left out of the judge's statistics.")]
     return "\n\n".join(head + _table3(result) + _agreement(result) + _position(result)
                        + _annotators(result)) + "\n"
 
@@ -84,10 +84,10 @@ def _agreement(result: dict) -> list[str]:
     confusion = [[f"human {o}", *result["confusion"][i]] for i, o in enumerate(OUTCOMES)]
     return ["## Agreement of the human majority with the judge",
             markdown_table(["Measure", "n", "Value [95% CI]"], rows),
-            "Fleiss' κ is generalised to pairs with different numbers of annotators (each pair's "
-            "agreement P_i uses its own count n_i; category shares pool all annotations); it is "
-            "Fleiss' κ when all pairs have the same number. Cohen's κ and agreement use pairs "
-            "with a valid judge verdict.",
+            ("Fleiss' κ is generalised to pairs with different numbers of annotators (each pair's "
+             "agreement P_i uses its own count n_i; category shares pool all annotations); it is "
+             "Fleiss' κ when all pairs have the same number. Cohen's κ and agreement use pairs "
+             "with a valid judge verdict."),
             markdown_table(["Pairs", *(f"judge {o}" for o in OUTCOMES)], confusion)]
 
 
@@ -97,8 +97,8 @@ def _position(result: dict) -> list[str]:
     row = [bias["decisive"], bias["chose_1"], _ci(bias["share"]), f"[{cell(low)}, {cell(high)}]",
            f"{bias['p_value']:.3g}"]
     return ["## Position bias of the annotators",
-            "Share of decisive answers (not tie) that chose the reply shown as 1; each annotator "
-            "saw each pair in its own random order. p: exact two-sided binomial test of 50%.",
+            ("Share of decisive answers (not tie) that chose the reply shown as 1; each annotator "
+             "saw each pair in its own random order. p: exact two-sided binomial test of 50%."),
             markdown_table(["Decisive answers", "Chose 1", "Share [%] (bootstrap)", "Wilson 95%",
                             "p"], [row])]
 
@@ -107,9 +107,9 @@ def _annotators(result: dict) -> list[str]:
     rows = [[s["annotator"], s["n"], _ci(s["win"]), _ci(s["draw"]), _ci(s["agree_others"]),
              _ci(s["agree_judge"])] for s in result["annotators_stats"]]
     return ["## Per annotator",
-            f"A = {result['a']}. Agreement with the others: with the majority (same rule) of the "
-            "other annotators of the same pair, over pairs someone else judged too; with the "
-            "judge: over pairs with a valid verdict. Intervals resample the annotator's pairs.",
+            (f"A = {result['a']}. Agreement with the others: with the majority (same rule) of the "
+             "other annotators of the same pair, over pairs someone else judged too; with the "
+             "judge: over pairs with a valid verdict. Intervals resample the annotator's pairs."),
             markdown_table(["Annotator", "n", "A wins [%]", "Draws [%]",
                             "Agrees with others [%]", "Agrees with judge [%]"], rows),
             "![Per-annotator agreement](annotators.png)"]
