@@ -12,14 +12,18 @@ import math
 import os
 import pathlib
 
+import matplotlib
 import numpy as np
 
-from pdpo_jax.eval.report import _save, plt
-from pdpo_jax.fileio import write_json_atomic, write_text_atomic
-from pdpo_jax.humaneval.analysis import OUTCOMES, Estimate, analyse, collect
-from pdpo_jax.humaneval.pairs import load_pairs, pairs_file
-from pdpo_jax.humaneval.store import StoreError, read_judgments
-from pdpo_jax.tables import cell, markdown_table
+matplotlib.use("Agg")  # before pyplot: headless, deterministic PNGs (as eval/report.py)
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pdpo_jax.eval.report import _save  # noqa: E402
+from pdpo_jax.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+from pdpo_jax.humaneval.analysis import OUTCOMES, Estimate, analyse, collect  # noqa: E402
+from pdpo_jax.humaneval.pairs import load_pairs, pairs_file  # noqa: E402
+from pdpo_jax.humaneval.store import StoreError, read_judgments  # noqa: E402
+from pdpo_jax.tables import cell, markdown_table  # noqa: E402
 
 MAJORITY_RULE = ("Human (majority): per pair, the outcome most of its annotators chose; when two "
                  "or more outcomes share the highest count (1 win / 1 loss, or one of each) the "
