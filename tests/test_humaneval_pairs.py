@@ -143,11 +143,16 @@ def test_cli_refuses_a_database_of_other_pairs_and_a_busy_port(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_serving_imports_no_jax_and_no_model_code():
-    code = ("import sys\n"
-            "import pdpo_jax.humaneval.__main__, pdpo_jax.humaneval.app, pdpo_jax.humaneval.store\n"
-            "print(sorted(m for m in ('jax', 'flax', 'matplotlib', 'pdpo_jax.train', "
-            "'pdpo_jax.sampling', 'pdpo_jax.models') if m in sys.modules))\n")
+MODEL_CODE = ("jax", "flax", "pdpo_jax.train", "pdpo_jax.sampling", "pdpo_jax.models")
+
+
+@pytest.mark.parametrize("modules,heavy", [
+    ("pdpo_jax.humaneval.__main__, pdpo_jax.humaneval.app, pdpo_jax.humaneval.store",
+     (*MODEL_CODE, "matplotlib")),                                  # serve
+    ("pdpo_jax.humaneval.report, pdpo_jax.humaneval.analysis", MODEL_CODE),  # report
+])
+def test_the_human_evaluation_loads_no_jax_and_no_model_code(modules, heavy):
+    code = f"import sys\nimport {modules}\nprint(sorted(m for m in {heavy!r} if m in sys.modules))\n"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": REPO}, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout

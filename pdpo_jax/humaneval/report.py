@@ -18,7 +18,6 @@ import numpy as np
 matplotlib.use("Agg")  # before pyplot: headless, deterministic PNGs (as eval/report.py)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pdpo_jax.eval.report import _save  # noqa: E402
 from pdpo_jax.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 from pdpo_jax.humaneval.analysis import OUTCOMES, Estimate, analyse, collect  # noqa: E402
 from pdpo_jax.humaneval.pairs import load_pairs, pairs_file  # noqa: E402
@@ -45,6 +44,17 @@ def write_report(db: str | os.PathLike, judge: str | os.PathLike, *,
     plot_annotators(result, out / "annotators.png")
     write_json_atomic(out / "summary.json", _jsonable(result))
     return write_text_atomic(out / "report.md", markdown(result, db, source, bootstrap, seed))
+
+
+def _save(fig, path: str | os.PathLike) -> pathlib.Path:
+    """As eval.report._save, which cannot be imported here: eval.report loads the DNLI scorer
+    and with it jax, pdpo_jax.models and pdpo_jax.train, none of which a human study needs."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _ci(e: Estimate, digits: int = 1) -> str:
