@@ -9,24 +9,13 @@ import pathlib
 from collections import defaultdict
 from collections.abc import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")  # before pyplot: headless, deterministic PNGs
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pdpo_jax.eval import ratings  # noqa: E402
-from pdpo_jax.eval.dnli import CATEGORIES, DnliResult  # noqa: E402
-from pdpo_jax.eval.tournament import Judgment  # noqa: E402
-from pdpo_jax.fileio import read_jsonl  # noqa: E402
-
-
-def _save(fig, path: str | os.PathLike) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+from pdpo_jax.eval import ratings
+from pdpo_jax.eval.dnli import CATEGORIES, DnliResult
+from pdpo_jax.eval.tournament import Judgment
+from pdpo_jax.figures import save_figure
+from pdpo_jax.fileio import read_jsonl
 
 
 def plot_dnli(results: dict[str, DnliResult], path: str | os.PathLike,
@@ -44,7 +33,7 @@ def plot_dnli(results: dict[str, DnliResult], path: str | os.PathLike,
     ax.set_ylabel("% of examples ranked first")
     ax.set_title(f"Dialogue-NLI ranking ({normalise} of log-probs)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_win_rates(judgments: Sequence[Judgment], models: Sequence[str],
@@ -67,7 +56,7 @@ def plot_win_rates(judgments: Sequence[Judgment], models: Sequence[str],
     ax.set_ylabel("win rate [%] (ties = ½)")
     ax.set_ylim(0, 100)
     ax.set_title("Pairwise judge: win rate with 95% interval")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(metrics: str | os.PathLike | dict[str, str | os.PathLike],
@@ -101,4 +90,4 @@ def plot_training_curves(metrics: str | os.PathLike | dict[str, str | os.PathLik
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(series):]:
         ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)

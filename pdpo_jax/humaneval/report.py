@@ -12,17 +12,15 @@ import math
 import os
 import pathlib
 
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
-matplotlib.use("Agg")  # before pyplot: headless, deterministic PNGs (as eval/report.py)
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pdpo_jax.fileio import write_json_atomic, write_text_atomic  # noqa: E402
-from pdpo_jax.humaneval.analysis import OUTCOMES, Estimate, analyse, collect  # noqa: E402
-from pdpo_jax.humaneval.pairs import load_pairs, pairs_file  # noqa: E402
-from pdpo_jax.humaneval.store import StoreError, read_judgments  # noqa: E402
-from pdpo_jax.tables import cell, markdown_table  # noqa: E402
+from pdpo_jax.figures import save_figure
+from pdpo_jax.fileio import write_json_atomic, write_text_atomic
+from pdpo_jax.humaneval.analysis import OUTCOMES, Estimate, analyse, collect
+from pdpo_jax.humaneval.pairs import load_pairs, pairs_file
+from pdpo_jax.humaneval.store import StoreError, read_judgments
+from pdpo_jax.tables import cell, markdown_table
 
 MAJORITY_RULE = ("Human (majority): per pair, the outcome most of its annotators chose; when two "
                  "or more outcomes share the highest count (1 win / 1 loss, or one of each) the "
@@ -44,17 +42,6 @@ def write_report(db: str | os.PathLike, judge: str | os.PathLike, *,
     plot_annotators(result, out / "annotators.png")
     write_json_atomic(out / "summary.json", _jsonable(result))
     return write_text_atomic(out / "report.md", markdown(result, db, source, bootstrap, seed))
-
-
-def _save(fig, path: str | os.PathLike) -> pathlib.Path:
-    """As eval.report._save, which cannot be imported here: eval.report loads the DNLI scorer
-    and with it jax, pdpo_jax.models and pdpo_jax.train, none of which a human study needs."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _ci(e: Estimate, digits: int = 1) -> str:
@@ -148,7 +135,7 @@ def plot_table3(result: dict, path: str | os.PathLike) -> pathlib.Path:
     ax.set_ylim(0, 105)
     ax.set_title(f"{result['a']} against {result['b']} ({result['pairs']} pairs)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_annotators(result: dict, path: str | os.PathLike) -> pathlib.Path:
@@ -163,7 +150,7 @@ def plot_annotators(result: dict, path: str | os.PathLike) -> pathlib.Path:
     ax.set_ylim(0, 105)
     ax.set_title("Agreement per annotator (3 outcomes)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _jsonable(x):
