@@ -302,7 +302,7 @@ def _sampling_bytes(cfg: Config, c: ModelConfig, params, mesh: MeshShape) -> dic
         # straight into the decode layout: the sampler adds only the head's [D, V] copy.
         "parameters": (as_compute(tree_bytes(params, mesh, shd.SAMPLING_RULES)),
                        f"{c.dtype}, layers unstacked, SAMPLING_RULES (tensor-parallel only)"),
-        "decode LM head": (head_b, "the LM head as [D, V] (sampler.DecodeWeights)"),
+        "decode LM head": (head_b, "the LM head as [D, V] (sampling.decode.DecodeWeights)"),
         "kv cache": (kv, f"2 x {c.num_layers} layers x {brows} rows x S={S} "
                          f"({prompt} prompt + {window} new) x {kv_heads} kv heads x "
                          f"{c.head_dim} ({c.dtype})"),

@@ -15,6 +15,7 @@ from pdpo_jax.models import from_pretrained
 from pdpo_jax.sampling import (Sampler, SamplingConfig, filter_logits, generate, left_pad,
                                sample_tokens, top_k_mask, top_p_mask)
 from pdpo_jax.sampling import filters
+from pdpo_jax.sampling import decode as decode_module
 from pdpo_jax.sampling import sampler as sampler_module
 
 VOCAB = 97  # tests/hf_reference.py TINY
@@ -430,7 +431,7 @@ def test_model_loaded_in_the_decode_layout_is_not_copied(llama):
     folder, model = llama
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     loaded = from_pretrained(folder, mesh=mesh, rules=sharding.SAMPLING_RULES, stack_layers=False)
-    assert sampler_module.in_decode_layout(loaded) and not sampler_module.in_decode_layout(model)
+    assert decode_module.in_decode_layout(loaded) and not decode_module.in_decode_layout(model)
     cfg = SamplingConfig(6, top_p=0.9, logprobs=True)
     sampler = Sampler(loaded, cfg, mesh=mesh)
     q = loaded.layers[1].attn.q_DNH[...]

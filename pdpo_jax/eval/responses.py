@@ -1,9 +1,9 @@
 """Replies of several checkpoints to the same test histories, for the judge to compare.
 
-`sample_texts` is the one place this package calls the jitted sampler (`pdpo_jax.sampling`),
-for the checkpoints' replies and for the local judge alike. Batches have a fixed row count
-(the last one is padded with copies) and prompt lengths are bucketed, so few programs compile;
-each prompt's random stream is keyed by its index, so a reply does not depend on its batch.
+`sample_texts` is the one place this package generates text (`pdpo_jax.sampling.engine`), for
+the checkpoints' replies and for the local judge alike: continuous batching over a fixed set of
+slots, prompt lengths bucketed so few programs compile; each prompt's random stream is keyed
+by its index, so a reply does not depend on which prompts it was generated with.
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 
 from pdpo_jax import data as pdata
 from pdpo_jax.config import ResponseSection
+from pdpo_jax.data.batches import round_up
 from pdpo_jax.fileio import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
-                              write_json_atomic, write_jsonl_atomic)
+                             write_json_atomic, write_jsonl_atomic)
+from pdpo_jax.sharding import batch_divisor
 
 log = logging.getLogger(__name__)
 
@@ -28,32 +30,30 @@ log = logging.getLogger(__name__)
 def sample_texts(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: dict[str, Any], *,
                  batch_size: int, mesh=None, desc: str = "sample",
                  prompt_bucket: int = 64) -> Iterator[tuple[int, str, str]]:
-    """(prompt index, decoded reply, finish reason) for each prompt, batch by batch.
+    """(prompt index, decoded reply, finish reason) for each prompt.
 
     sampling: `pdpo_jax.sampling.SamplingConfig` fields (eos/pad ids come from the tokenizer).
-    The reply is decoded without its EOS and special tokens, and stripped.
+    The replies come from the continuous-batching engine with `batch_size` slots; prompt i's
+    random stream is keyed by i. A reply is decoded without its EOS and special tokens, and
+    stripped.
     """
-    from pdpo_jax.sampling import Sampler, SamplingConfig
+    from pdpo_jax.sampling import SamplingConfig
+    from pdpo_jax.sampling.engine import Engine
     if not prompts:
         return
     eos = tokenizer.eos_token_id
     cfg = SamplingConfig(**{"eos_ids": (eos,), "pad_id": pdata.pad_id(tokenizer), **sampling})
-    sampler = Sampler(model, cfg, mesh=mesh, prompt_bucket=prompt_bucket)
+    engine = Engine(model, cfg, slots=round_up(batch_size, batch_divisor(mesh)), mesh=mesh,
+                    prompt_bucket=prompt_bucket)
     start = time.perf_counter()
     with tqdm(total=len(prompts), unit="reply", desc=desc) as bar:
-        for lo in range(0, len(prompts), batch_size):
-            chunk = [list(map(int, p)) for p in prompts[lo:lo + batch_size]]
-            real = len(chunk)
-            chunk += [chunk[0]] * (batch_size - real)  # fixed B: one program per prompt bucket
-            out = sampler.generate(chunk, example_ids=np.arange(lo, lo + batch_size))
-            for j in range(real):
-                new = out.tokens[j, :out.lengths[j]]
-                if out.finish_reason[j] == "stop":
-                    new = new[:-1]
-                text = tokenizer.decode(new, skip_special_tokens=True).strip()
-                yield lo + j, text, out.finish_reason[j]
-            bar.update(real)
+        out = engine.generate([list(map(int, p)) for p in prompts], progress=bar.update)
     log.info("%s: %d replies in %.1fs", desc, len(prompts), time.perf_counter() - start)
+    for i in range(len(prompts)):
+        new = out.tokens[i, :out.lengths[i]]
+        if out.finish_reason[i] == "stop":
+            new = new[:-1]
+        yield i, tokenizer.decode(new, skip_special_tokens=True).strip(), out.finish_reason[i]
 
 
 def select_histories(records: Sequence[pdata.PersonaTurn], n: int, seed: int) -> list[pdata.PersonaTurn]:
@@ -69,8 +69,9 @@ def select_histories(records: Sequence[pdata.PersonaTurn], n: int, seed: int) ->
 
 def response_sampling(cfg: ResponseSection) -> dict[str, Any]:
     """The SamplingConfig fields a ResponseSection sets (stored beside every reply)."""
-    return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                top_k=cfg.top_k, greedy=cfg.greedy, seed=cfg.seed)
+    return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature or 1.0,
+                top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy or cfg.temperature == 0,
+                seed=cfg.seed)
 
 
 def generate_responses(model, tokenizer, template, histories: Sequence[pdata.PersonaTurn],

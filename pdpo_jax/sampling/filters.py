@@ -7,6 +7,8 @@ leaves top-p ties to an unstable sort.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -47,7 +49,8 @@ def nucleus_threshold(probs_BV: jax.Array, top_p) -> jax.Array:
 
 
 def top_p_mask(probs_BV: jax.Array, top_p) -> jax.Array:
-    """bool [B, V]: the smallest set of tokens whose probability mass is >= top_p.
+    """bool [B, V]: the smallest set of tokens whose probability mass is >= top_p (a number, or
+    one per row [B]).
 
     Equals "sort by probability (ties: lower id first), keep each token whose preceding mass
     is < top_p". Tokens above the threshold are all kept; tokens tied at it are taken in id
@@ -55,6 +58,7 @@ def top_p_mask(probs_BV: jax.Array, top_p) -> jax.Array:
     mass may resolve either way (as it does for a sort-and-cumsum implementation).
     """
     t_B1 = nucleus_threshold(probs_BV, top_p)[:, None]
+    top_p = _per_row(top_p)
     above_BV = probs_BV > t_B1
     mass_above_B1 = jnp.sum(jnp.where(above_BV, probs_BV, 0.0), axis=-1, keepdims=True)
     tied_BV = probs_BV == t_B1
@@ -67,6 +71,11 @@ def top_p_mask(probs_BV: jax.Array, top_p) -> jax.Array:
     rank_BV = jax.lax.cond(several_tied, tie_ranks, lambda: jnp.zeros(probs_BV.shape, jnp.int32))
     needed_BV = (rank_BV == 0) | (mass_above_B1 + rank_BV * t_B1 < top_p)
     return above_BV | (tied_BV & needed_BV)
+
+
+def _per_row(x):
+    """A per-row setting [B] as a column [B, 1] beside [B, V] arrays; a Python number as it is."""
+    return x[:, None] if getattr(x, "ndim", 0) == 1 else x
 
 
 def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -222,3 +231,50 @@ def draw_from_nucleus(keys_B: jax.Array, probs_BV: jax.Array, top_p,
 def _uniforms(keys_B: jax.Array, n: int | None = None) -> jax.Array:
     """fp32 in [0, 1) from each row's key: [B], or [B, n] drawn at once (one generator call)."""
     return jax.vmap(lambda key: jax.random.uniform(key, () if n is None else (n,), jnp.float32))(keys_B)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RowSampling:
+    """Sampling settings per row [B]: in the engine each row may serve another request.
+    top_k_B 0 and top_p_B 1 switch a filter off; temperature_B is ignored where greedy_B."""
+    greedy_B: jax.Array
+    temperature_B: jax.Array
+    top_k_B: jax.Array
+    top_p_B: jax.Array
+
+
+def sample_rows(keys_B: jax.Array, logits_BV: jax.Array, rows: RowSampling, *,
+                max_top_k: int) -> jax.Array:
+    """int32 [B]: `sample_tokens` with each row's own settings. A row's token is exactly the one
+    `sample_tokens` draws for that row's settings and key (the same filters and draws), so
+    rows of different requests share one compiled step. max_top_k: static bound on top_k_B
+    (0: no row uses top-k). A batch of greedy rows skips the sampling work."""
+    greedy_B = argmax_first(logits_BV)
+
+    def sampled():
+        temperature_B = jnp.where(rows.greedy_B, 1.0, rows.temperature_B).astype(jnp.float32)
+        logits = logits_BV.astype(jnp.float32) / temperature_B[:, None]
+        if max_top_k > 0:
+            logits = jnp.where(_top_k_rows(logits, rows.top_k_B, max_top_k), logits, -jnp.inf)
+        probs_BV = jax.nn.softmax(logits, axis=-1)
+        plain_B = draw_from(keys_B, probs_BV)
+        nucleus_B_ = rows.top_p_B < 1.0
+        token_B = jax.lax.cond(jnp.any(nucleus_B_ & ~rows.greedy_B),
+                               lambda: draw_from_nucleus(keys_B, probs_BV, rows.top_p_B),
+                               lambda: plain_B)
+        return jnp.where(rows.greedy_B, greedy_B, jnp.where(nucleus_B_, token_B, plain_B))
+
+    return jax.lax.cond(jnp.all(rows.greedy_B), lambda: greedy_B, sampled)
+
+
+def _top_k_rows(logits_BV: jax.Array, top_k_B: jax.Array, max_top_k: int) -> jax.Array:
+    """bool [B, V]: each row's top_k_B largest logits (ties: lower id first, as `top_k_mask`);
+    rows with top_k_B 0 (off) or >= V keep every token."""
+    V = logits_BV.shape[-1]
+    k = min(max_top_k, V)
+    _, index_BK = jax.lax.top_k(logits_BV, k)
+    rows_B1 = jnp.arange(logits_BV.shape[0])[:, None]
+    keep_BK = jnp.arange(k)[None, :] < top_k_B[:, None]
+    mask_BV = jnp.zeros(logits_BV.shape, bool).at[rows_B1, index_BK].set(keep_BK)
+    return mask_BV | ((top_k_B <= 0) | (top_k_B >= V))[:, None]

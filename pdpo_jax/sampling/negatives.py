@@ -30,7 +30,9 @@ from pdpo_jax.context import RunContext, check_tokenizer
 from pdpo_jax.errors import UserError
 from pdpo_jax.fileio import atomic_path, write_json_atomic, write_jsonl_atomic
 from pdpo_jax.models import from_pretrained
-from pdpo_jax.sampling.sampler import Sampler, SamplingConfig
+from pdpo_jax.data.batches import round_up
+from pdpo_jax.sampling.engine import Engine
+from pdpo_jax.sampling.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,8 @@ class NegativeBuilder:
         self.tokenizer, self.template, self.sampling = tokenizer, template, sampling
         self.max_prompt_tokens, self.batch_size = max_prompt_tokens, batch_size
         self.shard_size, self.keep_truncated, self.generator = shard_size, keep_truncated, generator
-        self.sampler = Sampler(model, sampling, mesh=mesh)
+        self.engine = Engine(model, sampling, slots=round_up(batch_size, shd.batch_divisor(mesh)),
+                             mesh=mesh)
 
     def run(self, job: NegativeJob) -> dict:
         """Writes <out_dir>/<name>_pairs.jsonl; returns the filter counts and length stats."""
@@ -116,14 +119,15 @@ class NegativeBuilder:
                 prompts[i] = enc.prompt_ids
             except pdata.DoesNotFit as e:
                 rows[i] = {"index": i, "filtered": f"prompt_{e.reason}"}
-        order = sorted(prompts, key=lambda i: len(prompts[i]))  # similar lengths batch together
-        for b in range(0, len(order), self.batch_size):
-            chunk = order[b:b + self.batch_size]
-            filled = chunk + [chunk[0]] * (self.batch_size - len(chunk))  # one compiled shape
-            out = self.sampler.generate([prompts[i].tolist() for i in filled], example_ids=filled)
-            for j, i in enumerate(chunk):
+        # Continuous batching: a slot whose reply ended takes the next prompt at once. Each
+        # row's random stream is keyed by its record index, so the shard's order is irrelevant.
+        order = sorted(prompts)
+        if order:
+            out = self.engine.generate([prompts[i].tolist() for i in order], example_ids=order,
+                                       progress=bar.update)
+            for j, i in enumerate(order):
                 rows[i] = self._row(job, i, out.tokens[j], int(out.lengths[j]), out.finish_reason[j])
-            bar.update(len(chunk))
+        bar.update(len(indices) - len(order))  # prompts that did not fit
         return [rows[i] for i in indices]
 
     def _row(self, job: NegativeJob, i: int, tokens, length: int, finish: str) -> dict:

@@ -11,20 +11,20 @@ its batch neighbours, on the batch size or on n.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from pdpo_jax import sharding as shd
 from pdpo_jax.data.batches import left_pad, round_up
 from pdpo_jax.models.attention import KVCache
-from pdpo_jax.models.layers import is_unstacked, unstack_layers
-from pdpo_jax.models.ops import logits_from_hidden
+from pdpo_jax.sampling.decode import (DecodeWeights, check_seed, chosen_logprob, constrain_cache,
+                                      decode_graph, decode_logits, is_eos, make_decode_weights,
+                                      prefill, row_key, row_sharding)
 from pdpo_jax.sampling.filters import sample_tokens
 
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (few compiled shapes)
@@ -52,7 +52,7 @@ class SamplingConfig:
     def __post_init__(self):
         eos = (self.eos_ids,) if isinstance(self.eos_ids, int) else self.eos_ids
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in eos))
-        _check_seed(self.seed)
+        check_seed(self.seed)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if not self.greedy and not self.temperature > 0:
@@ -100,46 +100,6 @@ class SamplerState:
     logprobs_BT: jax.Array | None
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeWeights:
-    """The weights in the layout the decode loop reads, made once per set of params
-    (`Sampler.decode_weights`).
-
-    params: the model's state with its layers unstacked, one weight array per layer (from the
-    stacked [L, ...] arrays XLA:CPU would copy every layer's slice out at every decode step),
-    and their matrices cast to the compute dtype (bf16 compute with fp32 params then reads half
-    the bytes and casts nothing per step); `SamplingLoop.graphdef` is its graph.
-    head_DV: the LM head as [D, V] in the compute dtype, the layout a one-token matmul reads
-    fastest.
-    """
-    params: nnx.State
-    head_DV: jax.Array
-
-
-def decode_model(model: nnx.Module) -> nnx.Module:
-    """`model` as generation runs it: `unstack_layers`, matrices in the compute dtype."""
-    return unstack_layers(model, matrices_dtype=model.cfg.compute_dtype)
-
-
-def in_decode_layout(model: nnx.Module) -> bool:
-    """Whether `decode_model` would change nothing (`from_pretrained(stack_layers=False)` with
-    param_dtype = dtype)."""
-    return is_unstacked(model, matrices_dtype=model.cfg.compute_dtype)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_head(graphdef: nnx.GraphDef, params) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    return model.unembedding_VD().T.astype(model.cfg.compute_dtype)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_weights(graphdef: nnx.GraphDef, params) -> DecodeWeights:
-    model = decode_model(nnx.merge(graphdef, params))
-    return DecodeWeights(nnx.split(model)[1], _decode_head(graphdef, params))
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingLoop:
     """Everything static about generation (hashable: it is jit's static argument).
@@ -164,15 +124,8 @@ class SamplingLoop:
         return self._prefill(self.model(weights.params), tokens_BP, mask_BP)
 
     def _prefill(self, model, tokens_BP, mask_BP):
-        B, P = tokens_BP.shape
-        positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1, dtype=jnp.int32) - 1, 0)
-        cache = self._constrain(KVCache.init(model.cfg, B, P + self.cfg.max_new_tokens))
-        # Left padding puts every row's last token in the last column: only its hidden state
-        # is needed (the last layer and lm_head run on that column alone).
-        last_B1 = jnp.full((B, 1), P - 1, jnp.int32)
-        h_B1D, cache = model.hidden_states(tokens_BP, positions_BP, mask_BP, cache, select_BQ=last_B1)
-        logits_BV = logits_from_hidden(h_B1D, model.unembedding_VD())[:, 0]
-        return logits_BV, cache, jnp.sum(mask_BP, axis=1, dtype=jnp.int32)
+        return prefill(model, tokens_BP, mask_BP, tokens_BP.shape[1] + self.cfg.max_new_tokens,
+                       self.mesh)
 
     def init_state(self, model, tokens_BP, mask_BP, live_B, example_ids_B, seed) -> SamplerState:
         """Prefill once per prompt, repeat everything n times, and emit the first token."""
@@ -187,7 +140,7 @@ class SamplingLoop:
         state = SamplerState(
             tokens_BS=jnp.concatenate([rep(tokens_BP.astype(jnp.int32)), new_BT], axis=1),
             positions_B=rep(next_pos_B), done_B=~rep(live_B), lengths_B=jnp.zeros(B, jnp.int32),
-            keys_B=_row_keys(seed, example_ids_B, n), cache=self._constrain(cache),
+            keys_B=_row_keys(seed, example_ids_B, n), cache=constrain_cache(cache, self.mesh),
             step=jnp.zeros((), jnp.int32),
             logprobs_BT=jnp.zeros((B, cfg.max_new_tokens), jnp.float32) if cfg.logprobs else None)
         return self.emit(state, rep(logits_BV))
@@ -203,12 +156,12 @@ class SamplingLoop:
         tokens_BS = jax.lax.dynamic_update_slice(state.tokens_BS, token_B[:, None], (0, column))
         logprobs_BT = state.logprobs_BT
         if cfg.logprobs:
-            chosen_B = _chosen_logprob(logits_BV, token_B)
+            chosen_B = chosen_logprob(logits_BV, token_B)
             logprobs_BT = jax.lax.dynamic_update_slice(
                 logprobs_BT, jnp.where(state.done_B, 0.0, chosen_B)[:, None], (0, state.step))
         return dataclasses.replace(
             state, tokens_BS=tokens_BS, lengths_B=state.lengths_B + (~state.done_B),
-            done_B=state.done_B | _is_eos(token_B, cfg.eos_ids), step=state.step + 1,
+            done_B=state.done_B | is_eos(token_B, cfg.eos_ids), step=state.step + 1,
             logprobs_BT=logprobs_BT)
 
     def cond_fn(self, state: SamplerState):
@@ -223,8 +176,7 @@ class SamplingLoop:
         # Stopped rows keep running (static batch) but their keys are marked invalid.
         h_B1D, cache = model.hidden_states(token_B1, state.positions_B[:, None],
                                            ~state.done_B[:, None], state.cache)
-        logits_BV = jnp.einsum("BD,DV->BV", h_B1D[:, 0], weights.head_DV,
-                               preferred_element_type=jnp.float32)
+        logits_BV = decode_logits(weights, h_B1D)
         state = dataclasses.replace(state, cache=cache, positions_B=state.positions_B + 1)
         return self.emit(state, logits_BV)
 
@@ -235,50 +187,17 @@ class SamplingLoop:
                                 example_ids_B, seed)
         return jax.lax.while_loop(self.cond_fn, lambda s: self.body_fn(weights, s), state)
 
-    def _constrain(self, cache: KVCache) -> KVCache:
-        """Batch over data x fsdp and kv heads over tensor, as the sampling rules say."""
-        if self.mesh is None:
-            return cache
-        kv = self._sharding(("batch", "kv_heads", None, "head_dim"), cache.k[0].shape)
-        rows = self._sharding(("batch", None), cache.positions.shape)
-        wsc = jax.lax.with_sharding_constraint
-        return KVCache(k=tuple(wsc(k, kv) for k in cache.k), v=tuple(wsc(v, kv) for v in cache.v),
-                       positions=wsc(cache.positions, rows), valid=wsc(cache.valid, rows),
-                       length=cache.length, empty=cache.empty)
-
-    def _sharding(self, names, shape) -> NamedSharding:
-        spec = shd.logical_to_spec(names, shape, rules=shd.SAMPLING_RULES, mesh=self.mesh)
-        return NamedSharding(self.mesh, spec)
-
 
 # One jit for every loop: the compile cache is keyed by the (hashable) loop and the shapes, so
 # Samplers built for the same model and config share their programs.
 _run = jax.jit(lambda loop, *args: loop.run(*args), static_argnums=0)
 
 
-def _check_seed(seed) -> int:
-    if not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed={seed} must be in [0, 2**32): it becomes a uint32 traced value")
-    return int(seed)
-
-
 def _row_keys(seed, example_ids_B, n: int):
-    """PRNG key [B*n]: fold_in(fold_in(key(seed), example id), sample index)."""
-    base = jax.random.key(seed)
+    """PRNG key [B*n]: `row_key` of each prompt's example id and sample index."""
     ids = jnp.repeat(example_ids_B, n)
     sample = jnp.tile(jnp.arange(n, dtype=jnp.int32), example_ids_B.shape[0])
-    return jax.vmap(lambda e, j: jax.random.fold_in(jax.random.fold_in(base, e), j))(ids, sample)
-
-
-def _is_eos(token_B, eos_ids: tuple[int, ...]):
-    if not eos_ids:
-        return jnp.zeros(token_B.shape, bool)
-    return jnp.any(token_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=1)
-
-
-def _chosen_logprob(logits_BV, token_B):
-    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_BV, token_B[:, None], axis=1)[:, 0]
+    return jax.vmap(row_key, in_axes=(None, 0, 0))(seed, ids, sample)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,17 +221,12 @@ class Sampler:
         self.model_cfg = nnx.merge(graphdef, params).cfg
         self.cfg, self.mesh, self.prompt_bucket = cfg, mesh, prompt_bucket
         self._graphdef = graphdef
-        decode = nnx.eval_shape(lambda p: decode_model(nnx.merge(graphdef, p)), params)
-        self.loop = SamplingLoop(nnx.split(decode)[0], cfg, mesh)
+        self.loop = SamplingLoop(decode_graph(graphdef, params), cfg, mesh)
         self.weights = self.decode_weights(params)
 
     def decode_weights(self, params) -> DecodeWeights:
-        """params (of the model's structure), placed on the mesh, in the decode layout. Params
-        already in it are used as they are (jit would copy them); only the head is made."""
-        params = self._place_params(params)
-        if in_decode_layout(nnx.merge(self._graphdef, params)):
-            return DecodeWeights(params, _decode_head(self._graphdef, params))
-        return _decode_weights(self._graphdef, params)
+        """params (of the model's structure), placed on the mesh, in the decode layout."""
+        return make_decode_weights(self._graphdef, params, self.mesh)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, cfg: SamplingConfig | None = None,
                  seed: int | None = None, example_ids: Sequence[int] | None = None,
@@ -347,7 +261,7 @@ class Sampler:
             raise ValueError(f"example_ids has shape {ids.shape}; expected ({B},), one per prompt")
         tokens_BP, mask_BP, live_B, ids_B = self._pad_batch(tokens_BP, mask_BP, ids)
         args = self._place_batch(tokens_BP, mask_BP, live_B, ids_B.astype(np.int32))
-        seed = jnp.asarray(cfg.seed if seed is None else _check_seed(seed), jnp.uint32)
+        seed = jnp.asarray(cfg.seed if seed is None else check_seed(seed), jnp.uint32)
         weights = self.weights if params is None else self.decode_weights(params)
         state = _run(dataclasses.replace(self.loop, cfg=cfg), weights, *args, seed)
         return self._output(state, rows=B * cfg.n, new=cfg.max_new_tokens)
@@ -381,16 +295,10 @@ class Sampler:
         ids_B = np.concatenate([ids_B, np.arange(B, B + extra)])
         return tokens_BP[take], mask_BP[take], live_B, ids_B
 
-    def _place_params(self, params):
-        if self.mesh is None:
-            return params
-        return jax.device_put(params, shd.tree_shardings(params, self.mesh, shd.SAMPLING_RULES))
-
     def _place_batch(self, *arrays):
         if self.mesh is None:
             return tuple(jnp.asarray(a) for a in arrays)
-        return tuple(jax.device_put(a, self.loop._sharding(("batch",) + (None,) * (a.ndim - 1),
-                                                           a.shape)) for a in arrays)
+        return tuple(jax.device_put(a, row_sharding(self.mesh, a.ndim)) for a in arrays)
 
     def _output(self, state: SamplerState, rows: int, new: int) -> SampleOutput:
         tokens, lengths, done, logprobs = jax.device_get(
