@@ -1,6 +1,8 @@
 """Tiny random Hugging Face models built offline with torch: the independent reference for ports."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import transformers
@@ -65,3 +67,32 @@ def left_padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], 
         mask[b, T - n:] = True
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     return tokens, mask, positions
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Under `pytest -n 2` on 2 cores, torch's 2-thread OpenMP pool fights the other worker
+    and spins (SmolLM2 generate: ~30 s instead of ~3 s); one thread per worker is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def hf_greedy(hf, prompts, max_new, pad_id, eos_id):
+    """HF greedy decoding of left-padded prompts; tokens [B, max_new] and raw logits per step."""
+    from pdpo_jax.data.batches import left_pad
+    tokens, mask = left_pad(prompts, pad_id)
+    with torch.no_grad(), one_torch_thread():
+        out = hf.generate(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                          attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                          max_new_tokens=max_new, do_sample=False, pad_token_id=pad_id,
+                          eos_token_id=eos_id, output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[:, tokens.shape[1]:].numpy()
+    logits = torch.stack(out.logits, dim=1).float()  # [B, steps, V], before any processor
+    chosen = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(new)[..., None])[..., 0]
+    width = max_new - new.shape[1]  # HF stops early once every row has hit EOS
+    return np.pad(new, ((0, 0), (0, width)), constant_values=pad_id), np.pad(chosen.numpy(),
+                                                                              ((0, 0), (0, width)))

@@ -1,5 +1,4 @@
 """The KV-cache sampler: HF `generate` parity, full-forward argmax, filters, RNG, EOS, n, mesh."""
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
-from hf_reference import tiny_hf_model
+from hf_reference import hf_greedy, tiny_hf_model
 from pdpo_jax import sharding
 from pdpo_jax.models import from_pretrained
 from pdpo_jax.sampling import (Sampler, SamplingConfig, filter_logits, generate, left_pad,
@@ -39,34 +38,6 @@ def llama(tmp_path_factory):
 # Parity with transformers
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Under `pytest -n 2` on 2 cores, torch's 2-thread OpenMP pool fights the other worker
-    and spins (SmolLM2 generate: ~30 s instead of ~3 s); one thread per worker is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _hf_generate(hf, prompts, max_new, pad_id, eos_id):
-    """HF greedy decoding of left-padded prompts; tokens [B, max_new] and raw logits per step."""
-    tokens, mask = left_pad(prompts, pad_id)
-    with torch.no_grad(), _one_torch_thread():
-        out = hf.generate(input_ids=torch.as_tensor(tokens, dtype=torch.long),
-                          attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                          max_new_tokens=max_new, do_sample=False, pad_token_id=pad_id,
-                          eos_token_id=eos_id, output_logits=True, return_dict_in_generate=True)
-    new = out.sequences[:, tokens.shape[1]:].numpy()
-    logits = torch.stack(out.logits, dim=1).float()  # [B, steps, V], before any processor
-    chosen = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(new)[..., None])[..., 0]
-    width = max_new - new.shape[1]  # HF stops early once every row has hit EOS
-    return np.pad(new, ((0, 0), (0, width)), constant_values=pad_id), np.pad(chosen.numpy(),
-                                                                              ((0, 0), (0, width)))
-
-
 HF_CASES = {"gpt2": dict(family="gpt2"), "llama": dict(family="llama"),
             "mistral_window": dict(family="mistral", sliding_window=5),
             "qwen2": dict(family="qwen2")}
@@ -79,7 +50,7 @@ def test_greedy_matches_hf_generate(case, tmp_path):
     hf = tiny_hf_model(spec.pop("family"), seed=spec.pop("seed", 0), **spec)
     hf.save_pretrained(tmp_path)
     prompts, max_new = _prompts((9, 4, 6, 1), seed=2), 14
-    want, want_logp = _hf_generate(hf, prompts, max_new, pad_id=0, eos_id=EOS)
+    want, want_logp = hf_greedy(hf, prompts, max_new, pad_id=0, eos_id=EOS)
     cfg = SamplingConfig(max_new, greedy=True, eos_ids=(EOS,), pad_id=0, logprobs=True)
     out = generate(from_pretrained(tmp_path), prompts, cfg)
     np.testing.assert_array_equal(out.tokens, want, err_msg=case)
@@ -107,7 +78,7 @@ def test_smollm2_chat_greedy_matches_hf(smollm2_dir):
     assert len(prompts[0]) != len(prompts[1])  # one row is left-padded
     eos = tok.eos_token_id
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    want, _ = _hf_generate(hf, prompts, 16, pad_id=eos, eos_id=eos)
+    want, _ = hf_greedy(hf, prompts, 16, pad_id=eos, eos_id=eos)
     out = generate(from_pretrained(smollm2_dir), prompts,
                    SamplingConfig(16, greedy=True, eos_ids=(eos,), pad_id=eos))
     np.testing.assert_array_equal(out.tokens, want)

@@ -12,9 +12,9 @@ next prompt while the other slots keep decoding. Three jitted programs, schedule
 
 The cache is a ring: every decode step writes all slots at one shared column c (then c+1 …),
 the single dynamic-update-slice the static sampler's step makes. A row admitted at column c with
-room for m new tokens has its prompt written at columns [c + m, c + m + P) (mod S), so its own
-decode writes [c, c + m) never reach its prompt; attention masks keys by validity and position,
-never by column, so where a key sits does not matter. S ≥ P + m for every row.
+room for m new tokens has its n prompt tokens written at columns [c + m, c + m + n) (mod S), so
+its own decode writes [c, c + m) never reach its prompt; attention masks keys by validity and
+position, never by column, so where a key sits does not matter. S ≥ n + m for every row.
 
 A row's random stream is `decode.row_key(seed, example id, sample)` folded with its token index,
 exactly as in the static sampler: its tokens never depend on its slot, its neighbours or when it
@@ -126,7 +126,10 @@ def _admit(spec: EngineSpec, weights: DecodeWeights, state: SlotState, tokens_AP
     model = nnx.merge(spec.graphdef, weights.params)
     A, P = tokens_AP.shape
     logits_AV, fresh, next_pos_A = prefill(model, tokens_AP, mask_AP, P)
-    cols_AP = (state.cache.length + new.max_new_A[:, None] + jnp.arange(P)[None]) % spec.cache_len
+    # A row's real tokens end at column c + max_new + n - 1: its own decode window [c, c +
+    # max_new) is never reached, whatever the batch's padded width P (padding lands earlier).
+    start_A1 = (state.cache.length + new.max_new_A + next_pos_A - P)[:, None]
+    cols_AP = (start_A1 + jnp.arange(P)[None]) % spec.cache_len
     positions_AP = jnp.maximum(jnp.cumsum(mask_AP, axis=1, dtype=jnp.int32) - 1, 0)
     slot_A1, put = new.slot_A[:, None], functools.partial(_put, slot_A=new.slot_A)
     write = lambda old, kv: old.at[slot_A1, :, cols_AP].set(  # noqa: E731  [A, P, K, H]
@@ -251,7 +254,7 @@ class Scheduler:
             raise ValueError("a prompt needs at least one token")
         if not 1 <= request.max_new <= self.spec.max_new:
             raise ValueError(f"max_new={request.max_new} must be in [1, {self.spec.max_new}]")
-        if round_up(n, self.prompt_bucket) + request.max_new > S:
+        if n + request.max_new > S or round_up(n, self.prompt_bucket) > S:
             raise ValueError(f"a {n}-token prompt + {request.max_new} new tokens exceeds the "
                              f"engine's {S}-token context")
         if request.top_k > self.spec.max_top_k:
