@@ -335,16 +335,18 @@ def test_orpo_odds_ratio_matches_trl_live():
 # --- in the compiled step, and from a config -----------------------------------------------------
 
 def test_config_loss_list_runs_a_compiled_dpo_step():
-    """dpo.loss: [sigmoid, sft] with weights, through the config, one real jitted step: at step 0
-    (policy = reference) the loss is log 2 + w · (chosen NLL per token) from the same forward."""
+    """dpo.loss: [sigmoid, sft] with weights, through the config, a real jitted step: at step 0
+    (policy = reference) the loss is log 2 + w · (chosen NLL per token), the NLL from the step's
+    own logps/chosen metric (a mean over the 8 pairs) and the batch's chosen token count."""
     from test_train_steps import _dpo_batch, _run_dpo
     cfg = load_config(None, ("dpo.loss=[sigmoid, sft]", "dpo.loss_weights=[1.0, 0.5]"))
     objective = DpoObjective.from_section(cfg.dpo)
     assert objective.names == ("sigmoid", "sft") and objective.weights == (1.0, 0.5)
     batch = _dpo_batch()
     history, _ = _run_dpo((1, 1, 1), batch, steps=2, objective=objective)
-    sft_only, _ = _run_dpo((1, 1, 1), batch, steps=1, objective=DpoObjective("sft"))
-    np.testing.assert_allclose(history[0]["loss"], np.log(2) + 0.5 * sft_only[0]["loss"], rtol=1e-5)
+    chosen_tokens = batch["chosen_loss_mask"].sum()  # replies of ≤ 7 tokens: all in the window 8
+    nll = -8 * history[0]["logps/chosen"] / chosen_tokens
+    np.testing.assert_allclose(history[0]["loss"], np.log(2) + 0.5 * nll, rtol=1e-5)
     assert history[0]["pairs"] == 8 and history[1]["loss"] < history[0]["loss"]
 
 
