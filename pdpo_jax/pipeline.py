@@ -24,6 +24,7 @@ from pdpo_jax.fileio import write_json_atomic
 from pdpo_jax.run_report import run_report
 from pdpo_jax.sampling.negatives import run_negatives
 from pdpo_jax.train.stages import run_dpo, run_sft
+from pdpo_jax.train.steps import DpoObjective
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def run(cfg: Config) -> pathlib.Path:
     unknown = [s for s in cfg.run.stages if s not in STAGES]
     if unknown:
         raise UserError(f"run.stages has unknown stages {unknown}; choose from {list(STAGES)}")
+    if "dpo" in cfg.run.stages:  # a DPO loss setting that would do nothing fails now, not after SFT
+        DpoObjective.from_section(cfg.dpo)
     ctx = make_context(cfg)
     if jax.process_index() == 0:  # the run folder is shared by every process
         write_json_atomic(ctx.run_dir / "config.json", to_dict(cfg), indent=2)

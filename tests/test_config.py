@@ -24,8 +24,8 @@ def test_wrong_type_and_bad_literal(tmp_path):
     path.write_text("dpo:\n  beta: fast\n")
     with pytest.raises(ConfigError, match=r"dpo.beta: expected float, got 'fast'"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"dpo.loss: 'hinge' is not one of"):
-        load_config(None, ("dpo.loss=hinge",))
+    with pytest.raises(ConfigError, match=r"dpo.loss: 'hinje' is not one of .*; did you mean 'hinge'\?"):
+        load_config(None, ("dpo.loss=hinje",))
 
 
 def test_base_file_is_overlaid(tmp_path):

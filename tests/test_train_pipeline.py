@@ -142,3 +142,15 @@ def test_precomputed_reference_equals_live_reference_and_is_cached(tmp_path, dpo
     import shutil
     shutil.rmtree(tmp_path / "pre" / "dpo" / "ckpt")
     pipeline.run(_dpo_cfg(tmp_path / "pre", dpo_inputs, "dpo.precompute_ref=true"))
+
+
+def test_reference_free_dpo_stage_holds_and_scores_no_reference(tmp_path, dpo_inputs, monkeypatch):
+    """dpo.loss: [simpo, sft]: the stage neither copies the reference weights nor precomputes
+    reference log-probs (even with precompute_ref), and trains to the end."""
+    from pdpo_jax.train import reference, stages
+    monkeypatch.setattr(reference, "compute", lambda *a, **k: pytest.fail("reference scored"))
+    monkeypatch.setattr(stages, "frozen_forward_params", lambda *a: pytest.fail("reference held"))
+    run = tmp_path / "simpo"
+    pipeline.run(_dpo_cfg(run, dpo_inputs, "dpo.loss=[simpo, sft]", "dpo.precompute_ref=true"))
+    last = _last_eval(run)
+    assert last["step"] == 4 and np.isfinite(last["eval/loss"])

@@ -48,11 +48,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, option, where)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+                errors.append((_is_list_type(option) == isinstance(value, (list, tuple)), str(e)))
+        # the error of the option the value is shaped like (a list for `tuple[...]`), if any
+        raise ConfigError(max(errors, key=lambda e: e[0])[1])
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+            allowed = list(typing.get_args(tp))
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: {value!r} is not one of {allowed}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -77,13 +81,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
+def _is_list_type(tp: Any) -> bool:
+    return typing.get_origin(_plain(tp)) is tuple
+
+
 def _plain(tp: Any) -> Any:
     """The type under an Annotated[...] wrapper."""
     return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
 
 
 def build(cls, raw: dict, where: str = ""):
-    """Builds dataclass `cls` from a mapping, checking every key and type."""
+    """Builds dataclass `cls` from a mapping, checking every key and type; a ValueError from
+    the dataclass's own checks (`__post_init__`, message "<field>: ...") names its key."""
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -96,7 +105,10 @@ def build(cls, raw: dict, where: str = ""):
             # Nested sections overlay their defaults (e.g. dpo.optimizer keeps lr=1e-6).
             value = _deep_merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's cross-field check: "<field>: what is wrong"
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

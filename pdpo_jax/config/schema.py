@@ -119,12 +119,26 @@ class SftSection(StageSection):
     pass
 
 
+# The preference losses (pdpo_jax.train.losses.PREFERENCE_LOSSES; docs/guide.md "The loss menu").
+LossName = Literal["sigmoid", "cdpo", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                   "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                   "sigmoid_norm", "sft", "simpo", "orpo"]
+
+
 @dataclasses.dataclass(frozen=True)
 class DpoSection(StageSection):
+    """A loss, or a list of losses summed with `loss_weights` (trl's `loss_type`/`loss_weights`).
+    A loss-specific hyperparameter left at its default is unread by the other losses; set
+    away from it while no selected loss reads it, it is an error (`DpoObjective`)."""
     beta: Positive = 0.5
-    loss: Literal["sigmoid", "cdpo", "ipo"] = "sigmoid"
+    loss: LossName | tuple[LossName, ...] = "sigmoid"
+    loss_weights: tuple[NonNegative, ...] | None = None  # one per loss; default all 1.0
+    # ε of cdpo, robust, exo_pair, aot, aot_unpaired and simpo
     label_smoothing: Annotated[float, Range(0, 0.5, high_open=True)] = 0.0
     rpo_alpha: NonNegative = 0.0
+    simpo_gamma: NonNegative = 0.5    # SimPO's target margin γ (trl CPOConfig default)
+    discopop_tau: Positive = 0.05     # DiscoPOP's temperature τ (the paper's value)
+    orpo_lambda: NonNegative = 0.1    # ORPO's λ on the odds-ratio term (the paper's value)
     # Optional separate preference file (trl-style JSONL); default: the negatives stage output.
     pairs: str | None = None
     dev_pairs: str | None = None
@@ -134,6 +148,14 @@ class DpoSection(StageSection):
     # rejected] with a segment mask (P + 2R tokens per pair instead of 2(P + R)); the same
     # log-probs up to fp32 summation order.
     share_prompt: bool = True
+
+    def __post_init__(self):
+        names = (self.loss,) if isinstance(self.loss, str) else self.loss
+        if not names:
+            raise ValueError("loss: an empty list; name at least one loss")
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ValueError(f"loss_weights: {len(self.loss_weights)} weight(s) for {len(names)} "
+                             f"loss(es) {list(names)}; give one weight per loss")
 
 
 @dataclasses.dataclass(frozen=True)

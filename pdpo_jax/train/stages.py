@@ -178,23 +178,25 @@ def run_dpo(ctx: RunContext) -> pathlib.Path:
     window = cfg.data.max_response_tokens
     batches = pdata.preference_batches(train, **_batch_kwargs(ctx, stage, train=True))
     dev_batches = pdata.preference_batches(dev, **_batch_kwargs(ctx, stage, train=False))
-    if stage.precompute_ref:  # the policy starts as the reference: score with it, keep one copy
-        ref_params = None
+    objective = DpoObjective.from_section(stage)
+    # A reference-free objective (SimPO, ORPO, SFT) holds no reference and scores none.
+    precomputed = stage.precompute_ref and objective.needs_reference
+    held = objective.needs_reference and not precomputed
+    ref_params = None
+    if precomputed:  # the policy starts as the reference: score with it, keep one copy
         batches, dev_batches = (
             reference.WithReference(b, _cached_reference(ctx, graphdef, params, enc, path, init_checkpoint))
             for b, enc, path in ((batches, train, train_path), (dev_batches, dev, dev_path)))
-    else:
+    elif held:
         # frozen (the policy is donated), its matrices in the compute dtype: the same forward
         ref_params = frozen_forward_params(nnx.merge(graphdef, params))
     total = _total_steps(stage, batches.batches_per_epoch)
     tx, lr = optim.make_optimizer(stage.optimizer, total)
     state, state_sh = st.create_state(params, tx, ctx.mesh)
-    objective = DpoObjective.from_section(stage)
-    precomputed = stage.precompute_ref
     share = stage.share_prompt
     step = make_dpo_step(graphdef, tx, lr, objective, window=window, precomputed_ref=precomputed,
                          share_prompt=share)
-    step_fn = st.jit_dpo_step(step, state_sh, ctx.mesh, with_reference=not precomputed)
+    step_fn = st.jit_dpo_step(step, state_sh, ctx.mesh, with_reference=held)
     eval_fn = jax.jit(make_dpo_eval(graphdef, objective, window=window, precomputed_ref=precomputed,
                                     share_prompt=share))
 
@@ -209,7 +211,7 @@ def run_dpo(ctx: RunContext) -> pathlib.Path:
 
     writer = MetricsWriter(out, tensorboard=True, enabled=jax.process_index() == 0)
     ckpt = Checkpointer(out / "ckpt", keep=cfg.checkpoint.keep)
-    train_step = step_fn if precomputed else (lambda s, b: step_fn(s, ref_params, b))
+    train_step = (lambda s, b: step_fn(s, ref_params, b)) if held else step_fn
     loop.run(_spec(ctx, "dpo", stage, total, loop.Selection("rewards/accuracies", "max")), state=state,
              step_fn=train_step, batches=batches, mesh=ctx.mesh,
              evaluate=evaluate, export=_exporter(ctx, graphdef, out / "best"), ckpt=ckpt,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pdpo_jax.config import DpoSection
+from pdpo_jax.config import ConfigError, DpoSection
 from pdpo_jax.train import losses
 from pdpo_jax.train.logprobs import (LOGIT_CHUNK, response_logps, sequence_logps,
                                      shared_prompt_logps)
@@ -113,27 +113,77 @@ def reference_logps(graphdef, ref_params, mb, *, window, chunk, precomputed: boo
 
 @dataclasses.dataclass(frozen=True)
 class DpoObjective:
-    """The per-pair preference loss the DPO step minimises (static: part of the compiled step)."""
-    loss: str = "sigmoid"
+    """The per-pair preference loss the DPO step minimises (static: part of the compiled step):
+    Σᵢ wᵢ · lossᵢ over `loss` (one name or several, `losses.PREFERENCE_LOSSES`) with
+    `loss_weights` (default all 1), plus `rpo_alpha` times RPO's per-token NLL of the chosen reply.
+    The defaults are the neutral values: a hyperparameter no selected loss reads must keep its
+    default (ConfigError otherwise), so a setting never silently does nothing."""
+    loss: str | tuple[str, ...] = "sigmoid"
     beta: float = 0.5
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
+    loss_weights: tuple[float, ...] | None = None
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+    orpo_lambda: float = 0.1
 
     def __post_init__(self):
-        if self.loss not in losses.PREFERENCE_LOSSES:
-            raise ValueError(f"dpo.loss={self.loss!r}; choose one of {sorted(losses.PREFERENCE_LOSSES)}")
+        if not isinstance(self.loss, str):  # lists (from code) become tuples: hashable, static
+            object.__setattr__(self, "loss", tuple(self.loss))
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
+        if len(self.weights) != len(self.names):
+            raise ConfigError(f"dpo.loss_weights: {len(self.weights)} weight(s) for "
+                              f"{len(self.names)} loss(es) {list(self.names)}; give one per loss")
+        try:
+            losses.check_hyperparameters(self.names, self.hyperparameters)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @classmethod
     def from_section(cls, dpo: DpoSection) -> "DpoObjective":
-        """The objective a config's `dpo:` section describes."""
-        return cls(dpo.loss, dpo.beta, dpo.label_smoothing, dpo.rpo_alpha)
+        """The objective a config's `dpo:` section describes (ConfigError if a setting would
+        have no effect)."""
+        return cls(**{f.name: getattr(dpo, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.loss,) if isinstance(self.loss, str) else tuple(self.loss)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        if self.loss_weights is None:
+            return (1.0,) * len(self.names)
+        return self.loss_weights
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in losses.NEUTRAL}
+
+    @property
+    def needs_reference(self) -> bool:
+        """False when every selected loss is reference-free: the step then runs no reference
+        forward and reads no reference log-probs (they enter the losses and metrics as 0)."""
+        return not set(self.names) <= losses.REFERENCE_FREE
 
     def __call__(self, lp: losses.PairLogps):
-        per_pair = losses.preference_loss(self.loss, lp, beta=self.beta,
-                                          label_smoothing=self.label_smoothing)
+        per_pair = losses.weighted_preference_loss(self.names, self.weights, lp,
+                                                   **self.hyperparameters)
         if self.rpo_alpha:
             per_pair = per_pair + self.rpo_alpha * losses.rpo_nll(lp)
         return per_pair
+
+
+def _reference_fn(graphdef, objective: DpoObjective, *, window, chunk, precomputed, share_prompt):
+    """ref(ref_params, mb) -> reference log-prob sums (chosen, rejected) [B]; zeros, with no
+    forward and `ref_params` unread, when the objective needs no reference."""
+    def reference(ref_params, mb):
+        if not objective.needs_reference:
+            zeros = jnp.zeros(mb["chosen_tokens"].shape[:1], jnp.float32)
+            return zeros, zeros
+        return reference_logps(graphdef, ref_params, mb, window=window, chunk=chunk,
+                               precomputed=precomputed, share_prompt=share_prompt)
+    return reference
 
 
 def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: DpoObjective, *,
@@ -143,12 +193,12 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
 
     Reference log-probs come first, under stop_gradient and outside value_and_grad (or from
     the batch's `ref_chosen_logps`/`ref_rejected_logps` when precomputed); `ref_params` is a
-    separate frozen argument. Metrics are trl's, averaged over the real pairs of the global batch.
+    separate frozen argument, ignored (may be None) when `objective.needs_reference` is False.
+    Metrics are trl's, averaged over the real pairs of the global batch.
     share_prompt: each forward runs the prompt once per pair (see `pair_logps`).
     """
-    def reference(ref_params, mb):
-        return reference_logps(graphdef, ref_params, mb, window=window, chunk=chunk,
-                               precomputed=precomputed_ref, share_prompt=share_prompt)
+    reference = _reference_fn(graphdef, objective, window=window, chunk=chunk,
+                              precomputed=precomputed_ref, share_prompt=share_prompt)
 
     def step(state: TrainState, ref_params, batch):
         def body(carry, mb):
@@ -159,7 +209,7 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
                 pc, pr, nc, nr = pair_logps(graphdef, params, mb, window=window, chunk=chunk,
                                             share_prompt=share_prompt)
                 lp = losses.PairLogps(pc, pr, ref_c, ref_r, nc, nr)
-                real = (nc > 0) & (nr > 0)  # padding rows carry no response
+                real = lp.real  # padding rows carry no response
                 per_pair = jnp.where(real, objective(lp), 0.0)
                 stats = {k: jnp.sum(jnp.where(real, v, 0.0))
                          for k, v in losses.preference_metrics(lp, objective.beta).items()}
@@ -185,14 +235,17 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
 
 def make_dpo_eval(graphdef, objective: DpoObjective, *, window, chunk=LOGIT_CHUNK,
                   precomputed_ref=False, share_prompt: bool = False):
-    """eval(params, ref_params, batch [B,...]) -> per-metric sums and the pair count."""
+    """eval(params, ref_params, batch [B,...]) -> per-metric sums and the pair count;
+    `ref_params` as in `make_dpo_step`."""
+    reference = _reference_fn(graphdef, objective, window=window, chunk=chunk,
+                              precomputed=precomputed_ref, share_prompt=share_prompt)
+
     def evaluate(params, ref_params, mb):
-        rc, rr = reference_logps(graphdef, ref_params, mb, window=window, chunk=chunk,
-                                 precomputed=precomputed_ref, share_prompt=share_prompt)
+        rc, rr = reference(ref_params, mb)
         pc, pr, nc, nr = pair_logps(graphdef, params, mb, window=window, chunk=chunk,
                                     share_prompt=share_prompt)
         lp = losses.PairLogps(pc, pr, rc, rr, nc, nr)
-        real = (nc > 0) & (nr > 0)
+        real = lp.real
         out = {k: jnp.sum(jnp.where(real, v, 0.0))
                for k, v in losses.preference_metrics(lp, objective.beta).items()}
         out["loss"] = jnp.sum(jnp.where(real, objective(lp), 0.0))
