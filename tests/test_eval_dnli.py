@@ -9,8 +9,9 @@ import torch
 from hf_reference import tiny_hf_model
 from pdpo_jax import data as pdata
 from pdpo_jax.config import EvalSection
-from pdpo_jax.eval import dnli, run_dnli_stage
-from pdpo_jax.eval.dnli import DnliResult, dnli_table, score_dnli, select_examples
+from pdpo_jax.eval import dnli, dnli_scoring, run_dnli_stage
+from pdpo_jax.eval.dnli import DnliResult, dnli_table, select_examples
+from pdpo_jax.eval.dnli_scoring import score_dnli
 from pdpo_jax.models import from_pretrained
 
 
@@ -39,13 +40,19 @@ def _hf_candidate_logp(hf, tok, ex, text):
     return float(logp[len(prompt) - 1:-1].gather(-1, targets[:, None]).sum()), len(response)
 
 
-def test_scores_match_hf_logits(tiny, gpt2_tok, embedded):
+def _shortest(embedded):
+    """The shortest prompt of each relation group: small buckets keep the tests fast."""
+    return [min((e for e in embedded if e.group == g), key=lambda e: len(str(e.history)))
+            for g in ("attributes", "havenot", "likedislike")]
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_scores_match_hf_logits(tiny, gpt2_tok, embedded, shared_prompt):
     folder, hf = tiny
-    # The shortest prompt of each relation group: small buckets keep the test fast.
-    examples = [min((e for e in embedded if e.group == g), key=lambda e: len(str(e.history)))
-                for g in ("attributes", "havenot", "likedislike")]
-    result = score_dnli(from_pretrained(folder), gpt2_tok, "english", examples, batch_size=16,
-                        progress=False)
+    examples = _shortest(embedded)
+    result = score_dnli(from_pretrained(folder), gpt2_tok, "english", examples,
+                        batch_size=4 if shared_prompt else 16, progress=False,
+                        shared_prompt=shared_prompt)
     assert len(result.scores) == sum(len(e.candidates) for e in examples)
     by_id = {e.example_id: e for e in examples}
     rng = np.random.default_rng(0)
@@ -55,6 +62,36 @@ def test_scores_match_hf_logits(tiny, gpt2_tok, embedded):
         assert c.n_tokens == n
         np.testing.assert_allclose(c.score_sum, expected, rtol=1e-5, atol=1e-4)
         assert c.score("mean") == pytest.approx(c.score_sum / n)
+
+
+def test_shared_prompt_rows_equal_full_rows(tiny, gpt2_tok, embedded):
+    """Every candidate of 3 examples: the packed rows (one prompt, many candidates, 2 rows per
+    example where they do not fit one) score what one row per candidate scores, up to fp32
+    summation order; the ranking is the same."""
+    examples = _shortest(embedded)
+    model = from_pretrained(tiny[0])
+    full = score_dnli(model, gpt2_tok, "english", examples, batch_size=16, progress=False,
+                      shared_prompt=False)
+    packed = score_dnli(model, gpt2_tok, "english", examples, batch_size=2, progress=False)
+    assert [(c.example_id, c.candidate_index, c.n_tokens) for c in packed.scores] == \
+        [(c.example_id, c.candidate_index, c.n_tokens) for c in full.scores]
+    np.testing.assert_allclose([c.score_sum for c in packed.scores],
+                               [c.score_sum for c in full.scores], rtol=2e-6, atol=2e-5)
+    assert packed.rank1("sum") == full.rank1("sum")
+
+
+def test_packed_rows_split_when_candidates_do_not_fit(monkeypatch, tiny, gpt2_tok, embedded):
+    """A row budget that holds a third of the candidates: every candidate is still scored once,
+    and the scores do not change."""
+    examples = _shortest(embedded)[:1]
+    model = from_pretrained(tiny[0])
+    whole = score_dnli(model, gpt2_tok, "english", examples, batch_size=2, progress=False)
+    prompt_len = len(gpt2_tok.encode(whole.prompts[examples[0].example_id]))
+    monkeypatch.setattr(dnli_scoring, "MAX_ROW", prompt_len + 100)
+    monkeypatch.setattr(dnli_scoring, "ROW_BUCKETS", (prompt_len + 100, 4096))
+    split = score_dnli(model, gpt2_tok, "english", examples, batch_size=2, progress=False)
+    np.testing.assert_allclose([c.score_sum for c in split.scores],
+                               [c.score_sum for c in whole.scores], rtol=2e-6, atol=2e-5)
 
 
 def _write_dnli(path, examples):
@@ -80,18 +117,21 @@ HAND_MADE = [
 ]
 
 
-def _fake_scores(graphdef, params, batch, *, window, chunk):
-    """Σ = -n², so the mean is -n: the candidate with the fewest tokens wins both ways."""
-    n = np.asarray(batch["loss_mask"]).sum(axis=1)
-    return -(n.astype(np.float32) ** 2), n.astype(np.int32)
+def _fake_token_logps(graphdef, params, batch, *, chunk):
+    """Every token of an n-token candidate scores -n, so Σ = -n² and the mean is -n: the
+    candidate with the fewest tokens wins both ways."""
+    segments, target = np.asarray(batch["segments"]), np.asarray(batch["target"])
+    seg_BQ = np.take_along_axis(segments, target, axis=1)
+    n_BQ = np.stack([np.bincount(row, minlength=row.max() + 1)[row] for row in seg_BQ])
+    return np.where(np.asarray(batch["valid"]), -n_BQ, 0).astype(np.float32)
 
 
 def test_category_accounting_on_hand_made_file(tmp_path, gpt2_tok, tiny, monkeypatch):
     path = tmp_path / "valid_havenot.jsonl.gz"
     _write_dnli(path, HAND_MADE)
     examples = pdata.read_dnli(path)
-    monkeypatch.setattr(dnli, "_score_rows", _fake_scores)
-    # batch_size 3: every example's candidates span two batches.
+    monkeypatch.setattr(dnli_scoring, "_score_packed", _fake_token_logps)
+    monkeypatch.setattr(dnli_scoring, "MAX_ROW", 40)  # a few candidates per row: several rows
     result = score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", examples, batch_size=3,
                         progress=False)
     for norm in ("sum", "mean"):
@@ -122,7 +162,7 @@ def test_select_examples_keeps_every_group(embedded):
 
 def test_embedded_file_end_to_end(tmp_path, tiny, gpt2_tok, embedded, monkeypatch):
     assert len(embedded) == 542
-    cfg = EvalSection(max_examples=6, batch_size=32, max_prompt_tokens=96)
+    cfg = EvalSection(max_examples=6, batch_size=4, max_prompt_tokens=96)
     checkpoints = {"sft": tiny[0], "dpo": tiny[0]}
     markdown = run_dnli_stage(tmp_path, checkpoints, gpt2_tok, cfg, "english")
     for needle in ("| Checkpoint | Hits↑ | Entail↑ | Rand↓ | Contradict↓ | n |", "| sft |",
@@ -150,10 +190,10 @@ def test_sharded_scores_equal_unsharded(tiny, gpt2_tok, embedded):
     from pdpo_jax.sharding import make_mesh
     examples = select_examples(embedded, 1)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    plain = score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", examples, batch_size=8,
+    plain = score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", examples, batch_size=4,
                        max_prompt_tokens=96, progress=False)
     sharded = score_dnli(from_pretrained(tiny[0], mesh=mesh), gpt2_tok, "english", examples,
-                         batch_size=8, max_prompt_tokens=96, mesh=mesh, progress=False)
+                         batch_size=4, max_prompt_tokens=96, mesh=mesh, progress=False)
     assert len(sharded.scores) == len(examples[0].candidates) and not sharded.skipped
     np.testing.assert_allclose([c.score_sum for c in sharded.scores],
                                [c.score_sum for c in plain.scores], rtol=1e-5, atol=1e-4)

@@ -46,3 +46,28 @@ def test_smollm2_logits_match_transformers(smollm2_dir, chat_ids, tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     for key, tensor in hf.state_dict().items():
         assert torch.equal(again.state_dict()[key], tensor), key
+
+
+def test_smollm2_dnli_scores_match_transformers(smollm2_dir):
+    """Dialogue-NLI on the real model through the chat template: every candidate of one example,
+    scored with the shared prompt (all candidates in one packed row), equals HF PyTorch's
+    Σ log p(candidate | prompt) from one full row per candidate."""
+    from pdpo_jax import data as pdata
+    from pdpo_jax.eval.dnli_scoring import score_dnli
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    examples = pdata.read_dnli_files(pdata.default_paths().dnli)
+    example = min(examples, key=lambda e: len(" ".join(e.history)))
+    result = score_dnli(from_pretrained(smollm2_dir), tok, "chat", [example], batch_size=1,
+                        progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    worst = 0.0
+    for c in result.scores[::4]:  # every 4th candidate: ~8 HF forwards
+        enc = pdata.encode_pair(tok, "chat", example.persona, example.history, c.candidate)
+        ids = torch.as_tensor([list(enc.prompt_ids) + list(enc.response_ids)])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(input_ids=ids).logits.double(), -1)[0]
+        P = len(enc.prompt_ids)
+        want = float(logp[P - 1:-1].gather(-1, ids[0, P:, None]).sum())
+        worst = max(worst, abs(c.score_sum - want))
+        np.testing.assert_allclose(c.score_sum, want, rtol=1e-5, atol=5e-4)
+    print(f"SmolLM2 DNLI: max |ours - HF| summed log-prob = {worst:.2e} nats")

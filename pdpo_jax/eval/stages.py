@@ -21,7 +21,8 @@ from pdpo_jax.eval.cache import JudgmentCache
 from pdpo_jax.config import EvalSection, JudgeSection, ResponseSection
 from pdpo_jax.context import RunContext, read_dialogues
 from pdpo_jax.eval.checkpoints import resolve_checkpoints
-from pdpo_jax.eval.dnli import DnliResult, dnli_report, score_dnli, select_examples
+from pdpo_jax.eval.dnli import DnliResult, dnli_report, select_examples
+from pdpo_jax.eval.dnli_scoring import score_dnli
 from pdpo_jax.fileio import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
                               write_json_atomic, write_jsonl_atomic, write_text_atomic)
 from pdpo_jax.eval.judge import load_template

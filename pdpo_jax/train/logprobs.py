@@ -134,8 +134,18 @@ def shared_prompt_logps(model, chosen: dict, rejected: dict, *, window: int,
     the sides on the batch axis did, and XLA:CPU's collectives then hung intermittently on
     8 host devices)."""
     tokens, positions, segments, (pred, target, valid) = shared_prompt_rows(chosen, rejected, window)
-    h_BRD, _ = model.hidden_states(tokens, positions, segments > 0, segments_BT=segments,
-                                   select_BQ=pred)
-    y_BR = jnp.take_along_axis(tokens, target, axis=1)
-    logp = jnp.where(valid, token_logps(h_BRD, model.unembedding_VD(), y_BR, chunk), 0.0)
+    logp = packed_logps(model, tokens, positions, segments, pred, target, valid, chunk=chunk)
     return (logp[:, :window], valid[:, :window]), (logp[:, window:], valid[:, window:])
+
+
+def packed_logps(model, tokens_BT, positions_BT, segments_BT, pred_BQ, target_BQ, valid_BQ, *,
+                 chunk: int = LOGIT_CHUNK):
+    """fp32 log p(token at target | everything its segment sees) [B, Q], 0 where not valid, for
+    rows packed with segments (`models.attention.key_info`): column pred_BQ predicts the token
+    at column target_BQ. One forward serves every sequence of a row — a shared prompt and its
+    continuations (DPO's chosen and rejected, Dialogue-NLI's candidates), or independent records
+    packed side by side; the last layer runs at the Q predicting columns alone."""
+    h_BQD, _ = model.hidden_states(tokens_BT, positions_BT, segments_BT > 0,
+                                   segments_BT=segments_BT, select_BQ=pred_BQ)
+    y_BQ = jnp.take_along_axis(tokens_BT, target_BQ, axis=1)
+    return jnp.where(valid_BQ, token_logps(h_BQD, model.unembedding_VD(), y_BQ, chunk), 0.0)
