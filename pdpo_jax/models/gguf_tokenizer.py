@@ -36,18 +36,26 @@ def _split_then_bytes(pattern: str):
                                     _byte_level(use_regex=False)])
 
 
-# tokenizer.ggml.pre → (pre-tokenizer, normalizer) of the HF tokenizers llama.cpp gives that name.
-_GPT2 = lambda: (_byte_level(), None)  # noqa: E731  GPT-2's own split
-_DIGITS = lambda: (pre_tokenizers.Sequence(  # noqa: E731  then each digit alone
-    [pre_tokenizers.Digits(individual_digits=True), _byte_level()]), None)
-_QWEN2 = lambda: (_split_then_bytes(_QWEN2_SPLIT), normalizers.NFC())  # noqa: E731
-_LLAMA3 = lambda: (_split_then_bytes(_LLAMA3_SPLIT), None)  # noqa: E731
-PRE_TOKENIZERS = {
-    "gpt-2": _GPT2, "phi-2": _GPT2, "olmo": _GPT2, "mpt": _GPT2,
-    "smollm": _DIGITS, "starcoder": _DIGITS, "refact": _DIGITS, "codeshell": _DIGITS,
-    "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2,
-    "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "smaug-bpe": _LLAMA3,
-}
+def _gpt2():  # GPT-2's own split
+    return _byte_level(), None
+
+
+def _digits():  # GPT-2's split after every digit is cut off alone (StarCoder, SmolLM2)
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    _byte_level()]), None
+
+
+def _qwen2():
+    return _split_then_bytes(_QWEN2_SPLIT), normalizers.NFC()
+
+
+def _llama3():
+    return _split_then_bytes(_LLAMA3_SPLIT), None
+
+
+# tokenizer.ggml.pre → (pre-tokenizer, normalizer) of the HF tokenizers llama.cpp gives that name
+PRE_TOKENIZERS = {"gpt-2": _gpt2, "smollm": _digits, "starcoder": _digits, "refact": _digits,
+                  "qwen2": _qwen2, "llama-bpe": _llama3}
 
 
 def _bpe(meta: dict, source: str) -> Tokenizer:
@@ -55,11 +63,11 @@ def _bpe(meta: dict, source: str) -> Tokenizer:
     if kind != "gpt2":
         raise UserError(f"{source}: tokenizer.ggml.model={kind!r} is not implemented by "
                         "pdpo_jax (only byte-level BPE, 'gpt2'); load the tokenizer from the "
-                        "model's Hugging Face repository instead")
+                        "model's Hugging Face repository instead (convert with --no-tokenizer)")
     if pre not in PRE_TOKENIZERS:
         raise UserError(f"{source}: tokenizer.ggml.pre={pre!r} is not implemented by pdpo_jax "
                         f"(known: {sorted(PRE_TOKENIZERS)}); load the tokenizer from the "
-                        "model's Hugging Face repository instead")
+                        "model's Hugging Face repository instead (convert with --no-tokenizer)")
     tokens = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False,
@@ -88,7 +96,8 @@ def build_tokenizer(meta: dict, source: str) -> transformers.PreTrainedTokenizer
     """The tokenizer a GGUF's metadata (`gguf_file.metadata`) describes; `source` names the
     file in errors."""
     if "tokenizer.ggml.tokens" not in meta:
-        raise UserError(f"{source}: no tokenizer.ggml.tokens; the file carries no tokenizer")
+        raise UserError(f"{source}: no tokenizer.ggml.tokens; the file carries no tokenizer "
+                        "(convert with --no-tokenizer)")
     tokens = meta["tokenizer.ggml.tokens"]
 
     def token(key: str):
@@ -97,10 +106,10 @@ def build_tokenizer(meta: dict, source: str) -> transformers.PreTrainedTokenizer
 
     arch = meta.get("general.architecture")
     max_len = meta.get(f"{arch}.context_length")
-    kwargs = dict(bos_token=token("bos"), eos_token=token("eos"), unk_token=token("unknown"),
-                  pad_token=token("padding"),
-                  add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-                  add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+    kwargs = {"bos_token": token("bos"), "eos_token": token("eos"), "unk_token": token("unknown"),
+              "pad_token": token("padding"),
+              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
     if max_len:
         kwargs["model_max_length"] = int(max_len)
     if "tokenizer.chat_template" in meta:
