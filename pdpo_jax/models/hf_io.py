@@ -132,6 +132,8 @@ def _ignorable(key: str, cfg: ModelConfig) -> bool:
 class _Source:
     """HF tensors by name, from safetensors (lazy) or, with explicit opt-in, pytorch_model.bin."""
 
+    config_name = "config.json"  # where the architecture comes from, for error messages
+
     def __init__(self, folder: pathlib.Path, allow_pickle: bool):
         bin_path = folder / "pytorch_model.bin"
         has_st = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
@@ -174,6 +176,9 @@ class _Source:
         back = {v: k for k, v in self._alias.items()}
         return {back.get(k, k) for k in self.keys_raw()}
 
+    def describe(self, key: str) -> str:
+        return repr(key)
+
 
 def _hf_shape(rule: Rule, cfg: ModelConfig, our_shape: tuple[int, ...]) -> tuple[int, ...]:
     return jax.eval_shape(lambda w: rule.to_hf(w, cfg),
@@ -182,13 +187,15 @@ def _hf_shape(rule: Rule, cfg: ModelConfig, our_shape: tuple[int, ...]) -> tuple
 
 def _read_one(src: _Source, key: str, rule: Rule, cfg: ModelConfig, our_shape, dtype) -> np.ndarray:
     if not src.has(key):
-        raise UserError(f"{src.where}: tensor {key!r} is missing; the checkpoint does not match "
-                        f"its config.json ({cfg.hf_model_type}, {cfg.num_layers} layers)")
+        raise UserError(f"{src.where}: tensor {src.describe(key)} is missing; the checkpoint does "
+                        f"not match its {src.config_name} ({cfg.hf_model_type}, {cfg.num_layers} "
+                        "layers)")
     w = src.get(key)
     want = _hf_shape(rule, cfg, our_shape)
     if tuple(w.shape) != tuple(want):
-        raise UserError(f"{src.file_of(key)}: tensor {key!r} has shape {tuple(w.shape)}, but "
-                        f"config.json implies {tuple(want)}; the checkpoint and config disagree")
+        raise UserError(f"{src.file_of(key)}: tensor {src.describe(key)} has shape "
+                        f"{tuple(w.shape)}, but {src.config_name} implies {tuple(want)}; the "
+                        "checkpoint and config disagree")
     return np.asarray(rule.to_ours(w, cfg)).astype(dtype)
 
 
@@ -209,6 +216,10 @@ def _load_param(src: _Source, rule: Rule, cfg: ModelConfig, shape, dtype, shardi
 
 def _read_config(folder: pathlib.Path) -> dict:
     path = folder / "config.json"
+    if folder.suffix == ".gguf" or (not path.is_file() and any(folder.glob("*.gguf"))):
+        raise UserError(f"{folder}: holds a GGUF file (llama.cpp's format), not a Hugging Face "
+                        "checkpoint; load it with pdpo_jax.models.gguf_io.from_pretrained, or "
+                        "convert it once: python -m pdpo_jax.models.gguf_io convert FILE.gguf OUT_DIR")
     if not path.is_file():
         raise UserError(f"{path}: missing; pass a folder that holds a Hugging Face checkpoint "
                         "(config.json + model.safetensors)")
@@ -237,12 +248,27 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     ModelConfig. stack_layers=False: `model.layers` is one module per layer
     (`layers.unstack_layers`), the layout the sampler decodes with, so that with
     param_dtype = dtype a `Sampler` needs no second copy of the layers.
+    (A llama.cpp GGUF file loads with `gguf_io.from_pretrained`, through `load_model`.)
     """
     folder = pathlib.Path(path).expanduser()
     cfg = config_from_hf(_read_config(folder), source=str(folder / "config.json"))
+    return load_model(cfg, _Source(folder, allow_pickle), dtype=dtype, param_dtype=param_dtype,
+                      mesh=mesh, rules=rules, remat=remat, unroll_layers=unroll_layers,
+                      stack_layers=stack_layers)
+
+
+def load_model(cfg: ModelConfig, src, *, dtype: str = "float32", param_dtype: str = "float32",
+               mesh: Mesh | None = None, rules=shd.TRAIN_RULES, remat: str = "none",
+               unroll_layers: bool = False, stack_layers: bool = True):
+    """Our model of architecture `cfg` (from `config_from_hf`), its weights from `src`.
+
+    src: HF tensors by name, as `_Source` (a checkpoint folder) and `gguf_io.GGUFSource` (a
+    GGUF file) provide them: `has(key)`, `get(key) -> np.ndarray` in HF layout,
+    `canonical_keys()` (every tensor it holds), and for error messages `where`,
+    `file_of(key)`, `describe(key)`, `config_name`. Other arguments: see `from_pretrained`.
+    """
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, remat=remat,
                       unroll_layers=unroll_layers)
-    src = _Source(folder, allow_pickle)
     build = (lambda: build_model(cfg)) if stack_layers else (lambda: unstack_layers(build_model(cfg)))
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
     table = mapping_table(cfg)
