@@ -230,3 +230,10 @@ def test_srun_environment_is_auto_detected(tmp_path):
     for i, out in enumerate(outs):
         assert procs[i].returncode == 0, out[-3000:]
         assert f"SLURM {i} 2 127.0.0.1:{free} 0,1,2,3" in out
+
+
+def test_gpu_check_script_parses_its_arguments():
+    """bench/gpu_check.py (run on a lent GPU; `--smoke` runs it on tiny shapes anywhere)."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--smoke" in out.stdout and "dpo_step" in out.stdout

@@ -1,0 +1,209 @@
+"""The accelerator check: one prepared run on a GPU (or TPU) host, ≤ 8 minutes on one GPU.
+
+    bash bench/gpu_check.sh            # on the device machine (JAX with CUDA already installed)
+    python bench/gpu_check.py --smoke  # the same steps on tiny shapes, on any backend (CI)
+
+Steps, each a JSON record (a failed step records its error and the run goes on):
+  parity    tests/test_models_hf_parity.py on the accelerator (HF PyTorch logits on the CPU)
+  dpo_bf16  one DPO step of a tiny Llama in bf16 on the accelerator: finite, loss near log 2
+  dpo_step  DPO step time, tokens/s and MFU of a Qwen2-1.5B-shaped model (random weights, bf16
+            compute, fp32 params, 8 pairs x (192 + 64) tokens, shared prompt), attention by
+            `jax.nn.dot_product_attention` on its cuDNN path and on the XLA path
+  engine    the continuous-batching engine on a negatives-like workload (prompts ~128 tokens,
+            replies of persona-chat lengths, top-p 0.9) at 64, 128 and 256 slots: useful tok/s
+  memory    the DPO step's peak device memory against `pdpo_jax.memory`'s prediction
+Writes $OUT/gpu_check.json (or --out) and prints one summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QWEN2_1_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                  max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e6,
+                  tie_word_embeddings=True, eos_token_id=151643)
+TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, eos_token_id=0)
+BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312}  # dense bf16, for MFU
+
+
+def _timed(fn, reps: int) -> list[float]:
+    import jax
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def step_parity(args) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+           "tests/test_models_hf_parity.py"]
+    env = dict(os.environ, XLA_FLAGS="")  # the accelerator's own devices, not 8 fake CPUs
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    return dict(passed=p.returncode == 0, tail=p.stdout[-600:])
+
+
+def _dpo_setup(arch: dict, pairs: int, prompt: int, reply: int, attention: str | None):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from pdpo_jax import sharding as shd
+    from pdpo_jax.config import OptimizerConfig
+    from pdpo_jax.models import config_from_hf
+    from pdpo_jax.models.layers import frozen_forward_params
+    from pdpo_jax.train import optim, state as st
+    from pdpo_jax.train.steps import DpoObjective, make_dpo_step
+    cfg = config_from_hf(arch).replace(dtype="bfloat16", param_dtype="float32",
+                                       attn_implementation=attention)
+    mesh = shd.make_mesh(data=1, fsdp=-1, tensor=1)
+    graphdef, params = st.init_params(cfg, mesh, seed=0)
+    tx, lr = optim.make_optimizer(OptimizerConfig(lr=1e-6), 100)
+    ref = frozen_forward_params(__import__("flax").nnx.merge(graphdef, params))
+    state, state_sh = st.create_state(params, tx, mesh)
+    step = st.jit_dpo_step(make_dpo_step(graphdef, tx, lr, DpoObjective(), window=reply,
+                                         share_prompt=True), state_sh, mesh)
+    rng = np.random.default_rng(0)
+    T = prompt + reply
+    batch = {}
+    for side in ("chosen", "rejected"):
+        tokens = rng.integers(1, cfg.vocab_size, (1, pairs, T)).astype(np.int32)
+        tokens[..., prompt:] = rng.integers(1, cfg.vocab_size, (1, pairs, reply))
+        loss = np.zeros((1, pairs, T), bool)
+        loss[..., prompt:] = True
+        batch |= {f"{side}_tokens": tokens, f"{side}_positions": np.broadcast_to(np.arange(T), (1, pairs, T)).astype(np.int32),
+                  f"{side}_attention_mask": np.ones((1, pairs, T), bool), f"{side}_loss_mask": loss}
+    batch["rejected_tokens"][..., :prompt] = batch["chosen_tokens"][..., :prompt]
+    return cfg, step, state, ref, st.shard_batch(batch, mesh), jnp
+
+
+def step_dpo_bf16(args) -> dict:
+    import math
+    cfg, step, state, ref, batch, _ = _dpo_setup(TINY, 4, 24, 8, None)
+    state, metrics = step(state, ref, batch)
+    loss = float(metrics["loss"])
+    return dict(finite=bool(metrics["finite"]), loss=loss, ok=abs(loss - math.log(2)) < 0.05)
+
+
+def step_dpo(args) -> dict:
+    import jax
+    arch, pairs, prompt, reply = (TINY, 4, 24, 8) if args.smoke else (QWEN2_1_5B, 8, 192, 64)
+    out = {}
+    for attention in ("cudnn", "xla"):
+        try:
+            cfg, step, state, ref, batch, _ = _dpo_setup(arch, pairs, prompt, reply, attention)
+            start = time.perf_counter()
+            state, metrics = step(state, ref, batch)
+            jax.block_until_ready(metrics)
+            compile_s = time.perf_counter() - start
+            holder = {"s": state}
+
+            def one():
+                holder["s"], m = step(holder["s"], ref, batch)
+                return m
+            times = sorted(_timed(one, 3 if args.smoke else 10))
+            ms = times[len(times) // 2] * 1e3
+            n = sum(x.size for x in jax.tree.leaves(state.params))
+            tokens = 2 * pairs * (prompt + reply)  # the work asked for (chosen + rejected)
+            flops = 8 * n * (prompt + 2 * reply) * pairs  # policy fwd+bwd (6N) + reference fwd (2N)
+            peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in str(jax.devices()[0].device_kind)), None)
+            out[attention] = dict(ms_per_step=ms, tokens_per_s=tokens / ms * 1e3, compile_s=compile_s,
+                                  params=n, mfu=(flops / (ms / 1e3) / (peak * 1e12)) if peak else None,
+                                  peak_bytes=_peak_bytes())
+        except Exception as e:  # cuDNN attention is GPU-only: record and go on
+            out[attention] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    return out
+
+
+def _peak_bytes() -> int | None:
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def step_engine(args) -> dict:
+    import numpy as np
+    from pdpo_jax.models import config_from_hf
+    from pdpo_jax.models.families import build_model
+    from pdpo_jax.sampling import SamplingConfig
+    from pdpo_jax.sampling.engine import Engine, Request
+    arch = TINY if args.smoke else QWEN2_1_5B
+    model = build_model(config_from_hf(arch).replace(dtype="bfloat16", param_dtype="bfloat16"))
+    rng = np.random.default_rng(0)
+    n_prompts = 64 if args.smoke else 1024
+    prompts = [rng.integers(1, 400, rng.integers(96, 160)).tolist() for _ in range(n_prompts)]
+    budgets = np.clip(rng.gamma(3.0, 4.5, n_prompts).astype(int) + 1, 2, 48).tolist()  # ~13 tokens
+    out = {}
+    for slots in ((8, 16) if args.smoke else (64, 128, 256)):
+        engine = Engine(model, SamplingConfig(48, top_p=0.9), slots=slots)
+
+        def run():
+            scheduler = engine.scheduler(cache_len=160 + 48 + 32)
+            for k, (p, b) in enumerate(zip(prompts, budgets)):
+                scheduler.submit(Request(p, int(b), example_id=k, top_p=0.9))
+            while scheduler.busy:
+                scheduler.step()
+            return scheduler
+        run()
+        start = time.perf_counter()
+        scheduler = run()
+        seconds = time.perf_counter() - start
+        out[f"slots_{slots}"] = dict(seconds=seconds, useful_tok_s=sum(budgets) / seconds,
+                                     busy=scheduler.useful_steps / max(scheduler.slot_steps, 1))
+    return out
+
+
+def step_memory(args, dpo: dict) -> dict:
+    import jax
+    from pdpo_jax.config import load_config
+    from pdpo_jax.memory import MeshShape, plan
+    arch = TINY if args.smoke else QWEN2_1_5B
+    pairs, total = (4, 32) if args.smoke else (8, 256)
+    cfg = load_config(None, (f"model.architecture={json.dumps(arch)}", "model.dtype=bfloat16",
+                             f"dpo.batch_size={pairs}", f"data.max_total_tokens={total}",
+                             f"data.buckets=[{total}]", f"data.max_response_tokens={total // 4}"))
+    predicted = plan(cfg, MeshShape.resolve(1, -1, 1, num_devices=jax.device_count()), "dpo",
+                     device_memory=80 * 2**30).total("train")
+    measured = (dpo.get("xla") or {}).get("peak_bytes")
+    return dict(predicted_bytes=predicted, measured_peak_bytes=measured,
+                ratio=measured / predicted if measured else None)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script on any backend")
+    p.add_argument("--skip-parity", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    import jax
+    result = dict(backend=jax.default_backend(), devices=[str(d.device_kind) for d in jax.devices()],
+                  jax=jax.__version__, smoke=args.smoke)
+    steps = [("dpo_bf16", step_dpo_bf16), ("dpo_step", step_dpo), ("engine", step_engine)]
+    if not args.skip_parity:
+        steps.insert(0, ("parity", step_parity))
+    for name, fn in steps:
+        start = time.perf_counter()
+        try:
+            result[name] = fn(args)
+        except Exception as e:
+            result[name] = dict(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
+        result[name]["seconds"] = round(time.perf_counter() - start, 1)
+        print(f"[gpu_check] {name}: {json.dumps(result[name])[:400]}", file=sys.stderr, flush=True)
+    result["memory"] = step_memory(args, result.get("dpo_step", {}))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k in ("backend", "devices", "smoke")}))
+
+
+if __name__ == "__main__":
+    main()
