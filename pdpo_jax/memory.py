@@ -125,7 +125,8 @@ def tree_bytes(tree, mesh: MeshShape, rules=shd.TRAIN_RULES) -> int:
     return total
 
 
-def model_config(cfg: Config) -> ModelConfig:
+def model_config(cfg: Config, stage: str = "sft") -> ModelConfig:
+    """The ModelConfig a run trains `stage` ('sft' or 'dpo') with (its gradient checkpointing)."""
     m = cfg.model
     if m.architecture is not None:
         hf = m.architecture
@@ -134,7 +135,7 @@ def model_config(cfg: Config) -> ModelConfig:
     else:
         raise ValueError("the plan needs the model's shape: set model.architecture or point "
                          "model.checkpoint at a folder with config.json")
-    return config_from_hf(hf, source="model.architecture").replace(**m.runtime())
+    return config_from_hf(hf, source="model.architecture").replace(**m.runtime(getattr(cfg, stage)))
 
 
 # Bytes kept per token per layer for the backward pass: (compute-dtype elements, fp32 elements)
@@ -227,7 +228,7 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
     """Per-device bytes of the `stage` ('sft' or 'dpo') training step and of sampling."""
     if stage not in ("sft", "dpo"):
         raise ValueError(f"--stage {stage!r}: choose sft or dpo")
-    c = model_config(cfg)
+    c = model_config(cfg, stage)
     section = cfg.sft if stage == "sft" else cfg.dpo
     batch_shards = mesh.data * mesh.fsdp
     if section.batch_size % batch_shards:
@@ -253,6 +254,9 @@ def _train_bytes(cfg: Config, c: ModelConfig, params, mesh: MeshShape, stage: st
     rows, row_T, scored = (pairs * 2 if stage == "dpo" else pairs), T, window
     if stage == "dpo" and cfg.dpo.share_prompt:  # one row per pair: [prompt | chosen | rejected]
         rows, row_T, scored = pairs, T + window, 2 * window
+    if cfg.data.packing:  # at most one packed row per example, each pack_length long
+        row_T = cfg.data.packed_row_length(stage == "dpo")
+        rows, scored = pairs, min(row_T, (2 if stage == "dpo" else 1) * window)
     chunk = min(LOGIT_CHUNK, scored)
     tx, _ = optim.make_optimizer(section.optimizer, total_steps=1)
     param_b = tree_bytes(params, mesh)

@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 from jax.experimental import multihost_utils
 
+from pdpo_jax import allocator
 from pdpo_jax.config import Config, to_dict
 from pdpo_jax.context import RunContext, make_context
 from pdpo_jax.errors import UserError
@@ -41,6 +42,8 @@ def run(cfg: Config) -> pathlib.Path:
     if "dpo" in cfg.run.stages:  # a DPO loss setting that would do nothing fails now, not after SFT
         DpoObjective.from_section(cfg.dpo)
     ctx = make_context(cfg)
+    log.info("run %s: %d %s device(s), %s malloc", ctx.run_dir, jax.device_count(),
+             jax.default_backend(), allocator.active())
     if jax.process_index() == 0:  # the run folder is shared by every process
         write_json_atomic(ctx.run_dir / "config.json", to_dict(cfg), indent=2)
     for name in cfg.run.stages:

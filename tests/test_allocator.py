@@ -63,3 +63,18 @@ def test_train_cli_dispatches_synchronously_from_the_start(monkeypatch, capsys):
     monkeypatch.setattr(allocator, "synchronous_cpu_dispatch", lambda: calls.append(1))
     assert main(["--config", "no/such/config.yaml"]) == 2
     assert calls == [1]
+
+
+def test_cli_reexecutes_with_tcmalloc_once(tmp_path):
+    """`python -m pdpo_jax.train` preloads tcmalloc when it is installed (the user's command
+    gets the allocator the benchmarks use), once; PDPO_ALLOCATOR=glibc keeps glibc malloc."""
+    if find_tcmalloc() is None:
+        pytest.skip("libtcmalloc-minimal4 is not installed (make test installs it as root)")
+    probe = tmp_path / "probe.py"
+    probe.write_text("import sys\nfrom pdpo_jax import allocator\n"
+                     "allocator.use_tcmalloc('probe', sys.argv[1:])\nprint(allocator.active())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_PDPO_PRELOADED")}
+    run = lambda extra: subprocess.run([sys.executable, "-m", "probe"], cwd=tmp_path, text=True,  # noqa: E731
+                                       capture_output=True, env={**env, **extra}, timeout=60)
+    assert run({}).stdout.strip() == "tcmalloc"
+    assert run({"PDPO_ALLOCATOR": "glibc"}).stdout.strip() == "glibc"

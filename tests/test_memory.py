@@ -193,7 +193,8 @@ def test_every_config_plans(config, stage, capsys):
     for item in ("parameters", "optimizer state", "gradients", "activations", "kv cache", "total"):
         assert item in out
     assert ("reference parameters" in out) == (stage == "dpo" and not cfg.dpo.precompute_ref)
-    assert f"remat={cfg.model.remat}" in out
+    section = getattr(cfg, stage)  # the stage's gradient checkpointing, else the model's
+    assert f"remat={section.remat or cfg.model.remat}" in out
 
 
 def test_cli_mesh_and_errors(capsys):

@@ -73,10 +73,11 @@ class ModelSection:
     remat: Literal["none", "full", "dots_saveable"] = "none"
     unroll_layers: bool = False  # unrolled layer loop: faster training on CPU, slower compile
 
-    def runtime(self) -> dict:
-        """What this section sets on the ModelConfig read from config.json (the keyword
-        arguments of `from_pretrained` and `ModelConfig.replace`)."""
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+    def runtime(self, stage: "StageSection | None" = None) -> dict:
+        """What this section (and a training stage's `remat`) sets on the ModelConfig read from
+        config.json (the keyword arguments of `from_pretrained` and `ModelConfig.replace`)."""
+        remat = self.remat if stage is None or stage.remat is None else stage.remat
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=remat,
                     unroll_layers=self.unroll_layers)
 
 
@@ -92,6 +93,15 @@ class DataSection:
     buckets: tuple[Count, ...] = (128, 256, 512)
     max_train_records: Count | None = None
     max_dev_records: Count | None = None
+    # Training rows hold several records (SFT) or pairs (DPO), first-fit into rows of
+    # pack_length tokens (default: the largest bucket, or twice it for DPO pairs, whose rows
+    # hold prompt + chosen + rejected); the same examples per step and the same loss as one
+    # row each, with little padding.
+    packing: bool = False
+    pack_length: Count | None = None
+
+    def packed_row_length(self, pairs: bool) -> int:
+        return self.pack_length or (2 if pairs else 1) * max(self.buckets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +122,8 @@ class StageSection:
     eval_every: Count = 100
     log_every: Count = 10
     optimizer: OptimizerConfig = OptimizerConfig()
+    # Gradient checkpointing for this stage (None: model.remat), e.g. the paper's DPO only.
+    remat: Literal["none", "full", "dots_saveable"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

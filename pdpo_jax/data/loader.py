@@ -35,6 +35,7 @@ from pdpo_jax.data.batches import (
     sft_batch,
 )
 from pdpo_jax.data.encode import Encoded, EncodedPair
+from pdpo_jax.data.packing import packed_batch, rows_needed
 from pdpo_jax.errors import UserError
 
 
@@ -101,19 +102,32 @@ class BatchIterator(grain.DatasetIterator):
         self._parent.set_state({"next_index": int(state["next_index"])})
 
 
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Training batches packed into rows of `row_len` tokens (`packing.packed_batch`): each host
+    batch's `micro_batches` slices are packed alone, into a number of rows that is a power of two
+    and a multiple of `row_multiple` (the host's share of the data x fsdp devices)."""
+    row_len: int
+    micro_batches: int = 1
+    row_multiple: int = 1
+
+
 def sft_batches(examples: Sequence[Encoded], *, batch_size: int, pad_id: int, **kwargs: Any) -> Batches:
-    """Batches of `batches.sft_batch` layout.
+    """Batches of `batches.sft_batch` layout, or packed rows (`packing=Packing(...)`).
 
     Options (all three builders): buckets=DEFAULT_BUCKETS, seed=0, shuffle=True,
     drop_remainder=True, num_epochs=1 (None streams forever), process_index / process_count
-    (default jax.process_index() / jax.process_count()).
+    (default jax.process_index() / jax.process_count()); the two training builders also take
+    packing (None: one row per example). A packed batch holds the same examples as the
+    unpacked one.
     """
     return _batches(examples, [e.length for e in examples], "sft", batch_size, pad_id, **kwargs)
 
 
 def preference_batches(examples: Sequence[EncodedPair], *, batch_size: int, pad_id: int,
                        **kwargs: Any) -> Batches:
-    """Batches of `batches.preference_batch` layout; options as for `sft_batches`."""
+    """Batches of `batches.preference_batch` layout; options as for `sft_batches` (packed: each
+    pair one group [prompt | chosen | rejected])."""
     return _batches(examples, [e.length for e in examples], "preference", batch_size, pad_id,
                     **kwargs)
 
@@ -139,7 +153,7 @@ def _batches(examples: Sequence[Any], lengths: Sequence[int], kind: str,
              batch_size: int, pad_id: int, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
              seed: int = 0, shuffle: bool = True, drop_remainder: bool = True,
              num_epochs: int | None = 1, process_index: int | None = None,
-             process_count: int | None = None) -> Batches:
+             process_count: int | None = None, packing: Packing | None = None) -> Batches:
     host, hosts = _host(process_index, process_count)
     if batch_size <= 0 or batch_size % hosts:
         raise UserError(f"batch size {batch_size} must be a positive multiple of the process "
@@ -147,7 +161,8 @@ def _batches(examples: Sequence[Any], lengths: Sequence[int], kind: str,
     if lengths and max(lengths) > max(buckets):
         bucket_length(max(lengths), buckets)  # raises with the fix
     source = _BatchSource(examples, np.asarray(lengths, np.int64), kind, batch_size, pad_id,
-                          tuple(sorted(buckets)), seed, shuffle, drop_remainder, num_epochs, host, hosts)
+                          tuple(sorted(buckets)), seed, shuffle, drop_remainder, num_epochs, host,
+                          hosts, packing)
     if source.per_epoch == 0:
         raise UserError(f"{len(examples)} examples make no batch of {batch_size} with "
                         "drop_remainder=True; lower the batch size or pass drop_remainder=False")
@@ -180,6 +195,7 @@ class _BatchSource:
     num_epochs: int | None
     host: int
     hosts: int
+    packing: Packing | None = None
 
     @functools.cached_property
     def per_epoch(self) -> int:
@@ -197,9 +213,16 @@ class _BatchSource:
         real = rows[rows >= 0]
         seq_len = bucket_length(int(self.lengths[real].max()), self.buckets)
         local = self.batch_size // self.hosts
-        rows = rows[self.host * local:(self.host + 1) * local]
-        items = [self.examples[i] if i >= 0 else None for i in rows]
-        return _COLLATE[self.kind](items, seq_len, self.pad_id, rows)
+        mine = rows[self.host * local:(self.host + 1) * local]
+        items_of = lambda h: [self.examples[i] if i >= 0 else None  # noqa: E731
+                              for i in rows[h * local:(h + 1) * local]]
+        items = items_of(self.host)
+        if self.packing is not None and self.kind in ("sft", "preference"):
+            p = self.packing  # every host packs into the rows the fullest host needs
+            need = max(rows_needed(items_of(h), p.row_len, p.micro_batches) for h in range(self.hosts))
+            return packed_batch(items, p.row_len, self.pad_id, micro_batches=p.micro_batches,
+                                row_multiple=p.row_multiple, min_rows=need, index=mine)
+        return _COLLATE[self.kind](items, seq_len, self.pad_id, mine)
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - the source lives as long as its pipeline
     def _plan(self, epoch: int) -> np.ndarray:
@@ -209,4 +232,6 @@ class _BatchSource:
     def fingerprint(self) -> str:
         settings = [self.lengths.tolist(), self.kind, self.batch_size, self.buckets,
                     self.seed, self.shuffle, self.drop_remainder, self.hosts]
+        if self.packing is not None:
+            settings.append(dataclasses.astuple(self.packing))
         return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]

@@ -13,6 +13,7 @@ import argparse
 import pathlib
 import sys
 
+from pdpo_jax import allocator
 from pdpo_jax.cli import run_cli, setup_logging
 from pdpo_jax.config import EvalSection, build
 from pdpo_jax.config.loading import set_dotted
@@ -73,4 +74,5 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
+    allocator.use_tcmalloc("pdpo_jax.eval")  # re-executes once with tcmalloc when it is installed
     sys.exit(main())

@@ -62,15 +62,26 @@ class KeyInfo:
     prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
-SHARED_SEGMENT = 1  # segment id of a prefix that every other segment of its row attends to
+# Segment ids pack several sequences into one row: id = group * SEGMENT_PARTS + part, 0 padding.
+# A group is one record (or one prompt with its continuations); part 0 is the group's prefix,
+# which every part of the group sees; part p >= 1 sees its own tokens and the prefix. Groups
+# never see each other. (A DPO pair is group g: prompt part 0, chosen part 1, rejected part 2.)
+SEGMENT_PARTS = 64
+
+
+def segment_id(group: int, part: int) -> int:
+    """The segment id of `part` (0: the prefix) of `group` (>= 1)."""
+    if group < 1 or not 0 <= part < SEGMENT_PARTS:
+        raise ValueError(f"segment group {group} must be >= 1 and part {part} in [0, {SEGMENT_PARTS})")
+    return group * SEGMENT_PARTS + part
 
 
 def key_info(positions_BT, attention_mask_BT, cache: KVCache | None, segments_BT=None) -> KeyInfo:
-    """attention_mask_BT: bool, True = real token. segments_BT (no cache only): int segment
-    ids, 0 padding, SHARED_SEGMENT (1) a prefix every token of the row may attend to, k >= 2
-    tokens that attend only to their own segment and the shared prefix. Segments let one row
-    hold a prompt once and several continuations of it (DPO's chosen and rejected, each with
-    positions counted from the prompt's end); causality still follows the positions."""
+    """attention_mask_BT: bool, True = real token. segments_BT (no cache only): int segment ids
+    (`segment_id`: 0 padding; a token sees its group's prefix and its own part). Segments let
+    one row hold a prompt once and several continuations of it (DPO's chosen and rejected, each
+    with positions counted from the prompt's end), or several records side by side (each its
+    own group, positions from 0); causality still follows the positions."""
     if cache is None:
         return KeyInfo(positions_BT, attention_mask_BT.astype(bool), None, segments_BT)
     if segments_BT is not None:
@@ -94,7 +105,9 @@ def attention_mask_BTS(cfg: ModelConfig, positions_BT, keys: KeyInfo):
         mask &= (q - k) < cfg.sliding_window
     if keys.segments_BS is not None:  # no cache: the queries are the keys
         seg_q, seg_k = keys.segments_BS[:, :, None], keys.segments_BS[:, None, :]
-        mask &= (seg_k == SHARED_SEGMENT) | (seg_k == seg_q)
+        same_group = (seg_q // SEGMENT_PARTS) == (seg_k // SEGMENT_PARTS)
+        part_k = seg_k % SEGMENT_PARTS
+        mask &= same_group & ((part_k == 0) | (seg_k == seg_q))
     return mask
 
 

@@ -34,4 +34,5 @@ def _train(args) -> int:
 
 
 if __name__ == "__main__":
+    allocator.use_tcmalloc("pdpo_jax.train")  # re-executes once with tcmalloc when it is installed
     sys.exit(main())

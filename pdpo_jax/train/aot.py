@@ -32,7 +32,8 @@ def dpo_step_and_args(cfg: Config, mesh: Mesh):
     """(the config's jitted DPO step on `mesh`, its abstract arguments (state, reference
     params, batch)): what a run would execute, without any weights."""
     m = cfg.model
-    model_cfg = config_from_hf(m.architecture, source="model.architecture").replace(**m.runtime())
+    model_cfg = config_from_hf(m.architecture, source="model.architecture").replace(
+        **m.runtime(cfg.dpo))
     graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg)))
     tx, lr = optim.make_optimizer(cfg.dpo.optimizer, total_steps=1000)
     param_sh = shd.tree_shardings(params, mesh)

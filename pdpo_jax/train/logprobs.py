@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pdpo_jax.models.attention import SHARED_SEGMENT
+from pdpo_jax.models.attention import segment_id
 from pdpo_jax.models.ops import unembed
 
 LOGIT_CHUNK = 128  # time steps of fp32 logits built at once (the default `chunk`)
@@ -87,9 +87,9 @@ def shared_prompt_rows(chosen: dict, rejected: dict, window: int):
     """Packs each pair into one row [prompt | chosen | rejected | pad] of T + window columns.
 
     chosen, rejected: the SFT layout ([prompt | response | pad], right-padded, T columns) of
-    the two sides of each pair, over the same prompt. Segments: 0 padding, SHARED_SEGMENT the
-    prompt, 2 chosen, 3 rejected; the rejected reply's positions continue from the prompt's
-    end, so each reply sees exactly what it sees in its own row. Returns (tokens, positions,
+    the two sides of each pair, over the same prompt. Segments (`segment_id`): 0 padding, then
+    group 1: the prompt (part 0), chosen (1), rejected (2); the rejected reply's positions
+    continue from the prompt's end, so each reply sees exactly what it sees in its own row. Returns (tokens, positions,
     segments) [B, T + window] and (pred, target, valid) [B, 2 * window], the chosen reply's
     `window` positions then the rejected one's: column pred predicts the token at column
     target (the rejected reply's first token is predicted from the prompt's last column).
@@ -109,7 +109,8 @@ def shared_prompt_rows(chosen: dict, rejected: dict, window: int):
         r = jnp.take_along_axis(rejected[name], from_rejected, axis=1)
         return jnp.where(from_chosen, c, jnp.where(in_rejected, r, 0))
 
-    segments = jnp.select([col < prompt_B1, from_chosen, in_rejected], [SHARED_SEGMENT, 2, 3],
+    segments = jnp.select([col < prompt_B1, from_chosen, in_rejected],
+                          [segment_id(1, 0), segment_id(1, 1), segment_id(1, 2)],
                           0).astype(jnp.int32)
     step = jnp.arange(window)[None, :]
     target = jnp.concatenate([prompt_B1 + step, rejected_start_B1 + step], axis=1)
@@ -149,3 +150,12 @@ def packed_logps(model, tokens_BT, positions_BT, segments_BT, pred_BQ, target_BQ
                                    segments_BT=segments_BT, select_BQ=pred_BQ)
     y_BQ = jnp.take_along_axis(tokens_BT, target_BQ, axis=1)
     return jnp.where(valid_BQ, token_logps(h_BQD, model.unembedding_VD(), y_BQ, chunk), 0.0)
+
+
+def owner_sums(logp_RQ, valid_RQ, owner_RQ, side_RQ, owners: int):
+    """Σ log-prob and token count of each (owner, side) of packed rows: fp32 [owners, 2] and
+    int32 [owners, 2] (a DPO pair's chosen and rejected; an owner with no tokens sums to 0)."""
+    bins = jnp.where(valid_RQ, owner_RQ * 2 + side_RQ, 2 * owners).ravel()  # padding: a spare bin
+    sums = jax.ops.segment_sum(jnp.where(valid_RQ, logp_RQ, 0.0).ravel(), bins, 2 * owners + 1)
+    counts = jax.ops.segment_sum(valid_RQ.astype(jnp.int32).ravel(), bins, 2 * owners + 1)
+    return sums[:-1].reshape(owners, 2), counts[:-1].reshape(owners, 2)

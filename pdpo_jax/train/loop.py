@@ -52,8 +52,12 @@ def micro_batches(batch: dict, grad_accum: int) -> dict:
     return {k: split(np.asarray(v)) for k, v in batch.items() if k != "index"}
 
 
-def _tokens(batch: dict) -> int:
-    return int(sum(np.asarray(v).sum() for k, v in batch.items() if k.endswith("attention_mask")))
+def _tokens(batch: dict) -> tuple[int, int]:
+    """(real tokens, token slots) of a host batch: attention masks, or the segments of packed
+    rows; slots - tokens is the padding the step computes on."""
+    masks = [np.asarray(batch["segments"]) > 0] if "segments" in batch else [
+        np.asarray(v) for k, v in batch.items() if k.endswith("attention_mask")]
+    return int(sum(m.sum() for m in masks)), int(sum(m.size for m in masks))
 
 
 def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Callable[[object], dict],
@@ -78,13 +82,14 @@ def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Ca
     t0 = time.perf_counter()
     for step in range(start, spec.total_steps):
         host_batch = next(iterator)
-        tokens = _tokens(host_batch)
+        tokens, slots = _tokens(host_batch)
         state, metrics = step_fn(state, shard_batch(micro_batches(host_batch, spec.grad_accum), mesh))
         if step == start:  # the step is compiled now: return compile-time garbage to the OS
             release_free_memory()
         if pending is not None:
             t0 = _report(spec, pending, writer, bar, t0)
-        pending = (step + 1, metrics, tokens * jax.process_count())
+        pending = (step + 1, {**metrics, "padding_share": 1.0 - tokens / max(slots, 1)},
+                   tokens * jax.process_count())
         done = step + 1
         if done % spec.eval_every == 0 or done == spec.total_steps:
             t0 = _report(spec, pending, writer, bar, t0)

@@ -24,6 +24,7 @@ from pdpo_jax.config import StageSection
 from pdpo_jax.context import RunContext, check_tokenizer
 from pdpo_jax.errors import UserError
 from pdpo_jax.metrics import MetricsWriter
+from pdpo_jax.sharding import batch_divisor
 from pdpo_jax.models import ModelConfig, config_from_hf, from_pretrained
 from pdpo_jax.models.layers import frozen_forward_params
 from pdpo_jax.train import loop, optim, reference, state as st
@@ -33,11 +34,12 @@ from pdpo_jax.train.steps import (DpoObjective, make_dpo_eval, make_dpo_step, ma
 log = logging.getLogger(__name__)
 
 
-def load_params(ctx: RunContext, checkpoint: str | None):
+def load_params(ctx: RunContext, checkpoint: str | None, stage: StageSection):
     """(graphdef, params, ModelConfig) from an HF folder, or random weights of
-    `model.architecture` when `checkpoint` is None; placed on the mesh either way."""
+    `model.architecture` when `checkpoint` is None; placed on the mesh either way, with the
+    model section's dtypes and the stage's gradient checkpointing."""
     m = ctx.cfg.model
-    dtypes = m.runtime()
+    dtypes = m.runtime(stage)
     if checkpoint is not None:
         model = from_pretrained(checkpoint, mesh=ctx.mesh, **dtypes)
         if m.architecture is not None:
@@ -81,11 +83,17 @@ def _total_steps(stage: StageSection, batches_per_epoch: int) -> int:
     return min(total, stage.max_steps) if stage.max_steps else total
 
 
-def _batch_kwargs(ctx: RunContext, stage: StageSection, *, train: bool):
+def _batch_kwargs(ctx: RunContext, stage: StageSection, *, train: bool, pairs: bool = False):
+    d = ctx.cfg.data
     rows = stage.batch_size * (stage.grad_accum if train else 1)
-    return dict(batch_size=rows, pad_id=pdata.pad_id(ctx.tokenizer), buckets=ctx.cfg.data.buckets,
+    packing = None
+    if d.packing:  # each micro-batch packed alone; rows split over this host's batch devices
+        share = max(1, batch_divisor(ctx.mesh) // jax.process_count())
+        packing = pdata.Packing(d.packed_row_length(pairs), micro_batches=stage.grad_accum if train else 1,
+                                row_multiple=share)
+    return dict(batch_size=rows, pad_id=pdata.pad_id(ctx.tokenizer), buckets=d.buckets,
                 seed=ctx.cfg.run.seed, shuffle=train, drop_remainder=train,
-                num_epochs=None if train else 1)
+                num_epochs=None if train else 1, packing=packing)
 
 
 def _spec(ctx: RunContext, name: str, stage: StageSection, total: int,
@@ -117,7 +125,7 @@ def run_sft(ctx: RunContext) -> pathlib.Path:
     out = ctx.stage_dir("sft")
     train, _ = encode(ctx, ctx.dialogues("train"), "sft train")
     dev, _ = encode(ctx, ctx.dialogues("dev"), "sft dev")
-    graphdef, params, model_cfg = load_params(ctx, cfg.model.checkpoint)
+    graphdef, params, model_cfg = load_params(ctx, cfg.model.checkpoint, stage)
     batches = pdata.sft_batches(train, **_batch_kwargs(ctx, stage, train=True))
     dev_batches = pdata.sft_batches(dev, **_batch_kwargs(ctx, stage, train=False))
     total = _total_steps(stage, batches.batches_per_epoch)
@@ -174,10 +182,10 @@ def run_dpo(ctx: RunContext) -> pathlib.Path:
     train_path, dev_path = preference_files(ctx)
     train, _ = encode(ctx, pdata.read_preference_jsonl(train_path), "dpo train")
     dev, _ = encode(ctx, pdata.read_preference_jsonl(dev_path), "dpo dev")
-    graphdef, params, model_cfg = load_params(ctx, init_checkpoint)
+    graphdef, params, model_cfg = load_params(ctx, init_checkpoint, stage)
     window = cfg.data.max_response_tokens
-    batches = pdata.preference_batches(train, **_batch_kwargs(ctx, stage, train=True))
-    dev_batches = pdata.preference_batches(dev, **_batch_kwargs(ctx, stage, train=False))
+    batches = pdata.preference_batches(train, **_batch_kwargs(ctx, stage, train=True, pairs=True))
+    dev_batches = pdata.preference_batches(dev, **_batch_kwargs(ctx, stage, train=False, pairs=True))
     objective = DpoObjective.from_section(stage)
     # A reference-free objective (SimPO, ORPO, SFT) holds no reference and scores none.
     precomputed = stage.precompute_ref and objective.needs_reference
@@ -225,7 +233,7 @@ def _cached_reference(ctx: RunContext, graphdef, params, encoded, pairs_path, ch
     cfg = ctx.cfg
     key = reference.cache_key(checkpoint, pairs_path, cfg.data, ctx.tokenizer, cfg.run.seed)
     path = ctx.run_dir / "dpo" / "ref_logps" / f"{pairs_path.stem}-{key}.npy"
-    ordered = pdata.preference_batches(encoded, **_batch_kwargs(ctx, cfg.dpo, train=False))
+    ordered = pdata.preference_batches(encoded, **_batch_kwargs(ctx, cfg.dpo, train=False, pairs=True))
     return reference.load_or_compute(path, lambda: reference.compute(
         graphdef, params, ordered, len(encoded), ctx.mesh, window=cfg.data.max_response_tokens,
         share_prompt=cfg.dpo.share_prompt))

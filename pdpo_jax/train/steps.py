@@ -18,10 +18,11 @@ from flax import nnx
 
 from pdpo_jax.config import ConfigError, DpoSection
 from pdpo_jax.train import losses
-from pdpo_jax.train.logprobs import (LOGIT_CHUNK, response_logps, sequence_logps,
-                                     shared_prompt_logps)
+from pdpo_jax.train.logprobs import (LOGIT_CHUNK, owner_sums, packed_logps, response_logps,
+                                     sequence_logps, shared_prompt_logps)
 
 FIELDS = ("tokens", "positions", "attention_mask", "loss_mask")
+PACKED_FIELDS = ("tokens", "positions", "segments", "pred", "target", "valid")
 
 
 @jax.tree_util.register_dataclass
@@ -55,12 +56,20 @@ def _accumulate(body, init, batch):
     return jax.lax.scan(body, init, batch)[0]
 
 
+def response_token_logps(model, mb, *, window, chunk):
+    """(log-probs, mask) of an SFT micro-batch's response tokens: one row per record, or
+    records packed side by side (`data.packing`: the batch has `segments`)."""
+    if "segments" in mb:
+        return packed_logps(model, *(mb[f] for f in PACKED_FIELDS), chunk=chunk), mb["valid"]
+    return response_logps(model, *(mb[f] for f in FIELDS), window=window, chunk=chunk)
+
+
 def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: int | None,
                   chunk: int = LOGIT_CHUNK):
     """step(state, batch) -> (state, metrics); token-normalised next-token NLL on responses."""
     def nll(params, mb):
         model = nnx.merge(graphdef, params)
-        logp, valid = response_logps(model, *(mb[f] for f in FIELDS), window=window, chunk=chunk)
+        logp, valid = response_token_logps(model, mb, window=window, chunk=chunk)
         return losses.token_nll_sum(logp, valid)
 
     def step(state: TrainState, batch):
@@ -87,6 +96,11 @@ def pair_logps(graphdef, params, mb, *, window, chunk, share_prompt: bool = Fals
     two sides concatenated on the batch axis, or (share_prompt) packed into one row per pair
     that holds the prompt once (`shared_prompt_logps`; needs a window)."""
     model = nnx.merge(graphdef, params)
+    if "segments" in mb:  # pairs packed side by side, each [prompt | chosen | rejected]
+        logp = packed_logps(model, *(mb[f] for f in PACKED_FIELDS), chunk=chunk)
+        sums, lengths = owner_sums(logp, mb["valid"], mb["owner"], mb["side"],
+                                   mb["examples"].shape[0])
+        return sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1]
     if share_prompt:
         if window is None:
             raise ValueError("share_prompt needs a response window (data.max_response_tokens)")
@@ -257,6 +271,6 @@ def make_sft_eval(graphdef, *, window, chunk=LOGIT_CHUNK):
     """eval(params, batch [B,...]) -> (NLL sum, token count)."""
     def evaluate(params, mb):
         model = nnx.merge(graphdef, params)
-        logp, valid = response_logps(model, *(mb[f] for f in FIELDS), window=window, chunk=chunk)
+        logp, valid = response_token_logps(model, mb, window=window, chunk=chunk)
         return losses.token_nll_sum(logp, valid)
     return evaluate
