@@ -37,7 +37,7 @@ def _zeros_like(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
 
-def _apply(state: TrainState, tx, grads, finite):
+def apply_update(state: TrainState, tx, grads, finite):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -85,7 +85,7 @@ def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: 
         loss = nll_sum / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         lr = lr_schedule(state.step)
-        state, norms = _apply(state, tx, grads, finite)
+        state, norms = apply_update(state, tx, grads, finite)
         return state, {"loss": loss, "tokens": count, "learning_rate": lr, "finite": finite, **norms}
 
     return step
@@ -241,7 +241,7 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
         metrics = {k: v / pairs for k, v in sums.items()}
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads))
         lr = lr_schedule(state.step)
-        state, norms = _apply(state, tx, grads, finite)
+        state, norms = apply_update(state, tx, grads, finite)
         return state, {**metrics, "pairs": pairs, "learning_rate": lr, "finite": finite, **norms}
 
     return step
