@@ -39,10 +39,10 @@ from pdpo_jax.train.logprobs import LOGIT_CHUNK, packed_logps, response_logps
 
 log = logging.getLogger(__name__)
 
-ROW_BUCKETS = (128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 3072, 4096)
+ROW_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 WINDOW_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
 MAX_ROW = 1024  # a row holds an example's prompt and the candidates that fit in this many tokens
-SCORED_MULTIPLE = 64  # scored tokens per row round up to a multiple of this
+SCORED_MULTIPLE = 128  # scored tokens per row round up to a multiple of this (few programs)
 
 
 @dataclasses.dataclass(frozen=True)
