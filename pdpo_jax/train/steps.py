@@ -36,7 +36,9 @@ def _zeros_like(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
 
-def _apply(state: TrainState, tx, grads, finite):
+def apply_update(state: TrainState, tx, grads, finite):
+    """The optimizer update of `grads` when `finite`, else state unchanged; with the norms.
+    Shared by every objective's step (SFT, DPO, the reward classifier's)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -47,7 +49,7 @@ def _apply(state: TrainState, tx, grads, finite):
     return new, norms
 
 
-def _accumulate(body, init, batch):
+def accumulate(body, init, batch):
     """Folds `body(carry, micro_batch) -> (carry, None)` over the leading micro-batch axis;
     a single micro-batch runs without a loop (XLA keeps the step one straight-line graph)."""
     if jax.tree.leaves(batch)[0].shape[0] == 1:
@@ -70,13 +72,13 @@ def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: 
             return (jax.tree.map(jnp.add, grads, g), nll_sum + micro_nll, count + micro_count), None
 
         init = (_zeros_like(state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        grads, nll_sum, count = _accumulate(body, init, batch)
+        grads, nll_sum, count = accumulate(body, init, batch)
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll_sum / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         lr = lr_schedule(state.step)
-        state, norms = _apply(state, tx, grads, finite)
+        state, norms = apply_update(state, tx, grads, finite)
         return state, {"loss": loss, "tokens": count, "learning_rate": lr, "finite": finite, **norms}
 
     return step
@@ -171,13 +173,13 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
 
         zero_stats = {k: jnp.zeros((), jnp.float32) for k in ("loss", *losses.METRIC_NAMES)}
         zero_stats["pairs"] = jnp.zeros((), jnp.int32)
-        grads, sums = _accumulate(body, (_zeros_like(state.params), zero_stats), batch)
+        grads, sums = accumulate(body, (_zeros_like(state.params), zero_stats), batch)
         pairs = jnp.maximum(sums.pop("pairs"), 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / pairs, grads)
         metrics = {k: v / pairs for k, v in sums.items()}
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads))
         lr = lr_schedule(state.step)
-        state, norms = _apply(state, tx, grads, finite)
+        state, norms = apply_update(state, tx, grads, finite)
         return state, {**metrics, "pairs": pairs, "learning_rate": lr, "finite": finite, **norms}
 
     return step
