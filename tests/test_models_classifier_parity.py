@@ -61,16 +61,25 @@ def _ours(model, tokens, mask, positions, types):
     return np.asarray(_classify(graphdef, params, *map(jnp.asarray, (tokens, mask, positions, types))))
 
 
-@pytest.mark.parametrize("stack_layers", [True, False])
-def test_classifier_logits_match_hf_with_padding(case, stack_layers):
+def test_classifier_logits_match_hf_with_padding(case):
     name, hf, folder = case
-    model = from_pretrained(folder, stack_layers=stack_layers)
+    model = from_pretrained(folder)
     assert model.cfg.labels == NLI_LABELS
-    assert isinstance(model.layers, nnx.List) != stack_layers
     batch = _batch(hf, [12, 7, 3], seed=0)
     ours = _ours(model, *batch)
     assert ours.shape == (3, 3) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, _hf(hf, *batch, name), atol=1e-4, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_unstacked_layers_classify_alike(family, tmp_path):
+    """One module per layer (the Python loop over layers) gives the stacked model's logits."""
+    hf = tiny_hf_classifier(family)
+    hf.save_pretrained(tmp_path)
+    stacked, unstacked = from_pretrained(tmp_path), from_pretrained(tmp_path, stack_layers=False)
+    assert isinstance(unstacked.layers, nnx.List)
+    batch = _batch(hf, [9, 4], seed=4)
+    np.testing.assert_allclose(_ours(unstacked, *batch), _ours(stacked, *batch), atol=1e-5, rtol=0)
 
 
 def test_padding_does_not_change_a_row(case):

@@ -177,6 +177,7 @@ class RewardSection(StageSection):
     tokenizer: str | None = None
     labels: tuple[str, ...] = NLI_LABELS
     max_length: Count = 128          # tokens of a (premise, hypothesis) pair; longer pairs are cut
+    unroll_layers: bool = False      # unrolled layer loop: ~3x faster steps on CPU, slower compile
     function: Literal[REWARD_FUNCTIONS] = "song2020"
     out_dir: str = ""                # empty: <run.out_dir>/reward
 

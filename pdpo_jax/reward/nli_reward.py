@@ -64,13 +64,16 @@ class NLIReward:
 
     def __init__(self, checkpoint_dir: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                  function: str = "song2020", labels: Sequence[str] = NLI_LABELS,
-                 max_length: int = 128, mesh: Mesh | None = None, dtype: str = "float32"):
+                 max_length: int = 128, mesh: Mesh | None = None, dtype: str = "float32",
+                 unroll_layers: bool = False):
         """checkpoint_dir: an HF `…ForSequenceClassification` folder (BERT, RoBERTa, Llama or
         GPT-2 family); tokenizer: its folder (default: checkpoint_dir); function: a name of
         `functions.FUNCTIONS`; labels: output order when the checkpoint's id2label names no NLI
         classes; max_length: tokens per pair (longer pairs are cut); mesh: shard the pairs
-        over its batch axes (parameters replicated per the sampling rules)."""
-        self.model = from_pretrained(checkpoint_dir, dtype=dtype, mesh=mesh, rules=shd.SAMPLING_RULES)
+        over its batch axes (parameters replicated per the sampling rules); dtype: compute
+        dtype; unroll_layers: see ModelConfig (faster on CPU)."""
+        self.model = from_pretrained(checkpoint_dir, dtype=dtype, mesh=mesh, rules=shd.SAMPLING_RULES,
+                                     unroll_layers=unroll_layers)
         cfg = self.model.cfg
         if not cfg.labels:
             raise UserError(f"{checkpoint_dir}: not a sequence classifier (its config.json has no "

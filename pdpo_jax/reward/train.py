@@ -72,7 +72,7 @@ def classifier_config(section: RewardSection, tokenizer) -> ModelConfig:
                         f"{sorted(CLASSIFIERS)}")
     arch.setdefault("pad_token_id", pdata.pad_id(tokenizer))
     arch.update(architectures=[CLASSIFIERS[model_type]], id2label=dict(enumerate(section.labels)))
-    cfg = config_from_hf(arch, source="rl.reward.architecture")
+    cfg = config_from_hf(arch, source="rl.reward.architecture").replace(unroll_layers=section.unroll_layers)
     if len(tokenizer) > cfg.vocab_size:
         raise UserError(f"rl.reward.architecture: vocab_size={cfg.vocab_size} but the tokenizer has "
                         f"{len(tokenizer)} tokens; raise vocab_size or change rl.reward.tokenizer")
@@ -90,8 +90,8 @@ def train_classifier(section: RewardSection, out_dir: str | pathlib.Path, *, mes
     if not section.tokenizer:
         raise UserError("rl.reward.tokenizer is not set; point it at a tokenizer folder")
     tokenizer = nli_data.load_tokenizer(section.tokenizer)
-    train_pairs, dev_pairs = nli_sets(section, out, seed)
     model_cfg = classifier_config(section, tokenizer)
+    train_pairs, dev_pairs = nli_sets(section, out, seed)
     encode = lambda pairs: nli_data.encode_nli(  # noqa: E731
         tokenizer, pairs, section.labels, max_length=section.max_length,
         token_types=model_cfg.type_vocab_size > 1)
