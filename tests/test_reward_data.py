@@ -91,11 +91,20 @@ def test_contradiction_rules(sentence, want, rule):
     assert (edit and edit.text, edit and edit.rule) == (want, rule)
 
 
-# data/README.md, "Substitute NLI set": sizes, label counts and digests of the seed-0 build.
-DOCUMENTED = {"train": {"entailment": 1023, "neutral": 1023, "contradiction": 1023},
-              "dev": {"entailment": 86, "neutral": 86, "contradiction": 86}}
-DIGESTS = {TRAIN_FILE: "9ada81cbf4716e2715d90190226a20fb5a8672e9fdb3be35503ecca86586e287",
-           DEV_FILE: "98477a04ff49bb38db691d272c02ea36e826a658945509821a92b5e926bd09ef"}
+def _documented() -> dict[str, dict]:
+    """The split table of data/README.md's "Substitute NLI set" section: conversations, label
+    counts and the JSONL's sha256 per split (seed 0)."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "data" / "README.md").read_text()
+    section = text.split("## Substitute NLI set", 1)[1]
+    out = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip("`").replace(",", "") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in ("train", "dev"):
+            out[cells[0]] = {"conversations": int(cells[1]), "sha256": cells[5],
+                             "labels": dict(zip(("entailment", "neutral", "contradiction"),
+                                                map(int, cells[2:5])))}
+    assert set(out) == {"train", "dev"}, "data/README.md lost the substitute set's table"
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +117,13 @@ def substitute_dir(tmp_path_factory) -> pathlib.Path:
 
 
 def test_substitute_set_is_as_documented_and_deterministic(substitute_dir):
-    stats = json.loads((substitute_dir / STATS_FILE).read_text())
-    assert {split: stats[split]["labels"] for split in ("train", "dev")} == DOCUMENTED
-    for name, digest in DIGESTS.items():  # the same bytes in any process (no hash-order)
-        assert hashlib.sha256((substitute_dir / name).read_bytes()).hexdigest() == digest, name
+    stats, documented = json.loads((substitute_dir / STATS_FILE).read_text()), _documented()
+    for split, name in (("train", TRAIN_FILE), ("dev", DEV_FILE)):
+        assert stats[split]["labels"] == documented[split]["labels"], split
+        assert stats["conversations"][split] == documented[split]["conversations"], split
+        # the same bytes in any process (PYTHONHASHSEED does not matter)
+        assert hashlib.sha256((substitute_dir / name).read_bytes()).hexdigest() == \
+            documented[split]["sha256"], name
     train, dev = read_nli(substitute_dir / TRAIN_FILE), read_nli(substitute_dir / DEV_FILE)
     assert all(isinstance(p, NliPair) and p.extra["rule"] for p in train + dev)
     keys = {(normalized(p.premise), normalized(p.hypothesis)) for p in train}
