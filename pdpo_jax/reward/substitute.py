@@ -30,6 +30,7 @@ heuristic: data/README.md gives the sizes and an estimate of the label noise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -80,11 +81,13 @@ def _stem(word: str) -> str:
     return word
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the builder asks for the same sentences ~10 times each
 def content(text: str) -> frozenset[str]:
     """Stemmed content words (stopwords out)."""
     return frozenset(_stem(w.removesuffix("'s")) for w in _words(text) if w not in STOPWORDS)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _polarity(text: str) -> tuple[bool, bool]:
     words = set(_words(text))
     return bool(words & _NEGATION), bool(words & _DISLIKE)
