@@ -45,8 +45,10 @@ def _batch(seed: int, rows: int, A: int = 1, padding_rows: int = 2) -> dict:
     return {k: v.reshape(A, rows // A, *v.shape[1:]) for k, v in batch.items() if k != "index"}
 
 
-def _setup(mesh_shape=(1, 1, 1), opt=OptimizerConfig(lr=3e-3, warmup_ratio=0.1, schedule="constant",
-                                                    weight_decay=0.0), total=100, cfg=CFG, params=None):
+LEARN = OptimizerConfig(lr=3e-3, warmup_ratio=0.1, schedule="constant", weight_decay=0.0)
+
+
+def _setup(mesh_shape=(1, 1, 1), opt=LEARN, total=100, cfg=CFG, params=None):
     mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
     graphdef, init = st.init_params(cfg, mesh, seed=0)
     tx, lr = optim.make_optimizer(opt, total)

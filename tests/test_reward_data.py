@@ -52,16 +52,16 @@ ARRAY_WITH_BAD_LABEL = ('[\n{"sentence1": "a", "sentence2": "b", "label": "posit
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n'
-     '{"premise": "a", "hypothesis": "b", "label": "maybe"}\n',
-     r"nli.jsonl:2: unknown label 'maybe'; use positive/neutral/negative \(Dialogue NLI\) or "
-     r"entailment/neutral/contradiction"),
+    (('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n'
+      '{"premise": "a", "hypothesis": "b", "label": "maybe"}\n'),
+     (r"nli.jsonl:2: unknown label 'maybe'; use positive/neutral/negative \(Dialogue NLI\) or "
+      r"entailment/neutral/contradiction")),
     ('{"premise": "a", "label": "neutral"}\n', r"nli.jsonl:1: field 'hypothesis' must be a non-empty string"),
     ('{"premise": "a", "hypothesis": "b"}\n', r"nli.jsonl:1: field 'label' is missing"),
     ('{"premise": "a", "hypothesis": "b", "label": "neutral"}\n{"premise": \n',
      r"nli.jsonl:2: not JSON"),
-    ('{"text": "a", "label": "neutral"}\n', r"nli.jsonl:1: record has fields \['label', 'text'\], "
-                                             r"neither sentence1/sentence2 nor premise/hypothesis"),
+    ('{"text": "a", "label": "neutral"}\n', (r"nli.jsonl:1: record has fields \['label', 'text'\], "
+                                              r"neither sentence1/sentence2 nor premise/hypothesis")),
     (ARRAY_WITH_BAD_LABEL, r"nli.jsonl:3: unknown label 'maybe'"),
     ('[\n{"sentence1": "a", "sentence2": "b", "label": "positive"},\n["x"]\n]', r"nli.jsonl:3: expected a JSON object"),
     ('[\n{"sentence1": "a", "sentence2": "b", "label": "positive"},\n{"sentence1": \n',

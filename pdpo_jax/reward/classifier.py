@@ -7,7 +7,7 @@ count of labelled rows, a non-finite loss or gradient leaves the state untouched
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -27,7 +27,7 @@ Alternatives for ablations: `entail_minus_contradict` = Σ_s (p_entail − p_con
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 
