@@ -12,7 +12,10 @@ import pathlib
 import shutil
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
 
 from pdpo_jax.models import save_pretrained
 
@@ -71,3 +74,17 @@ def export_atomically(model, folder: str | pathlib.Path, *, tokenizer=None, extr
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def exporter(graphdef, folder: str | pathlib.Path, *, tokenizer=None):
+    """export(params, metrics): the model `export_atomically` into `folder` (with the tokenizer
+    and the selection metrics); with several processes each joins the gather, process 0 writes."""
+    def export(params, metrics):
+        if jax.process_count() > 1:  # params span hosts: every process joins the gather
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() == 0:  # one writer: the folder is shared
+            export_atomically(nnx.merge(graphdef, params), folder, tokenizer=tokenizer,
+                              extra={k: float(np.asarray(v)) for k, v in metrics.items()})
+        if jax.process_count() > 1:  # nobody reads `folder` before it is whole
+            multihost_utils.sync_global_devices(f"export {folder}")
+    return export

@@ -40,6 +40,8 @@ TRAIN_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("positions", None),
     ("norm", None),
     ("bias", None),
+    ("labels", None),  # a sequence classifier's classes (3 for NLI): too few to split
+    ("types", None),   # token-type (segment) embeddings of BERT-style encoders
 )
 
 # Sampling: no optimizer state to spread, and gathering `embed` every decode step is waste,

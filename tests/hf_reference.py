@@ -96,3 +96,54 @@ def hf_greedy(hf, prompts, max_new, pad_id, eos_id):
     width = max_new - new.shape[1]  # HF stops early once every row has hit EOS
     return np.pad(new, ((0, 0), (0, width)), constant_values=pad_id), np.pad(chosen.numpy(),
                                                                               ((0, 0), (0, width)))
+
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def tiny_hf_classifier(family: str, seed: int = 0, **overrides):
+    """A random HF `…ForSequenceClassification` (3 NLI labels) with non-trivial parameters:
+    BERT, RoBERTa (pad 1, positions from 2, one token type) or a decoder family (pad 0)."""
+    t = TINY
+    labels = dict(id2label=dict(enumerate(NLI_LABELS)), label2id={n: i for i, n in enumerate(NLI_LABELS)})
+    if family in ("bert", "roberta"):
+        cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+        extra = dict(type_vocab_size=2, pad_token_id=0) if family == "bert" else \
+            dict(type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        positions = t["positions"] + (2 if family == "roberta" else 0)
+        cfg = cls(vocab_size=t["vocab_size"], hidden_size=t["hidden"], num_hidden_layers=t["layers"],
+                  num_attention_heads=t["heads"], intermediate_size=t["mlp"],
+                  max_position_embeddings=positions, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, layer_norm_eps=1e-12, **extra, **labels)
+    else:
+        cfg = tiny_hf_config(family)
+        cfg.pad_token_id = 0
+        for key, value in labels.items():
+            setattr(cfg, key, value)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or ".ln_" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model.eval()
+
+
+def right_padded_pairs(rng: np.random.Generator, vocab: int, lengths: list[int], pad_id: int,
+                       low: int = 3):
+    """tokens, mask, positions, token types [B, T] for rows of the given lengths, right-padded;
+    a row's second half is segment 1. Real tokens are drawn from [low, vocab) (never the pad)."""
+    T = max(lengths)
+    tokens = np.full((len(lengths), T), pad_id, np.int32)
+    mask = np.zeros((len(lengths), T), bool)
+    types = np.zeros((len(lengths), T), np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, :n] = rng.integers(low, vocab, n)
+        mask[b, :n] = True
+        types[b, n // 2:n] = 1
+    positions = np.where(mask, np.arange(T)[None, :], 0).astype(np.int32)
+    return tokens, mask, positions, types

@@ -102,3 +102,31 @@ def test_cli_user_mistakes_are_one_line_and_status_2(tmp_path, capsys, setup, fr
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert status == 2 and len(lines) == 1 and fragment in lines[0], err
     assert "Traceback" not in err
+
+
+def test_every_reward_architecture_builds_its_classifier_abstractly():
+    """Configs with an rl.reward.architecture: the NLI classifier it describes (with the
+    configured tokenizer's vocabulary and labels) builds with jax.eval_shape."""
+    from pdpo_jax.reward.nli_data import load_tokenizer
+    from pdpo_jax.reward.train import classifier_config
+    checked = 0
+    for path in CONFIGS:
+        section = load_config(path).rl.reward
+        if section.architecture is None:
+            continue
+        model_cfg = classifier_config(section, load_tokenizer(section.tokenizer))
+        assert model_cfg.labels == section.labels, path.name
+        abstract = nnx.eval_shape(lambda: build_model(model_cfg))  # noqa: B023
+        assert abstract.classifier_DC.shape[-1] == len(section.labels), path.name
+        checked += 1
+    assert checked >= 1  # configs/tiny_reward.yaml at least
+
+
+def test_reward_section_ranges_and_names():
+    cfg = load_config(None, ("rl.reward.max_length=64",))
+    assert cfg.rl.reward.buckets == (32, 64)
+    assert cfg.rl.reward.function == "song2020" and cfg.rl.reward.optimizer.lr == 2e-5
+    with pytest.raises(ConfigError, match=r"rl.reward.max_length: 0 is out of range"):
+        load_config(None, ("rl.reward.max_length=0",))
+    with pytest.raises(ConfigError, match=r"rl.reward.function: 'sum' is not one of"):
+        load_config(None, ("rl.reward.function=sum",))

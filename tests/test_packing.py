@@ -2,7 +2,6 @@
 group. The same loss, metrics and updates as one row per example (to fp32 summation order),
 with gradient accumulation, sharded, from the data loader, and after a resume."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

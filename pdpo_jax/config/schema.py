@@ -186,6 +186,49 @@ class NegativesSection:
     keep_truncated: bool = False
 
 
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+REWARD_FUNCTIONS = ("song2020", "entail_minus_contradict", "max_entail_minus_max_contradict")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSection(StageSection):
+    """The NLI reward model of the +RL(DialogueNLI) baseline (paper §4.1, after Song et al.,
+    2020): a sequence classifier of (persona sentence, reply) pairs whose entailment and
+    contradiction probabilities make the reward (`function`, see pdpo_jax.reward.functions).
+
+    checkpoint: an HF NLI sequence-classifier folder (BERT, RoBERTa, Llama, GPT-2 families):
+    used as it is, nothing is trained. Otherwise a classifier of `architecture` (HF config.json
+    keys, e.g. {model_type: bert, ...}) is trained from random weights on `train` / `dev` (NLI
+    JSONL: Dialogue-NLI's sentence1/sentence2/label or premise/hypothesis/label); an empty
+    `train` builds the heuristic substitute set from the SPC test split (data/README.md).
+    labels: the classifier's output order (a checkpoint's id2label, when it names NLI labels,
+    wins). The schedule defaults are common BERT fine-tuning values, not the paper's (it gives
+    none for the reward model)."""
+    checkpoint: str | None = None
+    train: str = ""
+    dev: str = ""
+    architecture: dict | None = None
+    tokenizer: str | None = None
+    labels: tuple[str, ...] = NLI_LABELS
+    max_length: Count = 128          # tokens of a (premise, hypothesis) pair; longer pairs are cut
+    unroll_layers: bool = False      # unrolled layer loop: ~3x faster steps on CPU, slower compile
+    function: Literal[REWARD_FUNCTIONS] = "song2020"
+    out_dir: str = ""                # empty: <run.out_dir>/reward
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Padded pair lengths: powers of two from 32 below max_length, then max_length."""
+        return tuple(b for b in (32, 64, 128, 256) if b < self.max_length) + (self.max_length,)
+
+
+@dataclasses.dataclass(frozen=True)
+class RlSection:
+    """The reinforcement-learning baseline's settings (its reward model, for now)."""
+    reward: RewardSection = RewardSection(
+        epochs=3, batch_size=32, eval_every=200,
+        optimizer=OptimizerConfig(lr=2e-5, schedule="linear", warmup_ratio=0.1, weight_decay=0.01))
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     keep: Count = 2
@@ -265,4 +308,5 @@ class Config:
     negatives: NegativesSection = NegativesSection()
     dpo: DpoSection = DpoSection(batch_size=4, optimizer=OptimizerConfig(lr=1e-6, schedule="linear"))
     eval: EvalSection = EvalSection()
+    rl: RlSection = RlSection()
     checkpoint: CheckpointSection = CheckpointSection()

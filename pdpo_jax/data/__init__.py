@@ -12,8 +12,8 @@ from pdpo_jax._lazy import lazy_exports
 
 # Each name imports its submodule on first use (see pdpo_jax._lazy).
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    ".batches": ("DEFAULT_BUCKETS", "bucket_length", "left_pad", "preference_batch",
-        "prompt_batch", "round_up", "sft_batch"),
+    ".batches": ("DEFAULT_BUCKETS", "EncodedText", "bucket_length", "classification_batch",
+        "left_pad", "preference_batch", "prompt_batch", "round_up", "sft_batch"),
     ".defaults": ("DefaultPaths", "default_paths"),
     ".dialogue_jsonl": ("read_dialogue_jsonl",),
     ".dnli": ("read_dnli", "read_dnli_files"),
@@ -21,8 +21,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".encode": ("DoesNotFit", "Encoded", "EncodedPair", "EncodeStats", "encode_pair",
         "encode_preference", "encode_records", "pad_id", "special_ids"),
     ".personachat": ("read_fbdialog", "read_hf_personachat"),
-    ".loader": ("BatchIterator", "Batches", "Packing", "plan_epoch", "preference_batches",
-        "prompt_batches", "sft_batches"),
+    ".loader": ("BatchIterator", "Batches", "Packing", "classification_batches", "plan_epoch",
+        "preference_batches", "prompt_batches", "sft_batches"),
     ".preferences": ("read_preference_jsonl", "write_preference_jsonl"),
     ".readers": ("read_turns",),
     ".records": ("DataFormatError", "DnliExample", "PersonaTurn", "PreferencePair"),

@@ -14,9 +14,13 @@ Preference: the SFT layout twice, keys prefixed `chosen_` and `rejected_`, one s
 Prompts, LEFT-padded so every row's last prompt token sits at T-1 (sampling / scoring):
     tokens int32[B, T], positions int32[B, T] (0 at the first real token, 0 on padding),
     attention_mask bool[B, T], index int32[B] (example index, -1 on padding rows)
+Classification (a text or text pair and its label, e.g. NLI), RIGHT-padded:
+    tokens, positions, attention_mask as for SFT; token_types int32[B, T] (segment ids, 0 on
+    padding); labels int32[B] (class index, -1 on padding rows); index int32[B]
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,6 +62,34 @@ def preference_batch(examples: Sequence[EncodedPair | None], seq_len: int,
     return batch
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedText:
+    """A tokenized text (pair) to classify: ids int32[T] with its segment ids int32[T] and
+    the class index (-1: unlabelled)."""
+
+    ids: np.ndarray
+    types: np.ndarray
+    label: int = -1
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+def classification_batch(examples: Sequence[EncodedText | None], seq_len: int, pad_id: int,
+                         index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Right-padded classification batch of len(examples) rows (layout: module doc)."""
+    rows = [None if e is None else (e.ids[:0], e.ids) for e in examples]
+    batch = _right_padded(rows, seq_len, pad_id, allow_empty_prompt=True)
+    batch.pop("loss_mask")
+    types = np.zeros_like(batch["tokens"])
+    for row, e in enumerate(examples):
+        if e is not None:
+            types[row, :len(e.types)] = e.types
+    labels = np.asarray([-1 if e is None else e.label for e in examples], np.int32)
+    return {**batch, "token_types": types, "labels": labels, "index": _index(examples, index)}
+
+
 def _index(examples: Sequence[object | None], index: Sequence[int] | None) -> np.ndarray:
     """int32[B]: each row's example index (default 0..B-1), -1 on padding rows."""
     if index is None:
@@ -91,7 +123,7 @@ def prompt_batch(prompts: Sequence[np.ndarray | Encoded | EncodedPair | None], s
 
 
 def _right_padded(rows: Sequence[tuple[np.ndarray, np.ndarray] | None], seq_len: int,
-                  pad_id: int) -> dict[str, np.ndarray]:
+                  pad_id: int, allow_empty_prompt: bool = False) -> dict[str, np.ndarray]:
     b = len(rows)
     tokens = np.full((b, seq_len), pad_id, np.int32)
     positions = np.zeros((b, seq_len), np.int32)
@@ -102,7 +134,7 @@ def _right_padded(rows: Sequence[tuple[np.ndarray, np.ndarray] | None], seq_len:
             continue
         prompt, response = pair
         p = len(prompt)
-        if p == 0:
+        if p == 0 and not allow_empty_prompt:
             raise ValueError("empty prompt: the first response token would have no logits to score it")
         n = _check_fits(p + len(response), seq_len)
         tokens[row, :p], tokens[row, p:n] = prompt, response

@@ -29,7 +29,9 @@ import numpy as np
 
 from pdpo_jax.data.batches import (
     DEFAULT_BUCKETS,
+    EncodedText,
     bucket_length,
+    classification_batch,
     preference_batch,
     prompt_batch,
     sft_batch,
@@ -141,11 +143,21 @@ def prompt_batches(examples: Sequence[Encoded | EncodedPair], *, batch_size: int
                     pad_id, **kwargs)
 
 
+def classification_batches(examples: Sequence[EncodedText], *, batch_size: int, pad_id: int,
+                           **kwargs: Any) -> Batches:
+    """Batches of `batches.classification_batch` layout (texts and their labels); options as
+    for `sft_batches`."""
+    return _batches(examples, [e.length for e in examples], "classification", batch_size, pad_id,
+                    **kwargs)
+
+
 # Every layout is collated from (examples or None, seq_len, pad_id, global example indices).
 _COLLATE: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "sft": lambda items, seq_len, pad, rows: sft_batch(items, seq_len, pad, index=rows),
     "preference": lambda items, seq_len, pad, rows: preference_batch(items, seq_len, pad, index=rows),
     "prompt": lambda items, seq_len, pad, rows: prompt_batch(items, seq_len, pad, index=rows),
+    "classification": lambda items, seq_len, pad, rows: classification_batch(items, seq_len, pad,
+                                                                            index=rows),
 }
 
 

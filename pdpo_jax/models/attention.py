@@ -93,14 +93,18 @@ def key_info(positions_BT, attention_mask_BT, cache: KVCache | None, segments_BT
 
 
 def attention_mask_BTS(cfg: ModelConfig, positions_BT, keys: KeyInfo):
-    """bool [B, T, S]: key s is real, not in the future of query t, inside the window and (with
-    segments) in t's segment or the shared prefix. At a prefill S = T: the new tokens alone."""
+    """bool [B, T, S]: key s is real, not in the future of query t (decoders: `cfg.causal`),
+    inside the window and (with segments) in t's segment or the shared prefix. At a prefill
+    S = T: the new tokens alone."""
     k_pos, k_valid = keys.positions_BS, keys.valid_BS
     if keys.prefill:
         k_pos, k_valid = k_pos[:, :positions_BT.shape[1]], k_valid[:, :positions_BT.shape[1]]
     q = positions_BT[:, :, None]
     k = k_pos[:, None, :]
-    mask = k_valid[:, None, :] & (k <= q)
+    if cfg.causal:
+        mask = k_valid[:, None, :] & (k <= q)
+    else:  # an encoder: every real key, whatever its position
+        mask = jnp.broadcast_to(k_valid[:, None, :], (*positions_BT.shape, k_valid.shape[1]))
     if cfg.sliding_window is not None:
         mask &= (q - k) < cfg.sliding_window
     if keys.segments_BS is not None:  # no cache: the queries are the keys

@@ -3,7 +3,8 @@ by, and `param`: a parameter carrying its logical axis names.
 
 Shape legend (used in names across the package):
   B batch, T time (new tokens), S cache/key length, L layers, D model width, N query heads,
-  K kv heads, H head dim, F mlp width, V vocab, P max learned positions.
+  K kv heads, H head dim, F mlp width, V vocab, P max learned positions, Y token types,
+  C classes (labels of a sequence classifier).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from flax import nnx
 SHAPE_LEGEND = {
     "B": "batch", "T": "time (new tokens)", "S": "cache / key length", "L": "layers",
     "D": "model width", "N": "query heads", "K": "kv heads", "H": "head dim",
-    "F": "mlp width", "V": "vocab", "P": "max learned positions",
+    "F": "mlp width", "V": "vocab", "P": "max learned positions", "Y": "token types",
+    "C": "classes (labels of a sequence classifier)",
 }
 
 
@@ -27,12 +29,16 @@ RematPolicy = Literal["none", "full", "dots_saveable"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one decoder LM; `arch` picks the module family ('gpt2' or 'llama').
+    """Architecture of one transformer; `arch` picks the module family: 'gpt2' or 'llama'
+    (decoder LMs) or 'bert' (bidirectional encoders: BERT, RoBERTa).
 
     `hf_model_type` remembers which HF flavour it came from ('gpt2', 'llama', 'mistral',
-    'qwen2') so that export writes the same `model_type` back.
+    'qwen2', 'bert', 'roberta') so that export writes the same `model_type` back.
+    With `labels` the model is a sequence classifier (HF `…ForSequenceClassification`): a
+    head maps one pooled hidden state to len(labels) logits (`model.classify`) and decoders
+    carry no LM head.
     """
-    arch: Literal["gpt2", "llama"]
+    arch: Literal["gpt2", "llama", "bert"]
     vocab_size: int
     d_model: int
     num_layers: int
@@ -60,6 +66,13 @@ class ModelConfig:
     unroll_layers: bool = False
     # jax.nn.dot_product_attention implementation: None lets JAX pick (xla on CPU/TPU).
     attn_implementation: Literal["xla", "cudnn"] | None = None
+    # Encoders ('bert'): token-type (segment) embeddings, learned positions shifted by
+    # `position_offset` (RoBERTa counts from pad_token_id + 1), the MLP's activation (HF name).
+    type_vocab_size: int = 0
+    position_offset: int = 0
+    hidden_act: str = "gelu"
+    # Sequence classifiers: the label of each output index (HF id2label); empty: an LM.
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -67,6 +80,11 @@ class ModelConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.remat not in ("none", "full", "dots_saveable"):
             raise ValueError(f"remat={self.remat!r}; choose 'none', 'full' or 'dots_saveable'")
+
+    @property
+    def causal(self) -> bool:
+        """Decoders attend to earlier positions only; encoders to every real token."""
+        return self.arch != "bert"
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

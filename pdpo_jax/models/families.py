@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from flax import nnx
 
+from pdpo_jax.models.bert import Bert
 from pdpo_jax.models.config import ModelConfig
 from pdpo_jax.models.gpt2 import GPT2
 from pdpo_jax.models.llama import Llama
 
-FAMILIES = {"gpt2": GPT2, "llama": Llama}
+FAMILIES = {"gpt2": GPT2, "llama": Llama, "bert": Bert}
 
 
 def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pdpo_jax.models import attention, layers, ops
+from pdpo_jax.models import attention, heads, layers, ops
 from pdpo_jax.models.attention import KVCache
 from pdpo_jax.models.config import ModelConfig, param
 
@@ -119,6 +119,8 @@ class GPT2(nnx.Module):
         self.pos_embed_PD = param(_normal, rngs.params(), (P, D), pd, ("positions", "embed"))
         self.layers = layers.make_stacked_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
         self.ln_f = LayerNorm(cfg, rngs)
+        if cfg.labels:  # a sequence classifier: `score` on the last token (the LM head is tied)
+            self.score_DC = param(_normal, rngs.params(), (D, len(cfg.labels)), pd, ("embed", "labels"))
 
     def unembedding_VD(self) -> jax.Array:
         return self.embed_VD[...]
@@ -135,6 +137,11 @@ class GPT2(nnx.Module):
         h = (h + jnp.take(self.pos_embed_PD[...], positions, axis=0)).astype(cfg.compute_dtype)
         return layers.final_hidden(cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
                                    self.ln_f, select_BQ=select_BQ, segments_BT=segments_BT)
+
+    def classify(self, tokens_BT, positions_BT, attention_mask_BT, token_types_BT=None):
+        """Sequence classifier (cfg.labels): fp32 logits [B, C] at each row's last real token
+        (HF `…ForSequenceClassification`). token_types_BT: ignored (decoders have none)."""
+        return heads.decoder_classify(self, tokens_BT, positions_BT, attention_mask_BT)
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
         h, cache = self.hidden_states(tokens_BT, positions_BT, attention_mask_BT, cache)

@@ -13,7 +13,11 @@ from pdpo_jax.models.config import ModelConfig
 _REQUIRED = object()
 LLAMA_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM"}
-SUPPORTED = ("gpt2", *LLAMA_TYPES)
+ENCODER_TYPES = ("bert", "roberta")  # ported with their sequence-classification head only
+SUPPORTED = ("gpt2", *LLAMA_TYPES, *ENCODER_TYPES)
+CLASSIFIERS = {mt: f"{name}ForSequenceClassification" for mt, name in (
+    ("gpt2", "GPT2"), ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"),
+    ("bert", "Bert"), ("roberta", "Roberta"))}
 
 
 def _get(hf: dict, key: str, source: str, default: Any = _REQUIRED):
@@ -44,6 +48,53 @@ def _eos(hf: dict):
     return tuple(eos) if isinstance(eos, list) else eos
 
 
+def _labels(hf: dict, source: str) -> tuple[str, ...]:
+    """The label of each output index of a `…ForSequenceClassification` config (from
+    `id2label`, else `num_labels` generic names); () for any other architecture."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+        return ()
+    id2label = hf.get("id2label")
+    if not id2label:
+        return tuple(f"LABEL_{i}" for i in range(int(hf.get("num_labels", 2))))
+    try:
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (AttributeError, ValueError):
+        raise UserError(f"{source}: id2label={id2label!r} must map label ids 0..C-1 to names") from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise UserError(f"{source}: id2label ids {sorted(by_id)} must be 0..{len(by_id) - 1}")
+    return tuple(by_id[i] for i in range(len(by_id)))
+
+
+def _bert_from_hf(hf: dict, source: str) -> ModelConfig:
+    mt = hf["model_type"]
+    labels = _labels(hf, source)
+    if not labels:
+        _refuse(source, "architectures", hf.get("architectures"),
+                f"only {CLASSIFIERS[mt]} is ported (no MLM or pre-training heads)")
+    act = hf.get("hidden_act", "gelu")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        _refuse(source, "hidden_act", act, "only GELU MLPs (exact or tanh) are ported")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        _refuse(source, "position_embedding_type", hf["position_embedding_type"],
+                "only absolute learned positions are ported")
+    for key in ("is_decoder", "add_cross_attention"):
+        if hf.get(key):
+            _refuse(source, key, hf[key], f"only the bidirectional encoder is ported; set {key} false")
+    d, n = _get(hf, "hidden_size", source), _get(hf, "num_attention_heads", source)
+    pad = hf.get("pad_token_id", 1 if mt == "roberta" else 0)
+    return ModelConfig(
+        arch="bert", hf_model_type=mt, vocab_size=_get(hf, "vocab_size", source), d_model=d,
+        num_layers=_get(hf, "num_hidden_layers", source), num_heads=n, num_kv_heads=n,
+        head_dim=d // n, mlp_dim=_get(hf, "intermediate_size", source),
+        norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        max_positions=int(hf.get("max_position_embeddings", 512)),
+        type_vocab_size=int(hf.get("type_vocab_size", 2)),
+        # RoBERTa numbers real tokens from padding_idx + 1 (fairseq's make_positions)
+        position_offset=pad + 1 if mt == "roberta" else 0, hidden_act=act, labels=labels,
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=_eos(hf), pad_token_id=pad,
+    )
+
+
 def _llama_from_hf(hf: dict, source: str) -> ModelConfig:
     mt = hf["model_type"]
     if hf.get("hidden_act", "silu") != "silu":
@@ -70,7 +121,7 @@ def _llama_from_hf(hf: dict, source: str) -> ModelConfig:
         rope_theta=_rope_theta(hf, source),
         qkv_bias=(mt == "qwen2"),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=hf.get("sliding_window") if mt == "mistral" else None,
+        sliding_window=hf.get("sliding_window") if mt == "mistral" else None, labels=_labels(hf, source),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=_eos(hf), pad_token_id=hf.get("pad_token_id"),
     )
 
@@ -90,7 +141,7 @@ def _gpt2_from_hf(hf: dict, source: str) -> ModelConfig:
         vocab_size=_get(hf, "vocab_size", source), d_model=d,
         num_layers=_get(hf, "n_layer", source), num_heads=n, num_kv_heads=n, head_dim=d // n,
         mlp_dim=hf.get("n_inner") or 4 * d, norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        max_positions=_get(hf, "n_positions", source), tie_embeddings=True,
+        max_positions=_get(hf, "n_positions", source), tie_embeddings=True, labels=_labels(hf, source),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=_eos(hf), pad_token_id=hf.get("pad_token_id"),
     )
 
@@ -105,6 +156,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         return _gpt2_from_hf(hf, source)
     if mt in LLAMA_TYPES:
         return _llama_from_hf(hf, source)
+    if mt in ENCODER_TYPES:
+        return _bert_from_hf(hf, source)
     raise UserError(f"{source}: model_type={mt!r} is not supported; pdpo_jax ports {list(SUPPORTED)}")
 
 
@@ -113,13 +166,40 @@ def _token_ids(cfg: ModelConfig) -> dict:
     return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id}
 
 
+def _head(cfg: ModelConfig, causal_lm: str) -> dict:
+    """`architectures` (and a classifier's id2label/label2id) of the exported config."""
+    if not cfg.labels:
+        return {"architectures": [causal_lm]}
+    mt = "gpt2" if cfg.arch == "gpt2" else cfg.hf_model_type
+    return {"architectures": [CLASSIFIERS[mt]],
+            "id2label": {str(i): name for i, name in enumerate(cfg.labels)},
+            "label2id": {name: i for i, name in enumerate(cfg.labels)}}
+
+
+def _bert_to_hf(cfg: ModelConfig, common: dict) -> dict:
+    mt = cfg.hf_model_type
+    if mt not in ENCODER_TYPES or not cfg.labels:
+        raise ValueError(f"an encoder exports as a sequence classifier of hf_model_type "
+                         f"{ENCODER_TYPES}; got {mt!r} with labels {cfg.labels}")
+    if mt == "roberta" and cfg.position_offset != (cfg.pad_token_id or 0) + 1:
+        raise ValueError(f"RoBERTa positions start at pad_token_id + 1 = {(cfg.pad_token_id or 0) + 1}, "
+                         f"not position_offset={cfg.position_offset}")
+    return {**common, **_head(cfg, ""), "model_type": mt, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.mlp_dim, "hidden_act": cfg.hidden_act,
+            "max_position_embeddings": cfg.max_positions, "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.norm_eps}
+
+
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """config.json for transformers 5, with `rope_theta`/`torch_dtype` too for 4.x readers."""
     common = {"transformers_version": _transformers_version(), "dtype": dtype,
               "torch_dtype": dtype, "vocab_size": cfg.vocab_size, "use_cache": True,
               "tie_word_embeddings": cfg.tie_embeddings, **_token_ids(cfg)}
+    if cfg.arch == "bert":
+        return _bert_to_hf(cfg, common)
     if cfg.arch == "gpt2":
-        return {**common, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        return {**common, **_head(cfg, "GPT2LMHeadModel"), "model_type": "gpt2",
                 "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
                 "n_inner": cfg.mlp_dim, "n_positions": cfg.max_positions,
                 "n_ctx": cfg.max_positions, "layer_norm_epsilon": cfg.norm_eps,
@@ -133,7 +213,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
                          "'qwen2' for q/k/v biases")
     if cfg.sliding_window is not None and mt != "mistral":
         raise ValueError(f"sliding_window={cfg.sliding_window} exports only as hf_model_type 'mistral'")
-    out = {**common, "architectures": [LLAMA_TYPES[mt]], "model_type": mt,
+    out = {**common, **_head(cfg, LLAMA_TYPES[mt]), "model_type": mt,
            "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",

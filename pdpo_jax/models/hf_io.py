@@ -79,7 +79,9 @@ def _llama_table(cfg: ModelConfig) -> list[Rule]:
             rules.append(Rule(("layers", "attn", f"{name}_bias_{suffix}"),
                               lyr + f"self_attn.{name}_proj.bias",
                               lambda w, c, n=heads: w.reshape(n, H), lambda w, c: w.reshape(-1)))
-    if not cfg.tie_embeddings:
+    if cfg.labels:
+        rules.append(Rule(("score_DC",), "score.weight", _transpose, _transpose))
+    elif not cfg.tie_embeddings:
         rules.append(Rule(("lm_head_VD",), "lm_head.weight"))
     return rules
 
@@ -108,10 +110,50 @@ def _gpt2_table(cfg: ModelConfig) -> list[Rule]:
     for ln in ("ln_1", "ln_2"):
         rules.append(Rule(("layers", ln, "scale_D"), lyr + f"{ln}.weight"))
         rules.append(Rule(("layers", ln, "bias_D"), lyr + f"{ln}.bias"))
+    if cfg.labels:
+        rules.append(Rule(("score_DC",), "score.weight", _transpose, _transpose))
     return rules
 
 
-_TABLES = {"llama": _llama_table, "gpt2": _gpt2_table}
+def _layer_norm(ours: tuple[str, ...], hf: str) -> list[Rule]:
+    return [Rule((*ours, "scale_D"), hf + ".weight"), Rule((*ours, "bias_D"), hf + ".bias")]
+
+
+def _bert_table(cfg: ModelConfig) -> list[Rule]:
+    """BertForSequenceClassification / RobertaForSequenceClassification (cfg.hf_model_type)."""
+    D, N, H = cfg.d_model, cfg.num_heads, cfg.head_dim
+    base, lyr = cfg.hf_model_type, cfg.hf_model_type + ".encoder.layer.{i}."
+    rules = [Rule(("embed_VD",), base + ".embeddings.word_embeddings.weight"),
+             Rule(("pos_embed_PD",), base + ".embeddings.position_embeddings.weight"),
+             *_layer_norm(("embed_norm",), base + ".embeddings.LayerNorm"),
+             *_layer_norm(("layers", "attn_norm"), lyr + "attention.output.LayerNorm"),
+             *_layer_norm(("layers", "mlp_norm"), lyr + "output.LayerNorm"),
+             Rule(("layers", "attn", "o_NHD"), lyr + "attention.output.dense.weight",
+                  lambda w, c: w.T.reshape(N, H, D), lambda w, c: w.reshape(N * H, D).T),
+             Rule(("layers", "attn", "o_bias_D"), lyr + "attention.output.dense.bias"),
+             Rule(("layers", "mlp", "fc_DF"), lyr + "intermediate.dense.weight", _transpose, _transpose),
+             Rule(("layers", "mlp", "fc_bias_F"), lyr + "intermediate.dense.bias"),
+             Rule(("layers", "mlp", "proj_FD"), lyr + "output.dense.weight", _transpose, _transpose),
+             Rule(("layers", "mlp", "proj_bias_D"), lyr + "output.dense.bias")]
+    for ours, hf in (("q", "query"), ("k", "key"), ("v", "value")):
+        rules += [Rule(("layers", "attn", f"{ours}_DNH"), lyr + f"attention.self.{hf}.weight",
+                       lambda w, c: w.T.reshape(D, N, H), lambda w, c: w.reshape(D, N * H).T),
+                  Rule(("layers", "attn", f"{ours}_bias_NH"), lyr + f"attention.self.{hf}.bias",
+                       lambda w, c: w.reshape(N, H), lambda w, c: w.reshape(-1))]
+    if cfg.type_vocab_size:
+        rules.append(Rule(("type_embed_YD",), base + ".embeddings.token_type_embeddings.weight"))
+    # One head, two namings: BERT's pooler + classifier, RoBERTa's classifier.dense + out_proj.
+    pooler, out = (("bert.pooler.dense", "classifier") if base == "bert"
+                   else ("classifier.dense", "classifier.out_proj"))
+    if cfg.labels:
+        rules += [Rule(("pooler_DD",), pooler + ".weight", _transpose, _transpose),
+                  Rule(("pooler_bias_D",), pooler + ".bias"),
+                  Rule(("classifier_DC",), out + ".weight", _transpose, _transpose),
+                  Rule(("classifier_bias_C",), out + ".bias")]
+    return rules
+
+
+_TABLES = {"llama": _llama_table, "gpt2": _gpt2_table, "bert": _bert_table}
 
 
 def mapping_table(cfg: ModelConfig) -> dict[tuple[str, ...], Rule]:
@@ -120,9 +162,14 @@ def mapping_table(cfg: ModelConfig) -> dict[tuple[str, ...], Rule]:
 
 # HF tensors that carry no parameters (buffers) or duplicate a tied one.
 def _ignorable(key: str, cfg: ModelConfig) -> bool:
-    if key.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
+    if key.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias",
+                     "embeddings.position_ids")):
         return True
     return cfg.tie_embeddings and key == "lm_head.weight"
+
+
+# The original OpenAI GPT-2 export names its tensors without the `transformer.` prefix.
+_BARE_GPT2 = ("wte.", "wpe.", "h.", "ln_f.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +181,7 @@ class _Source:
 
     config_name = "config.json"  # where the architecture comes from, for error messages
 
-    def __init__(self, folder: pathlib.Path, allow_pickle: bool):
+    def __init__(self, folder: pathlib.Path, allow_pickle: bool, arch: str):
         bin_path = folder / "pytorch_model.bin"
         has_st = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
         if not has_st and bin_path.is_file():
@@ -152,11 +199,8 @@ class _Source:
             self._files = TensorFiles(folder)
             self._arrays = None
             self.where = str(folder)
-        # Some GPT-2 checkpoints (the original OpenAI export) lack the `transformer.` prefix.
-        self._alias = {}
-        for key in self.keys_raw():
-            if not key.startswith(("transformer.", "model.", "lm_head.")):
-                self._alias["transformer." + key] = key
+        self._alias = {"transformer." + key: key for key in self.keys_raw()
+                       if arch == "gpt2" and key.startswith(_BARE_GPT2)}
 
     def keys_raw(self) -> set[str]:
         return set(self._arrays) if self._arrays is not None else self._files.keys()
@@ -241,7 +285,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
                     mesh: Mesh | None = None, rules=shd.TRAIN_RULES, remat: str = "none",
                     unroll_layers: bool = False, stack_layers: bool = True,
                     allow_pickle: bool = False):
-    """Loads an HF causal-LM checkpoint folder into our model (GPT2 or Llama).
+    """Loads an HF checkpoint folder into our model: a causal LM (GPT2 or Llama family) or a
+    `…ForSequenceClassification` of those or of BERT/RoBERTa (`model.classify`).
 
     dtype: compute dtype; param_dtype: stored weights; mesh: place each parameter straight
     into its sharding (rules: logical axis → mesh axis table); remat, unroll_layers: see
@@ -252,8 +297,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     """
     folder = pathlib.Path(path).expanduser()
     cfg = config_from_hf(_read_config(folder), source=str(folder / "config.json"))
-    return load_model(cfg, _Source(folder, allow_pickle), dtype=dtype, param_dtype=param_dtype,
-                      mesh=mesh, rules=rules, remat=remat, unroll_layers=unroll_layers,
+    return load_model(cfg, _Source(folder, allow_pickle, cfg.arch), dtype=dtype,
+                      param_dtype=param_dtype, mesh=mesh, rules=rules, remat=remat, unroll_layers=unroll_layers,
                       stack_layers=stack_layers)
 
 
@@ -335,7 +380,8 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, dtype: st
             yield name, np.asarray(rule.to_hf(part, cfg)).astype(dtype)
 
     write_sharded(out, groups, produce, max_shard_bytes)
-    write_json_atomic(out / "generation_config.json", hf_configs.generation_config(cfg), indent=2)
+    if not cfg.labels:  # classifiers generate nothing
+        write_json_atomic(out / "generation_config.json", hf_configs.generation_config(cfg), indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     write_json_atomic(out / "config.json", config_to_hf(cfg, dtype=str(jnp.dtype(dtype))), indent=2)

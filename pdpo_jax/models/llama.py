@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pdpo_jax.models import attention, layers, ops, rope
+from pdpo_jax.models import attention, heads, layers, ops, rope
 from pdpo_jax.models.attention import KVCache
 from pdpo_jax.models.config import ModelConfig, param
 
@@ -109,7 +109,9 @@ class Llama(nnx.Module):
         self.embed_VD = param(_normal, rngs.params(), (V, D), pd, ("vocab", "embed"))
         self.layers = layers.make_stacked_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
         self.final_norm_D = param(_ones, rngs.params(), (D,), pd, ("norm",))
-        if not cfg.tie_embeddings:
+        if cfg.labels:  # a sequence classifier: a score head instead of the LM head
+            self.score_DC = param(_normal, rngs.params(), (D, len(cfg.labels)), pd, ("embed", "labels"))
+        elif not cfg.tie_embeddings:
             self.lm_head_VD = param(_normal, rngs.params(), (V, D), pd, ("vocab", "embed"))
 
     def unembedding_VD(self) -> jax.Array:
@@ -127,6 +129,11 @@ class Llama(nnx.Module):
             cfg, self.layers, h, positions_BT, attention_mask_BT, cache,
             lambda h: rms_norm(h, self.final_norm_D[...], cfg.norm_eps), select_BQ=select_BQ,
             per_position=table, segments_BT=segments_BT)
+
+    def classify(self, tokens_BT, positions_BT, attention_mask_BT, token_types_BT=None):
+        """Sequence classifier (cfg.labels): fp32 logits [B, C] at each row's last real token
+        (HF `…ForSequenceClassification`). token_types_BT: ignored (decoders have none)."""
+        return heads.decoder_classify(self, tokens_BT, positions_BT, attention_mask_BT)
 
     def __call__(self, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache | None = None):
         h, cache = self.hidden_states(tokens_BT, positions_BT, attention_mask_BT, cache)

@@ -16,10 +16,9 @@ import pathlib
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from pdpo_jax import data as pdata
-from pdpo_jax.checkpoint import Checkpointer, export_atomically
+from pdpo_jax.checkpoint import Checkpointer, exporter
 from pdpo_jax.config import StageSection
 from pdpo_jax.context import RunContext, check_tokenizer
 from pdpo_jax.errors import UserError
@@ -104,15 +103,7 @@ def _spec(ctx: RunContext, name: str, stage: StageSection, total: int,
 
 
 def _exporter(ctx: RunContext, graphdef, folder: pathlib.Path):
-    def export(params, metrics):
-        if jax.process_count() > 1:  # params span hosts: every process joins the gather
-            params = multihost_utils.process_allgather(params, tiled=True)
-        if jax.process_index() == 0:  # one writer: the folder is shared
-            export_atomically(nnx.merge(graphdef, params), folder, tokenizer=ctx.tokenizer,
-                              extra={k: float(np.asarray(v)) for k, v in metrics.items()})
-        if jax.process_count() > 1:  # nobody reads `folder` before it is whole
-            multihost_utils.sync_global_devices(f"export {folder}")
-    return export
+    return exporter(graphdef, folder, tokenizer=ctx.tokenizer)
 
 
 def _meta(stage: str, model_cfg: ModelConfig) -> dict:

@@ -38,6 +38,8 @@ def _zeros_like(tree):
 
 
 def apply_update(state: TrainState, tx, grads, finite):
+    """The optimizer update of `grads` when `finite`, else state unchanged; with the norms.
+    Shared by every objective's step (SFT, DPO, the reward classifier's)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -48,7 +50,7 @@ def apply_update(state: TrainState, tx, grads, finite):
     return new, norms
 
 
-def _accumulate(body, init, batch):
+def accumulate(body, init, batch):
     """Folds `body(carry, micro_batch) -> (carry, None)` over the leading micro-batch axis;
     a single micro-batch runs without a loop (XLA keeps the step one straight-line graph)."""
     if jax.tree.leaves(batch)[0].shape[0] == 1:
@@ -79,7 +81,7 @@ def make_sft_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, *, window: 
             return (jax.tree.map(jnp.add, grads, g), nll_sum + micro_nll, count + micro_count), None
 
         init = (_zeros_like(state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        grads, nll_sum, count = _accumulate(body, init, batch)
+        grads, nll_sum, count = accumulate(body, init, batch)
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll_sum / denom
@@ -235,7 +237,7 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx, lr_schedule: Callable, objective: 
 
         zero_stats = {k: jnp.zeros((), jnp.float32) for k in ("loss", *losses.METRIC_NAMES)}
         zero_stats["pairs"] = jnp.zeros((), jnp.int32)
-        grads, sums = _accumulate(body, (_zeros_like(state.params), zero_stats), batch)
+        grads, sums = accumulate(body, (_zeros_like(state.params), zero_stats), batch)
         pairs = jnp.maximum(sums.pop("pairs"), 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / pairs, grads)
         metrics = {k: v / pairs for k, v in sums.items()}
