@@ -82,6 +82,8 @@ def use_tcmalloc(module: str, argv: list[str] | None = None) -> None:
         return
     if os.environ.get("_PDPO_PRELOADED"):  # preloaded once already and it did not take
         return
+    if "jax" in sys.modules:  # run by a launcher that set JAX up (launch/local_worker.py)
+        return
     lib = find_tcmalloc()
     if lib is None:
         return

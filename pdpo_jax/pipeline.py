@@ -1,5 +1,6 @@
 """The whole method as resumable stages in one run folder, in the order `run.stages` lists them:
-sft → negatives → dpo → eval (Dialogue-NLI) → judge (pairwise LLM judge) → report.
+sft → negatives → dpo (PseudoDPO) or rl (the PPO baseline) → eval (Dialogue-NLI) → judge
+(pairwise LLM judge) → report.
 
 A stage is a function of the run's `RunContext`, defined beside its kind (train/stages.py,
 sampling/negatives.py, eval/stages.py, run_report.py). A stage that finished wrote
@@ -24,13 +25,14 @@ from pdpo_jax.eval.stages import run_eval, run_judge
 from pdpo_jax.fileio import write_json_atomic
 from pdpo_jax.run_report import run_report
 from pdpo_jax.sampling.negatives import run_negatives
+from pdpo_jax.train.rl_stage import run_rl
 from pdpo_jax.train.stages import run_dpo, run_sft
 from pdpo_jax.train.steps import DpoObjective
 
 log = logging.getLogger(__name__)
 
 STAGES: dict[str, Callable[[RunContext], object]] = {
-    "sft": run_sft, "negatives": run_negatives, "dpo": run_dpo, "eval": run_eval,
+    "sft": run_sft, "negatives": run_negatives, "dpo": run_dpo, "rl": run_rl, "eval": run_eval,
     "judge": run_judge, "report": run_report}
 
 

@@ -223,7 +223,33 @@ class RewardSection(StageSection):
 
 @dataclasses.dataclass(frozen=True)
 class RlSection:
-    """The reinforcement-learning baseline's settings (its reward model, for now)."""
+    """The +RL(DialogueNLI) baseline (paper §4.1–4.4): PPO of the SFT model against the NLI
+    reward (`reward`), as trl's PPO (train/ppo.py, train/rl.py). One rollout = `rollout_batch`
+    training prompts answered once under their own persona; `ppo_epochs` passes of `minibatch`
+    rows each per rollout; at most `epochs` passes over the prompts (the paper: at most 2); every
+    `eval_every` rollouts the mean reward of greedy replies to `eval_prompts` dev prompts picks
+    the exported model (the paper: the highest reward). KL penalty kl_coef, adaptive towards
+    kl_target when set. PPO's constants are trl's defaults; the optimizer the paper's DPO one."""
+    epochs: Count = 2
+    max_rollouts: Count | None = None
+    rollout_batch: Count = 16
+    minibatch: Count = 8
+    ppo_epochs: Count = 4
+    max_new_tokens: Count = 48
+    temperature: Positive = 1.0
+    top_p: TopP = 1.0
+    kl_coef: NonNegative = 0.05
+    kl_target: Positive | None = None
+    kl_horizon: Count = 10000
+    gamma: Annotated[float, Range(0, 1)] = 1.0
+    lam: Annotated[float, Range(0, 1)] = 0.95
+    clip: Positive = 0.2
+    clip_value: Positive = 0.2
+    vf_coef: NonNegative = 0.1
+    eval_every: Count = 10
+    eval_prompts: Count = 64
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, schedule="linear")
+    remat: Literal["none", "full", "dots_saveable"] | None = None
     reward: RewardSection = RewardSection(
         epochs=3, batch_size=32, eval_every=200,
         optimizer=OptimizerConfig(lr=2e-5, schedule="linear", warmup_ratio=0.1, weight_decay=0.01))

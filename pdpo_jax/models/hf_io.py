@@ -298,8 +298,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     folder = pathlib.Path(path).expanduser()
     cfg = config_from_hf(_read_config(folder), source=str(folder / "config.json"))
     return load_model(cfg, _Source(folder, allow_pickle, cfg.arch), dtype=dtype,
-                      param_dtype=param_dtype, mesh=mesh, rules=rules, remat=remat, unroll_layers=unroll_layers,
-                      stack_layers=stack_layers)
+                      param_dtype=param_dtype, mesh=mesh, rules=rules, remat=remat,
+                      unroll_layers=unroll_layers, stack_layers=stack_layers)
 
 
 def load_model(cfg: ModelConfig, src, *, dtype: str = "float32", param_dtype: str = "float32",

@@ -106,7 +106,7 @@ def _exporter(ctx: RunContext, graphdef, folder: pathlib.Path):
     return exporter(graphdef, folder, tokenizer=ctx.tokenizer)
 
 
-def _meta(stage: str, model_cfg: ModelConfig) -> dict:
+def checkpoint_meta(stage: str, model_cfg: ModelConfig) -> dict:
     return {"stage": stage, "model": json.loads(json.dumps(dataclasses.asdict(model_cfg)))}
 
 
@@ -139,7 +139,7 @@ def run_sft(ctx: RunContext) -> pathlib.Path:
     loop.run(_spec(ctx, "sft", stage, total, loop.Selection("loss", "min")), state=state, step_fn=step,
              batches=batches, mesh=ctx.mesh, evaluate=evaluate,
              export=_exporter(ctx, graphdef, out / "best"), ckpt=ckpt, writer=writer,
-             meta=_meta("sft", model_cfg))
+             meta=checkpoint_meta("sft", model_cfg))
     ckpt.close()
     writer.close()
     return out / "best"
@@ -214,7 +214,7 @@ def run_dpo(ctx: RunContext) -> pathlib.Path:
     loop.run(_spec(ctx, "dpo", stage, total, loop.Selection("rewards/accuracies", "max")), state=state,
              step_fn=train_step, batches=batches, mesh=ctx.mesh,
              evaluate=evaluate, export=_exporter(ctx, graphdef, out / "best"), ckpt=ckpt,
-             writer=writer, meta=_meta("dpo", model_cfg))
+             writer=writer, meta=checkpoint_meta("dpo", model_cfg))
     ckpt.close()
     writer.close()
     return out / "best"
