@@ -170,7 +170,7 @@ def run_judge(ctx: RunContext) -> None:
     """The `judge` stage: the pairwise tournament of `eval.checkpoints` on dev histories."""
     cfg = ctx.cfg
     checkpoints = resolve_checkpoints(cfg.eval.checkpoints, ctx.run_dir)
-    histories = read_dialogues(cfg.data.dev or pdata.default_paths().dev, None, key="data.dev")
+    histories = read_dialogues(cfg.data.dev or pdata.default_paths().dev, key="data.dev")
     markdown = run_judge_stage(ctx.stage_dir("eval"), checkpoints, ctx.tokenizer, histories,
                                cfg.eval.judge, cfg.eval.responses, template=cfg.data.template,
                                mesh=ctx.mesh)
