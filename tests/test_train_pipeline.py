@@ -34,6 +34,10 @@ def test_sft_exports_a_model_transformers_loads(tmp_path):
     assert selection["loss"] == min(r["eval/loss"] for r in evals)
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
     assert (tmp_path / "sft" / "DONE.json").is_file()
+    stats = json.loads((tmp_path / "sft" / "data_stats.json").read_text())
+    assert stats["truncation"] == "truncate" and stats["max_total_tokens"] == 256
+    assert stats["train"]["total"] == 96 and stats["dev"]["total"] == 16
+    assert stats["train"]["kept"] + sum(stats["train"]["dropped"].values()) == 96
     # A rerun skips the finished stage.
     assert main(["--config", "configs/tiny_sft.yaml", f"run.out_dir={tmp_path}", *TINY]) == 0
 
@@ -130,6 +134,8 @@ def test_precomputed_reference_equals_live_reference_and_is_cached(tmp_path, dpo
     pipeline.run(_dpo_cfg(tmp_path / "live", dpo_inputs))
     pipeline.run(_dpo_cfg(tmp_path / "pre", dpo_inputs, "dpo.precompute_ref=true"))
     live, pre = _last_eval(tmp_path / "live"), _last_eval(tmp_path / "pre")
+    stats = json.loads((tmp_path / "live" / "dpo" / "data_stats.json").read_text())
+    assert (stats["train"]["total"], stats["dev"]["total"]) == (32, 16)
     assert live["step"] == pre["step"] == 4
     for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies", "eval/logps/chosen"):
         assert pre[key] == pytest.approx(live[key], rel=1e-5, abs=1e-6), key

@@ -91,8 +91,14 @@ class DataSection:
     max_total_tokens: Count = 512
     max_response_tokens: Count = 64  # EOS included; longer replies are dropped and counted
     buckets: tuple[Count, ...] = (128, 256, 512)
+    # A seeded uniform sample of the file's records (run.seed; pdpo_jax.data.subsets), not the
+    # first N; None: every record.
     max_train_records: Count | None = None
     max_dev_records: Count | None = None
+    # A prompt over budget loses its oldest history turns (`truncate`), or the record is
+    # dropped and counted (`drop`), in every training stage (sft, negatives, dpo); each stage
+    # writes the counts to <run>/<stage>/data_stats.json.
+    truncation: Literal["truncate", "drop"] = "truncate"
     # Training rows hold several records (SFT) or pairs (DPO), first-fit into rows of
     # pack_length tokens (default: the largest bucket, or twice it for DPO pairs, whose rows
     # hold prompt + chosen + rejected); the same examples per step and the same loss as one
@@ -184,6 +190,19 @@ class NegativesSection:
     batch_size: Count = 32
     shard_size: Count = 512
     keep_truncated: bool = False
+    # The train records replies are sampled for: `same` as SFT's (the paper: all the data), or
+    # `disjoint`: records of data.train that SFT did not see. max_records draws that many
+    # (seeded) from those; None: all of them. Dev pairs come from SFT's dev records either way.
+    records: Literal["same", "disjoint"] = "same"
+    max_records: Count | None = None
+    # Where swapped personas come from: every persona of the split's file, or only those of
+    # the records sampled for (`records`: the behaviour before subsets were drawn).
+    persona_pool: Literal["split", "records"] = "split"
+    # persona_margin: keep a pair only when the SFT model finds its rejected reply more likely
+    # under the swapped persona than under the original one by more than filter_margin nats:
+    # log p(y⁻ | p_swapped, x) − log p(y⁻ | p, x) > filter_margin.
+    filter: Literal["none", "persona_margin"] = "none"
+    filter_margin: NonNegative = 0.0
 
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")

@@ -27,6 +27,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".readers": ("read_turns",),
     ".records": ("DataFormatError", "DnliExample", "PersonaTurn", "PreferencePair"),
     ".splits": ("split_dialogues",),
+    ".subsets": ("disjoint_indices", "sample_indices"),
     ".synthetic": ("read_spc_conversations", "read_synthetic_persona_chat"),
     ".templates": ("TEMPLATES", "PromptTemplate", "chat_messages", "get_template",
         "render_prompt"),

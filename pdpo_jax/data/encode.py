@@ -15,7 +15,8 @@ exactly what SFT/DPO train on and what a sampler continues from `prompt_ids`.
   response). Oldest history turns are dropped first; persona lines, the latest partner turn and the
   response are never cut. A record that cannot fit is not cut either: `DoesNotFit` says why, and
   `encode_records` counts it (reasons: response_too_long, prompt_too_long, eos_in_text,
-  no_partner_turn).
+  no_partner_turn). With truncate=False (data.truncation=drop) no history turn is cut: a prompt
+  over budget is `history_too_long`.
 """
 from __future__ import annotations
 
@@ -88,25 +89,34 @@ class EncodeStats:
     history_turns_dropped: int
     dropped: dict[str, int]
 
+    @classmethod
+    def count(cls, history_dropped: Sequence[int], dropped: Counter) -> "EncodeStats":
+        """From each kept record's dropped history turns and the dropped records' reasons."""
+        return cls(total=len(history_dropped) + sum(dropped.values()), kept=len(history_dropped),
+                   truncated=sum(h > 0 for h in history_dropped),
+                   history_turns_dropped=int(sum(history_dropped)),
+                   dropped=dict(sorted(dropped.items())))
+
 
 def encode_pair(tokenizer: Any, template: str | PromptTemplate, persona: Sequence[str],
                 history: Sequence[str], response: str | None = None, *,
                 max_prompt_tokens: int | None = None, max_response_tokens: int | None = None,
-                max_total_tokens: int | None = None) -> Encoded:
-    """Token ids of one (persona, history[, response]); raises DoesNotFit when over budget."""
+                max_total_tokens: int | None = None, truncate: bool = True) -> Encoded:
+    """Token ids of one (persona, history[, response]); raises DoesNotFit when over budget
+    (truncate=False: also when the prompt fits only without its oldest turns)."""
     template = get_template(template)
     history = tuple(history)
     response_ids = _EMPTY if response is None else _response_ids(
         tokenizer, template, persona, history, response, max_response_tokens)
     budget = _prompt_budget(max_prompt_tokens, max_total_tokens, len(response_ids))
-    prompt_ids, dropped = _fit_prompt(tokenizer, template, persona, history, budget)
+    prompt_ids, dropped = _fit_prompt(tokenizer, template, persona, history, budget, truncate)
     return Encoded(prompt_ids, response_ids, dropped)
 
 
 def encode_preference(tokenizer: Any, template: str | PromptTemplate, persona: Sequence[str],
                       history: Sequence[str], chosen: str, rejected: str, *,
                       max_prompt_tokens: int | None = None, max_response_tokens: int | None = None,
-                      max_total_tokens: int | None = None) -> EncodedPair:
+                      max_total_tokens: int | None = None, truncate: bool = True) -> EncodedPair:
     """encode_pair for a DPO pair: one prompt, truncated so that the longer response fits."""
     template = get_template(template)
     history = tuple(history)
@@ -115,13 +125,13 @@ def encode_preference(tokenizer: Any, template: str | PromptTemplate, persona: S
         for r in (chosen, rejected))
     longer = max(len(chosen_ids), len(rejected_ids))
     budget = _prompt_budget(max_prompt_tokens, max_total_tokens, longer)
-    prompt_ids, dropped = _fit_prompt(tokenizer, template, persona, history, budget)
+    prompt_ids, dropped = _fit_prompt(tokenizer, template, persona, history, budget, truncate)
     return EncodedPair(prompt_ids, chosen_ids, rejected_ids, dropped)
 
 
 def encode_records(tokenizer: Any, template: str | PromptTemplate,
                    records: Sequence[PersonaTurn | PreferencePair],
-                   **budgets: int | None) -> tuple[list[Any], EncodeStats]:
+                   **budgets: int | bool | None) -> tuple[list[Any], EncodeStats]:
     """encode_pair (PersonaTurn) or encode_preference (PreferencePair) over many records.
 
     Returns the encodings that fit (each with `source_index` set) and the counts; records that do
@@ -139,10 +149,7 @@ def encode_records(tokenizer: Any, template: str | PromptTemplate,
             dropped[e.reason] += 1
             continue
         encoded.append(dataclasses.replace(enc, source_index=i))
-    stats = EncodeStats(total=len(records), kept=len(encoded),
-                        truncated=sum(e.history_dropped > 0 for e in encoded),
-                        history_turns_dropped=sum(e.history_dropped for e in encoded),
-                        dropped=dict(sorted(dropped.items())))
+    stats = EncodeStats.count([e.history_dropped for e in encoded], dropped)
     if dropped:
         log.warning("encode_records: dropped %d of %d records %s", sum(dropped.values()),
                     len(records), stats.dropped)
@@ -251,7 +258,8 @@ def _chat_text(tokenizer: Any, messages: list[dict[str, str]], generation_prompt
 
 
 def _fit_prompt(tokenizer: Any, template: PromptTemplate, persona: Sequence[str],
-                history: tuple[str, ...], budget: float) -> tuple[np.ndarray, int]:
+                history: tuple[str, ...], budget: float,
+                truncate: bool = True) -> tuple[np.ndarray, int]:
     """Prompt ids with the fewest oldest turns dropped that fit `budget`, and how many were dropped.
 
     The latest turn is always kept (a response with no context teaches nothing); chat mode drops
@@ -263,6 +271,9 @@ def _fit_prompt(tokenizer: Any, template: PromptTemplate, persona: Sequence[str]
     ids = _prompt_ids(tokenizer, template, persona, history)
     if len(ids) <= budget:
         return ids, 0
+    if not truncate:
+        raise DoesNotFit("history_too_long", f"{len(ids)} prompt tokens > {budget} and "
+                         "data.truncation=drop")
 
     def attempt(j: int) -> np.ndarray | None:
         candidate = _prompt_ids(tokenizer, template, persona, history[drops[j]:])

@@ -18,9 +18,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 
 from pdpo_jax import data as pdata
 from pdpo_jax.data.records import DNLI_GROUPS
+from pdpo_jax.eval import bootstrap
 from pdpo_jax.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -119,28 +121,112 @@ def select_examples(examples: Sequence[pdata.DnliExample],
 
 
 _HEADERS = ("Hits↑", "Entail↑", "Rand↓", "Contradict↓")
+SMOKE_EXAMPLES = 100  # fewer examples than this: a table is a smoke signal, not a measurement
+
+# {checkpoint after the first: {'all' | group: [Difference per category], 'n': ...}}
+Differences = dict[str, dict[str, Any]]
+
+
+def _outcomes(result: DnliResult, normalise: str) -> dict[str, tuple[str, int]]:
+    """{example id: (group, category index of its winner)}."""
+    return {k: (w.group, CATEGORIES.index(w.category))
+            for k, w in result.winners(normalise).items()}
+
+
+def paired_differences(results: dict[str, DnliResult], normalise: str = "sum", *,
+                       resamples: int = bootstrap.RESAMPLES, seed: int = 0,
+                       level: float = bootstrap.LEVEL) -> Differences:
+    """Each checkpoint after the first against the first: per category, the difference of
+    rank-1 shares (points) with its paired bootstrap interval over the examples both scored,
+    overall ('all') and per relation group; 'n' holds the examples each was computed on."""
+    _check_normalise(normalise)
+    names = list(results)
+    base = _outcomes(results[names[0]], normalise)
+    out: Differences = {}
+    for name in names[1:]:
+        other = _outcomes(results[name], normalise)
+        shared = [k for k in base if k in other]
+        groups = ["all"] + [g for g in DNLI_GROUPS if any(base[k][0] == g for k in shared)]
+        groups += sorted({base[k][0] for k in shared} - set(groups))
+        out[name] = {"n": {}}
+        for g in groups:
+            keys = [k for k in shared if g == "all" or base[k][0] == g]
+            eye = np.eye(len(CATEGORIES))
+            out[name][g] = bootstrap.paired_share_differences(
+                eye[[base[k][1] for k in keys]], eye[[other[k][1] for k in keys]],
+                resamples=resamples, seed=seed, level=level)
+            out[name]["n"][g] = len(keys)
+    return out
 
 
 def dnli_table(results: dict[str, DnliResult], normalise: str = "sum", *,
-               by_group: bool = False) -> str:
-    """Markdown table in the layout of the paper's Table 4: one row per checkpoint (× group)."""
+               by_group: bool = False, differences: Differences | None = None) -> str:
+    """Markdown table in the layout of the paper's Table 4: one row per checkpoint (× group),
+    then for each later checkpoint its difference from the first with the paired bootstrap
+    95% interval (`paired_differences`, computed here unless given)."""
     _check_normalise(normalise)
+    if differences is None:
+        differences = paired_differences(results, normalise)
     group_col = ["Group"] if by_group else []
+    first = next(iter(results), "")
     rows = []
     for name, result in results.items():
         table = result.rank1(normalise)
         groups = [g for g in table if g != "all"] if by_group else ["all"]
         rows += [[name, *([g] if by_group else []), *(table[g][c] for c in CATEGORIES),
                   table[g]["n"]] for g in groups]
+    for name, diff in differences.items():
+        groups = [g for g in diff if g not in ("all", "n")] if by_group else ["all"]
+        rows += [[f"Δ {name} − {first} (95% CI)", *([g] if by_group else []),
+                  *(d.cell() for d in diff[g]), diff["n"][g]] for g in groups]
     return markdown_table(["Checkpoint", *group_col, *_HEADERS, "n"], rows)
 
 
-def dnli_report(results: dict[str, DnliResult], normalisations: Sequence[str] = NORMALISATIONS) -> str:
+def _smoke_note(results: dict[str, DnliResult], normalise: str, by_group: bool) -> list[str]:
+    small = {f"{g} ({t['n']})" for r in results.values() for g, t in r.rank1(normalise).items()
+             if (g != "all") == by_group and t["n"] < SMOKE_EXAMPLES}
+    if not small:
+        return []
+    return [f"**Smoke signal:** fewer than {SMOKE_EXAMPLES} examples in "
+            f"{', '.join(sorted(small))}; read the shares as a plumbing check, not a measurement."]
+
+
+def all_differences(results: dict[str, DnliResult],
+                    normalisations: Sequence[str] = NORMALISATIONS) -> dict[str, Differences]:
+    """{normalisation: paired_differences} for each scoring."""
+    return {norm: paired_differences(results, norm) for norm in normalisations}
+
+
+def dnli_statistics(results: dict[str, DnliResult], normalisations: Sequence[str] = NORMALISATIONS,
+                    differences: dict[str, Differences] | None = None) -> dict[str, Any]:
+    """What `dnli_report` shows, as JSON (eval/dnli/summary.json): each checkpoint's rank-1
+    shares and the paired differences from the first checkpoint, per scoring."""
+    differences = differences or all_differences(results, normalisations)
+    out: dict[str, Any] = {"resamples": bootstrap.RESAMPLES, "level": bootstrap.LEVEL,
+                           "seed": 0, "baseline": next(iter(results), None), "scores": {}}
+    for norm in normalisations:
+        diffs = differences[norm]
+        out["scores"][norm] = {
+            "rank1": {name: r.rank1(norm) for name, r in results.items()},
+            "differences": {name: {g: {"n": d["n"][g], **{c: dataclasses.asdict(x) for c, x in
+                                                      zip(CATEGORIES, d[g])}}
+                                   for g in d if g != "n"} for name, d in diffs.items()}}
+    return out
+
+
+def dnli_report(results: dict[str, DnliResult], normalisations: Sequence[str] = NORMALISATIONS,
+                differences: dict[str, Differences] | None = None) -> str:
     """Both scorings, overall and per relation group, as one markdown section."""
+    differences = differences or all_differences(results, normalisations)
     label = {"sum": "sum of token log-probs", "mean": "length-normalised (mean per token)"}
     parts = ["## Dialogue-NLI consistency ranking (Table 4 layout)",
-             "% of examples whose top-ranked candidate is in each category."]
+             "% of examples whose top-ranked candidate is in each category; n examples. "
+             "Δ rows: a later checkpoint minus the first, in points, with the paired bootstrap "
+             f"95% interval ({bootstrap.RESAMPLES:,} resamples of the examples both scored)."]
     for norm in normalisations:
-        parts += [f"### Score: {label[norm]}", dnli_table(results, norm),
-                  f"#### Per relation group ({norm})", dnli_table(results, norm, by_group=True)]
+        diffs = differences[norm]
+        parts += [f"### Score: {label[norm]}", *_smoke_note(results, norm, False),
+                  dnli_table(results, norm, differences=diffs),
+                  f"#### Per relation group ({norm})", *_smoke_note(results, norm, True),
+                  dnli_table(results, norm, by_group=True, differences=diffs)]
     return "\n\n".join(parts) + "\n"

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pdpo_jax.eval.bootstrap import percentile_interval, resample_counts
 from pdpo_jax.eval.tournament import Judgment
 
 
@@ -130,14 +131,11 @@ def bradley_terry(judgments: Sequence[Judgment], models: Sequence[str], *, prior
     theta = fit_bradley_terry(_win_matrix(valid, index), prior)
     if bootstrap < 1 or not valid:
         return Strengths(tuple(models), theta, theta.copy(), theta.copy(), level)
-    rng = np.random.default_rng(seed)
+    counts = resample_counts(len(valid), bootstrap, np.random.default_rng(seed))
     # Per-judgment win-matrix contributions, so a resample is one weighted sum.
     parts = np.stack([_win_matrix([j], index) for j in valid])  # [n, M, M]
-    draws = np.stack([fit_bradley_terry(np.tensordot(np.bincount(
-        rng.integers(len(valid), size=len(valid)), minlength=len(valid)), parts, 1), prior)
-        for _ in range(bootstrap)])
-    alpha = (1 - level) / 2
-    low, high = np.quantile(draws, [alpha, 1 - alpha], axis=0)
+    draws = np.stack([fit_bradley_terry(np.tensordot(c, parts, 1), prior) for c in counts])
+    low, high = percentile_interval(draws, level)
     return Strengths(tuple(models), theta, low, high, level)
 
 

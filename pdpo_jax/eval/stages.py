@@ -2,7 +2,7 @@
 
 Both write into `out_dir` and skip what is already there (resumable):
   <out_dir>/dnli/<label>.jsonl        per-candidate scores (+ .meta.json: written last = complete)
-  <out_dir>/dnli/report.md, dnli_<sum|mean>.png
+  <out_dir>/dnli/report.md, summary.json (shares, paired bootstrap differences), dnli_<sum|mean>.png
   <out_dir>/judge/responses/<label>.jsonl   replies with their sampling settings (+ .meta.json)
   <out_dir>/judge/judgments.sqlite    the judgment cache (unless judge.cache names another file)
   <out_dir>/judge/comparisons.jsonl, report.md, win_rates.png, summary.json
@@ -21,7 +21,8 @@ from pdpo_jax.eval.cache import JudgmentCache
 from pdpo_jax.config import EvalSection, JudgeSection, ResponseSection
 from pdpo_jax.context import RunContext, read_dialogues
 from pdpo_jax.eval.checkpoints import resolve_checkpoints
-from pdpo_jax.eval.dnli import DnliResult, dnli_report, select_examples
+from pdpo_jax.eval.dnli import (DnliResult, all_differences, dnli_report, dnli_statistics,
+                                select_examples)
 from pdpo_jax.eval.dnli_scoring import score_dnli
 from pdpo_jax.fileio import (checkpoint_fingerprint, read_json, read_jsonl, text_hash,
                               write_json_atomic, write_jsonl_atomic, write_text_atomic)
@@ -62,8 +63,11 @@ def run_dnli_stage(out_dir: str | os.PathLike, checkpoints: dict[str, str | os.P
         del model
         write_jsonl_atomic(path, results[label].to_rows())
         write_json_atomic(meta_path, meta)  # last: its presence means the JSONL is complete
-    markdown = dnli_report(results, eval_cfg.normalisations)
+    differences = all_differences(results, eval_cfg.normalisations)
+    markdown = dnli_report(results, eval_cfg.normalisations, differences)
     write_text_atomic(out / "report.md", markdown)
+    write_json_atomic(out / "summary.json",
+                      dnli_statistics(results, eval_cfg.normalisations, differences), indent=2)
     for norm in eval_cfg.normalisations:
         plots.plot_dnli(results, out / f"dnli_{norm}.png", norm)
     return markdown
@@ -166,7 +170,7 @@ def run_judge(ctx: RunContext) -> None:
     """The `judge` stage: the pairwise tournament of `eval.checkpoints` on dev histories."""
     cfg = ctx.cfg
     checkpoints = resolve_checkpoints(cfg.eval.checkpoints, ctx.run_dir)
-    histories = read_dialogues(cfg.data.dev or pdata.default_paths().dev, None, key="data.dev")
+    histories = read_dialogues(cfg.data.dev or pdata.default_paths().dev, key="data.dev")
     markdown = run_judge_stage(ctx.stage_dir("eval"), checkpoints, ctx.tokenizer, histories,
                                cfg.eval.judge, cfg.eval.responses, template=cfg.data.template,
                                mesh=ctx.mesh)

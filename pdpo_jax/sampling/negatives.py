@@ -1,7 +1,10 @@
 """Pseudo-preference pairs (the paper's Section 3 and Figure 1).
 
 For record i = (p_i, x_i, y_i): draw the persona p_j of a *different* dialogue whose persona text
-also differs, sample y_neg ~ π_sft(· | p_j, x_i), and keep (p_i, x_i, chosen=y_i, rejected=y_neg).
+also differs (from every dialogue of the split's file by default: `negatives.persona_pool`),
+sample y_neg ~ π_sft(· | p_j, x_i), and keep (p_i, x_i, chosen=y_i, rejected=y_neg).
+`negatives.filter: persona_margin` then keeps a pair only when y_neg is more likely under p_j
+than under p_i by a margin (`persona_margin.py`).
 Modes: `shuffle` (the method), `no_shuffle` (the ablation: y_neg ~ π_sft(· | p_i, x_i)),
 `external` (pairs another model generated, stored as text and re-tokenized by whoever trains).
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import shutil
 from collections import Counter
@@ -32,14 +36,19 @@ from pdpo_jax.fileio import atomic_path, write_json_atomic, write_jsonl_atomic
 from pdpo_jax.models import from_pretrained
 from pdpo_jax.data.batches import round_up
 from pdpo_jax.sampling.engine import Engine
+from pdpo_jax.sampling.persona_margin import PersonaMarginScorer, margin_summary
 from pdpo_jax.sampling.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
+PROMPT_FILTER = "prompt_"  # a row's `filtered` reason when its sampling prompt did not encode
 
-def swapped_personas(records: Sequence[pdata.PersonaTurn], seed: int) -> list[tuple[str, ...]]:
-    """For each record a persona from another dialogue with different text, seeded per record."""
+
+def swapped_personas(records: Sequence[pdata.PersonaTurn], seed: int,
+                     pool: Sequence[pdata.PersonaTurn] | None = None) -> list[tuple[str, ...]]:
+    """For each record a persona from another dialogue with different text, seeded per record,
+    drawn from the personas of `pool` (default: `records` themselves)."""
     distinct: dict[tuple[str, ...], set[str]] = {}
-    for rec in records:
+    for rec in records if pool is None else pool:
         distinct.setdefault(tuple(rec.persona), set()).add(rec.dialogue_id)
     personas = list(distinct)
     if len(personas) < 2:
@@ -75,10 +84,17 @@ class NegativeBuilder:
 
     def __init__(self, model, tokenizer, template: str, sampling: SamplingConfig, *,
                  max_prompt_tokens: int, batch_size: int, shard_size: int, keep_truncated: bool,
-                 generator: str, mesh=None):
+                 generator: str, mesh=None, truncate: bool = True,
+                 filter_margin: float | None = None, buckets: Sequence[int] = (128, 256, 512)):
+        """truncate: False drops a record whose prompt needs history cut (data.truncation=drop).
+        filter_margin: keep only pairs whose persona margin exceeds it (None: no filter)."""
         self.tokenizer, self.template, self.sampling = tokenizer, template, sampling
         self.max_prompt_tokens, self.batch_size = max_prompt_tokens, batch_size
         self.shard_size, self.keep_truncated, self.generator = shard_size, keep_truncated, generator
+        self.truncate, self.filter_margin = truncate, filter_margin
+        self.scorer = None if filter_margin is None else PersonaMarginScorer(
+            model, tokenizer, template, max_prompt_tokens=max_prompt_tokens, truncate=truncate,
+            batch_size=batch_size, buckets=buckets, mesh=mesh)
         self.engine = Engine(model, sampling, slots=round_up(batch_size, shd.batch_divisor(mesh)),
                              mesh=mesh)
 
@@ -109,16 +125,17 @@ class NegativeBuilder:
         """Every record of shard k, each with its sample or the reason it was filtered."""
         start = k * self.shard_size
         indices = list(range(start, start + self._shard_len(job, k)))
-        prompts = {}
+        prompts, cut = {}, {}
         rows: dict[int, dict] = {}
         for i in indices:
             rec = job.records[i]
             try:
                 enc = pdata.encode_pair(self.tokenizer, self.template, job.sample_personas[i],
-                                        rec.history, max_prompt_tokens=self.max_prompt_tokens)
-                prompts[i] = enc.prompt_ids
+                                        rec.history, max_prompt_tokens=self.max_prompt_tokens,
+                                        truncate=self.truncate)
+                prompts[i], cut[i] = enc.prompt_ids, enc.history_dropped
             except pdata.DoesNotFit as e:
-                rows[i] = {"index": i, "filtered": f"prompt_{e.reason}"}
+                rows[i] = {"index": i, "filtered": f"{PROMPT_FILTER}{e.reason}"}
         # Continuous batching: a slot whose reply ended takes the next prompt at once. Each
         # row's random stream is keyed by its record index, so the shard's order is irrelevant.
         order = sorted(prompts)
@@ -127,8 +144,24 @@ class NegativeBuilder:
                                        progress=bar.update)
             for j, i in enumerate(order):
                 rows[i] = self._row(job, i, out.tokens[j], int(out.lengths[j]), out.finish_reason[j])
+                rows[i]["history_dropped"] = cut[i]
         bar.update(len(indices) - len(order))  # prompts that did not fit
-        return [rows[i] for i in indices]
+        shard = [rows[i] for i in indices]
+        self._filter_by_margin(shard)
+        return shard
+
+    def _filter_by_margin(self, rows: list[dict]) -> None:
+        """Scores the persona margin of every row no other filter took; marks those at or
+        below `filter_margin` (`persona_margin`) and those that could not be scored."""
+        scored = [r for r in rows if "filtered" not in r]
+        if self.scorer is None or not scored:
+            return
+        for row, margin in zip(scored, self.scorer.margins(scored)):
+            row["persona_margin"] = None if math.isnan(margin) else float(margin)
+            if math.isnan(margin):
+                row["filtered"] = "persona_margin_unscored"
+            elif margin <= self.filter_margin:
+                row["filtered"] = "persona_margin"
 
     def _row(self, job: NegativeJob, i: int, tokens, length: int, finish: str) -> dict:
         rec = job.records[i]
@@ -149,26 +182,45 @@ class NegativeBuilder:
     def _finish(self, job: NegativeJob, rows: list[dict]) -> dict:
         counts = Counter(r.get("filtered", "kept") for r in rows)
         kept = [r for r in rows if "filtered" not in r]
-        sampling = dataclasses.asdict(self.sampling)
-        pairs = []
-        for r in kept:
-            enc = pdata.encode_pair(self.tokenizer, self.template, r["persona"], r["history"],
-                                    max_prompt_tokens=self.max_prompt_tokens)
-            prompt = self.tokenizer.decode(enc.prompt_ids.tolist(), skip_special_tokens=False)
-            pairs.append(pdata.PreferencePair(
-                persona=tuple(r["persona"]), history=tuple(r["history"]), chosen=r["chosen"],
-                rejected=r["rejected"], pair_id=r["id"],
-                metadata={"prompt": prompt, "swapped_persona": r["swapped_persona"],
-                          "finish_reason": r["finish_reason"], "sampling": sampling,
-                          "generator": self.generator, "seed": self.sampling.seed}))
+        pairs = [self._pair(r) for r in kept]
         with atomic_path(job.out_dir / f"{job.name}_pairs.jsonl") as tmp:
             pdata.write_preference_jsonl(tmp, pairs)
         summary = {"split": job.name, "records": len(rows), "pairs": len(pairs),
                    "filtered": {k: v for k, v in counts.items() if k != "kept"},
-                   "length_words": length_stats(kept, self.tokenizer)}
+                   "length_words": length_stats(kept, self.tokenizer),
+                   "prompts": dataclasses.asdict(prompt_stats(rows))}
+        if self.scorer is not None:
+            summary["persona_margin"] = margin_summary(
+                [math.nan if r["persona_margin"] is None else r["persona_margin"]
+                 for r in rows if "persona_margin" in r], self.filter_margin)
         write_json_atomic(job.out_dir / f"{job.name}_summary.json", summary, indent=2)
         shutil.rmtree(job.out_dir / f"{job.name}_shards")
         return summary
+
+    def _pair(self, row: dict) -> pdata.PreferencePair:
+        """A kept row as a preference pair; its metadata holds the trl-style prompt."""
+        enc = pdata.encode_pair(self.tokenizer, self.template, row["persona"], row["history"],
+                                max_prompt_tokens=self.max_prompt_tokens)
+        prompt = self.tokenizer.decode(enc.prompt_ids.tolist(), skip_special_tokens=False)
+        metadata = {"prompt": prompt, "swapped_persona": row["swapped_persona"],
+                    "finish_reason": row["finish_reason"],
+                    "sampling": dataclasses.asdict(self.sampling), "generator": self.generator,
+                    "seed": self.sampling.seed}
+        if "persona_margin" in row:
+            metadata["persona_margin"] = row["persona_margin"]
+        return pdata.PreferencePair(persona=tuple(row["persona"]), history=tuple(row["history"]),
+                                    chosen=row["chosen"], rejected=row["rejected"],
+                                    pair_id=row["id"], metadata=metadata)
+
+
+def prompt_stats(rows: list[dict]) -> pdata.EncodeStats:
+    """EncodeStats of the sampling prompts of a split's rows: records whose prompt did not
+    encode (filtered `prompt_<reason>`) are dropped, the others kept with their cut turns."""
+    dropped = Counter(r["filtered"].removeprefix(PROMPT_FILTER) for r in rows
+                      if r.get("filtered", "").startswith(PROMPT_FILTER))
+    kept = [r.get("history_dropped", 0) for r in rows
+            if not r.get("filtered", "").startswith(PROMPT_FILTER)]
+    return pdata.EncodeStats.count(kept, dropped)
 
 
 def length_stats(rows: list[dict], tokenizer) -> dict:
@@ -208,10 +260,16 @@ def run_negatives(ctx: RunContext) -> None:
     builder = _builder(ctx, generator)
     summaries = {}
     for split in ("train", "dev"):
-        records = ctx.dialogues(split)
-        personas = (swapped_personas(records, cfg.run.seed) if neg.mode == "shuffle"
+        # train: SFT's records or the others (negatives.records); dev: SFT's dev records
+        records = ctx.negative_records() if split == "train" else ctx.dialogues(split)
+        pool = ctx.split_records(split) if neg.persona_pool == "split" else records
+        personas = (swapped_personas(records, cfg.run.seed, pool) if neg.mode == "shuffle"
                     else [tuple(r.persona) for r in records])
         summaries[split] = builder.run(NegativeJob(split, records, personas, out))
+    if jax.process_index() == 0:
+        ctx.write_data_stats("negatives", {k: pdata.EncodeStats(**v["prompts"])
+                                           for k, v in summaries.items()},
+                             max_prompt_tokens=builder.max_prompt_tokens)
     log.info("negatives: %s", json.dumps(summaries))
 
 
@@ -235,7 +293,10 @@ def _builder(ctx: RunContext, generator: str) -> NegativeBuilder:
     return NegativeBuilder(model, ctx.tokenizer, cfg.data.template, sampling,
                            max_prompt_tokens=cfg.data.max_total_tokens - cfg.data.max_response_tokens,
                            batch_size=neg.batch_size, shard_size=neg.shard_size,
-                           keep_truncated=neg.keep_truncated, generator=generator, mesh=mesh)
+                           keep_truncated=neg.keep_truncated, generator=generator, mesh=mesh,
+                           truncate=cfg.data.truncation == "truncate", buckets=cfg.data.buckets,
+                           filter_margin=(neg.filter_margin if neg.filter == "persona_margin"
+                                          else None))
 
 
 def copy_external_pairs(folder: str | None, out: pathlib.Path) -> None:

@@ -65,16 +65,32 @@ def _check_same_architecture(want: ModelConfig, got: ModelConfig, where: str):
                         f"(config vs checkpoint): {diff}")
 
 
-def encode(ctx: RunContext, records, what: str):
+def budgets(ctx: RunContext) -> dict[str, int]:
+    """The token budgets a training example is encoded under (data.max_*_tokens)."""
     d = ctx.cfg.data
-    encoded, stats = pdata.encode_records(ctx.tokenizer, d.template, records,
-                                          max_total_tokens=d.max_total_tokens,
-                                          max_response_tokens=d.max_response_tokens)
+    return {"max_total_tokens": d.max_total_tokens, "max_response_tokens": d.max_response_tokens}
+
+
+def encode(ctx: RunContext, records, what: str):
+    """(encodings, EncodeStats) of records under the data budgets and data.truncation."""
+    d = ctx.cfg.data
+    encoded, stats = pdata.encode_records(ctx.tokenizer, d.template, records, **budgets(ctx),
+                                          truncate=d.truncation == "truncate")
     log.info("%s: %s", what, stats)
     if not encoded:
         raise UserError(f"{what}: no record fits data.max_total_tokens={d.max_total_tokens} / "
-                        f"max_response_tokens={d.max_response_tokens} ({stats})")
+                        f"max_response_tokens={d.max_response_tokens} with data.truncation="
+                        f"{d.truncation} ({stats})")
     return encoded, stats
+
+
+def encode_splits(ctx: RunContext, stage: str, records: dict[str, list]) -> dict[str, list]:
+    """encode() each split's records; the counts go to <run>/<stage>/data_stats.json."""
+    out, stats = {}, {}
+    for split, recs in records.items():
+        out[split], stats[split] = encode(ctx, recs, f"{stage} {split}")
+    ctx.write_data_stats(stage, stats, **budgets(ctx))
+    return out
 
 
 def _total_steps(stage: StageSection, batches_per_epoch: int) -> int:
@@ -114,8 +130,8 @@ def run_sft(ctx: RunContext) -> pathlib.Path:
     """SFT of model.checkpoint (or a random model.architecture) on data.train."""
     cfg, stage = ctx.cfg, ctx.cfg.sft
     out = ctx.stage_dir("sft")
-    train, _ = encode(ctx, ctx.dialogues("train"), "sft train")
-    dev, _ = encode(ctx, ctx.dialogues("dev"), "sft dev")
+    encoded = encode_splits(ctx, "sft", {s: ctx.dialogues(s) for s in ("train", "dev")})
+    train, dev = encoded["train"], encoded["dev"]
     graphdef, params, model_cfg = load_params(ctx, cfg.model.checkpoint, stage)
     batches = pdata.sft_batches(train, **_batch_kwargs(ctx, stage, train=True))
     dev_batches = pdata.sft_batches(dev, **_batch_kwargs(ctx, stage, train=False))
@@ -171,8 +187,9 @@ def run_dpo(ctx: RunContext) -> pathlib.Path:
     init_checkpoint = ctx.sft_model()
     out = ctx.stage_dir("dpo")
     train_path, dev_path = preference_files(ctx)
-    train, _ = encode(ctx, pdata.read_preference_jsonl(train_path), "dpo train")
-    dev, _ = encode(ctx, pdata.read_preference_jsonl(dev_path), "dpo dev")
+    encoded = encode_splits(ctx, "dpo", {"train": pdata.read_preference_jsonl(train_path),
+                                         "dev": pdata.read_preference_jsonl(dev_path)})
+    train, dev = encoded["train"], encoded["dev"]
     graphdef, params, model_cfg = load_params(ctx, init_checkpoint, stage)
     window = cfg.data.max_response_tokens
     batches = pdata.preference_batches(train, **_batch_kwargs(ctx, stage, train=True, pairs=True))
