@@ -176,7 +176,8 @@ def _configs_with_architecture():
         cfg = load_config(path)
         if cfg.model.architecture is None:
             continue
-        for stage in [s for s in ("sft", "dpo") if s in cfg.run.stages] or ["dpo"]:
+        trained = [s for s in ("sft", "dpo") if s in cfg.run.stages]
+        for stage in trained or (["dpo"] if "rl" not in cfg.run.stages else []):
             out.append((str(path.relative_to(REPO)), stage))
     return out
 

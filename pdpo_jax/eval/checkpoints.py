@@ -17,7 +17,7 @@ def resolve_checkpoints(entries: tuple[str, ...] | list[str],
     out: dict[str, pathlib.Path] = {}
     for entry in entries:
         label, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
-        folder = pathlib.Path(path)
+        folder = pathlib.Path(path).expanduser()
         if run_dir is not None and not folder.is_dir() and (pathlib.Path(run_dir) / path / "best").is_dir():
             folder = pathlib.Path(run_dir) / path / "best"
             label = label or path

@@ -60,14 +60,12 @@ def score_dnli(model, tokenizer, template, examples: Sequence[pdata.DnliExample]
     """Log-likelihood of every candidate of every example under `model`.
 
     model: an nnx model (or `(graphdef, params)`), placed on `mesh` if given (rows are then split
-    over data x fsdp, so batch_size must divide by it). batch_size: rows per call — packed rows
+    over data x fsdp; batch_size rounds up to a multiple of it). batch_size: rows per call — packed rows
     (one prompt + its candidates) with `shared_prompt`, one candidate each without. An example
     whose prompt does not fit `max_prompt_tokens` is skipped and named in `result.skipped`.
     """
     graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
-    if batch_size % shd.batch_divisor(mesh):
-        raise ValueError(f"eval batch size {batch_size} must be divisible by data*fsdp = "
-                         f"{shd.batch_divisor(mesh)}; set eval.batch_size")
+    batch_size = round_up(batch_size, shd.batch_divisor(mesh))  # rows split over data x fsdp
     encoded, prompts, skipped = _encode(tokenizer, template, examples, max_prompt_tokens)
     n_cands = sum(len(e.candidates) for e in encoded)
     sums: dict[tuple[int, int], float] = {}

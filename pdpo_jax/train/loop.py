@@ -54,7 +54,8 @@ def micro_batches(batch: dict, grad_accum: int) -> dict:
 
 def _tokens(batch: dict) -> tuple[int, int]:
     """(real tokens, token slots) of a host batch: attention masks, or the segments of packed
-    rows; slots - tokens is the padding the step computes on."""
+    rows; slots - tokens is the padding the step computes on (logged as padding_share, of the
+    process that logs)."""
     masks = [np.asarray(batch["segments"]) > 0] if "segments" in batch else [
         np.asarray(v) for k, v in batch.items() if k.endswith("attention_mask")]
     return int(sum(m.sum() for m in masks)), int(sum(m.size for m in masks))

@@ -15,9 +15,11 @@ import numpy as np
 from pdpo_jax import data as pdata
 from pdpo_jax.checkpoint import Checkpointer, exporter
 from pdpo_jax.context import RunContext
+from pdpo_jax.errors import UserError
 from pdpo_jax.metrics import MetricsWriter
 from pdpo_jax.reward.nli_reward import NLIReward
 from pdpo_jax.reward.train import reward_dir, train_classifier
+from pdpo_jax.sharding import batch_divisor
 from pdpo_jax.train import optim, ppo, rl
 from pdpo_jax.train.stages import checkpoint_meta, load_params
 
@@ -56,6 +58,10 @@ def prompts(ctx: RunContext, records, limit: int | None = None) -> list[rl.Promp
 def run_rl(ctx: RunContext) -> pathlib.Path:
     """PPO from this run's SFT model (or model.checkpoint) against the NLI reward."""
     cfg, section = ctx.cfg, ctx.cfg.rl
+    n = batch_divisor(ctx.mesh)
+    if section.minibatch % n or section.rollout_batch % section.minibatch:
+        raise UserError(f"rl.minibatch={section.minibatch} must divide rl.rollout_batch="
+                        f"{section.rollout_batch} and be a multiple of data*fsdp = {n}")
     out = ctx.stage_dir("rl")
     r = section.reward
     rewards = NLIReward(reward_checkpoint(ctx), function=r.function, labels=r.labels,
