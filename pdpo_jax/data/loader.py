@@ -226,15 +226,25 @@ class _BatchSource:
         seq_len = bucket_length(int(self.lengths[real].max()), self.buckets)
         local = self.batch_size // self.hosts
         mine = rows[self.host * local:(self.host + 1) * local]
-        items_of = lambda h: [self.examples[i] if i >= 0 else None  # noqa: E731
-                              for i in rows[h * local:(h + 1) * local]]
-        items = items_of(self.host)
+        items = [self.examples[i] if i >= 0 else None for i in mine]
         if self.packing is not None and self.kind in ("sft", "preference"):
-            p = self.packing  # every host packs into the rows the fullest host needs
-            need = max(rows_needed(items_of(h), p.row_len, p.micro_batches) for h in range(self.hosts))
+            p = self.packing
             return packed_batch(items, p.row_len, self.pad_id, micro_batches=p.micro_batches,
-                                row_multiple=p.row_multiple, min_rows=need, index=mine)
+                                row_multiple=p.row_multiple, min_rows=self._packed_rows(epoch),
+                                index=mine)
         return _COLLATE[self.kind](items, seq_len, self.pad_id, mine)
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - the source lives as long as its pipeline
+    def _packed_rows(self, epoch: int) -> int:
+        """Rows every packed batch of the epoch gets: the most any batch (any host's slice)
+        needs, so one program serves the epoch (a new row count would compile another)."""
+        p, local = self.packing, self.batch_size // self.hosts
+        need = 1
+        for rows in self._plan(epoch):
+            for h in range(self.hosts):
+                items = [self.examples[i] if i >= 0 else None for i in rows[h * local:(h + 1) * local]]
+                need = max(need, rows_needed(items, p.row_len, p.micro_batches))
+        return need
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - the source lives as long as its pipeline
     def _plan(self, epoch: int) -> np.ndarray:
