@@ -210,6 +210,9 @@ def test_malformed_json_oversized_bodies_and_unknown_routes(served):
         "invalid_json"
     assert _error(_post(url, content=b"[" * 70_000), 413)["code"] == "request_too_large"
     assert _error(httpx.get(url + "/v1/nothing", timeout=10), 404)["code"] == "not_found"
+    outside = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": [5, 10**6]},
+                         timeout=30)
+    assert _error(outside, 400)["param"] == "prompt"  # an id outside the model's vocabulary
     ok = _post(url, **dict(BASE, max_tokens=2, user="u", some_future_field=[1]))
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
     assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}

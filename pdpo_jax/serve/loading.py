@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 
 from pdpo_jax import sharding
@@ -11,6 +12,8 @@ from pdpo_jax.fileio import checkpoint_fingerprint
 from pdpo_jax.models import from_pretrained
 from pdpo_jax.sampling import SamplingConfig
 from pdpo_jax.sampling.engine import Engine
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16")
 PROMPT_BUCKET = 64  # prompt lengths round up to this: few prefill programs compile
@@ -42,6 +45,9 @@ def load_engine(folder, *, slots: int, max_model_len: int, dtype: str = "float32
     if max_model_len > model.cfg.max_positions or max_model_len < PROMPT_BUCKET:
         raise UserError(f"--max-model-len {max_model_len} must be in [{PROMPT_BUCKET}, "
                         f"{model.cfg.max_positions}] (the model's max_position_embeddings)")
+    if len(tokenizer) > model.cfg.vocab_size:
+        log.warning("the tokenizer has %d tokens, the model %d: prompts holding ids beyond the "
+                    "model's are refused", len(tokenizer), model.cfg.vocab_size)
     eos_ids = stop_ids(folder, tokenizer)
     cfg = SamplingConfig(max_model_len, top_k=max_top_k, eos_ids=eos_ids, pad_id=pad_id(tokenizer),
                          logprobs=True)

@@ -97,18 +97,23 @@ class ModelServer:
         except Exception as e:  # jinja raises on message orders the template refuses
             raise ApiError(400, f"the chat template refused these messages: {e}",
                            param="messages") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._in_vocab(self.tokenizer(text, add_special_tokens=False)["input_ids"],
+                              "messages")
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt)["input_ids"]
-            if not ids:
-                raise ApiError(400, "the prompt is empty", param="prompt")
-            return ids
+        ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        return self._in_vocab(ids, "prompt")
+
+    def _in_vocab(self, ids: list[int], param: str) -> list[int]:
+        """ids, refused (400) when one is outside the model's vocabulary (a tokenizer larger than
+        the model's embedding, or ids sent by the client)."""
         vocab = self.engine.model_cfg.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return list(prompt)
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab}) (the model's "
+                           "vocabulary)", param=param)
+        return ids
 
     # ---- generation
 
