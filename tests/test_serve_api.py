@@ -197,6 +197,8 @@ BASE = {"model": NAME, "messages": chat("x")}
     (dict(BASE, n=50), 400, "n"),
     (dict(BASE, n=16), 400, "n"),  # more sequences than slots + queue
     (dict(BASE, top_k=21), 400, "top_k"),  # over the server's --max-top-k
+    (dict(BASE, stop=["x" * 257]), 400, "stop"),  # over 256 characters
+    (dict(BASE, stop=[""]), 400, "stop"),
     (dict(BASE, tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     (dict(BASE, messages=[{"role": "user", "content": "word " * 400}]), 400, "messages"),
 ])

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_N = 16           # choices per request
 MAX_STOP = 16        # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string (the text held back is searched for them)
 MAX_PROMPTS = 64     # prompts of one /v1/completions request
 
 
@@ -88,8 +89,9 @@ class _Sampling(_Body):
     @classmethod
     def _stops(cls, stop):
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"give at most {MAX_STOP} stop strings, none empty")
+        if len(stops) > MAX_STOP or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"give at most {MAX_STOP} stop strings of 1 to {MAX_STOP_CHARS} "
+                             "characters")
         return stops
 
     def stops(self) -> list[str]:
