@@ -114,27 +114,26 @@ async def _body(request: Request, model: type) -> ChatRequest | CompletionReques
 async def _chat(request: Request) -> Response:
     body: ChatRequest = await _body(request, ChatRequest)
     server = _server(request)
+    # Tokenised on the event loop: one tokenizer object is not safe to share between threads
+    # (a fast tokenizer may raise "Already borrowed"); the body limit bounds the work.
     prompt = server.chat_prompt(body.messages)
     gen = server.start([prompt], server.sampling(body, [len(prompt)]), body.n)
-    render = _ChatRender(server, gen, body)
-    if body.stream:
-        return _EventStream(_events(gen, render), on_close=gen.close)
-    try:
-        await gen.collect()
-    finally:
-        gen.close()
-    return JSONResponse(render.whole())
+    return await _respond(gen, _ChatRender(server, gen, body))
 
 
 async def _completions(request: Request) -> Response:
     body: CompletionRequest = await _body(request, CompletionRequest)
     server = _server(request)
-    texts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) \
-        else body.prompt
-    prompts = [server.text_prompt(p) for p in texts]
+    one = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
+    prompts = [server.text_prompt(p) for p in ([body.prompt] if one else body.prompt)]
     gen = server.start(prompts, server.sampling(body, [len(p) for p in prompts]), body.n)
-    render = _CompletionRender(server, gen, body)
-    if body.stream:
+    return await _respond(gen, _CompletionRender(server, gen, body))
+
+
+async def _respond(gen: Generation, render) -> Response:
+    """The whole reply as JSON, or a stream of events (`stream: true`); the generation is
+    closed however the response ends."""
+    if render.body.stream:
         return _EventStream(_events(gen, render), on_close=gen.close)
     try:
         await gen.collect()
