@@ -84,7 +84,10 @@ def test_streamed_chat_equals_the_plain_reply_for_the_same_seed(api):
     assert texts == {0: plain.choices[0].message.content}
     assert reasons == {0: plain.choices[0].finish_reason}
     assert usage.model_dump() == plain.usage.model_dump()
-    assert [e.model_dump() for e in entries] == [e.model_dump() for e in plain.choices[0].logprobs.content]
+    want = plain.choices[0].logprobs.content
+    assert [e.token for e in entries] == [e.token for e in want]
+    # the same row in another slot: equal up to fp32 summation order (as in test_engine)
+    np.testing.assert_allclose([e.logprob for e in entries], [e.logprob for e in want], atol=1e-5)
 
 
 def test_n_choices_are_their_own_samples_and_a_seed_fixes_them(api):

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -143,30 +144,35 @@ def test_cli_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("error: --checkpoint") and "\n" not in err
 
 
-def _first_line(proc: subprocess.Popen, timeout: float) -> str:
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return line[0] if line else ""
+def _serving_line(proc: subprocess.Popen, log, timeout: float) -> str:
+    """The 'serving ... at URL' line once the server wrote it (bounded); '' if it never did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        line = next((x for x in log.read_text().splitlines() if x.startswith("serving ")), "")
+        if line:
+            return line
+        time.sleep(0.1)
+    return ""
 
 
 @pytest.mark.slow
 def test_cli_serves_and_stops_on_sigint(checkpoint, tmp_path):
     import jax
-    # the session's compilation cache, and the shapes of make_server: its programs are cached
+    # the session's compilation cache, its matmul precision and make_server's shapes: the same
+    # programs as the in-process servers', found in the cache instead of compiled again
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+               JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision))
     cmd = [sys.executable, "-m", "pdpo_jax.serve", "--checkpoint", str(checkpoint), "--port", "0",
            "--slots", str(SLOTS), "--max-model-len", str(MAX_MODEL_LEN), "--max-top-k", "20",
            "--served-model-name", NAME]
-    log = tmp_path / "server.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    log = tmp_path / "server.log"  # a file, not a pipe: an undrained pipe would block the server
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        line = _first_line(proc, 120)  # 'serving ... at http://127.0.0.1:PORT/v1'
-        assert line.startswith("serving"), log.read_text()[-2000:]
+        line = _serving_line(proc, log, 120)  # 'serving ... at http://127.0.0.1:PORT/v1'
+        assert line, log.read_text()[-2000:]
         url = line.rsplit(" at ", 1)[1].strip().removesuffix("/v1")
         reply = client(url).chat.completions.create(model=NAME, messages=chat("Hi"), max_tokens=3)
         assert reply.usage.completion_tokens == 3
