@@ -1,17 +1,25 @@
 """The OpenAI-compatible server against the `openai` Python client (the independent reference
 for the API) on loopback: chat and completions, plain and streamed, n, seeds, stop strings,
 log-probs, usage; concurrent clients; the judge's OpenAIBackend; bad requests via httpx."""
-import concurrent.futures as futures
 import json
+from concurrent import futures
 
 import httpx
 import numpy as np
 import pytest
+from serve_reference import (
+    EOS,
+    MAX_MODEL_LEN,
+    NAME,
+    build_checkpoint,
+    chat,
+    client,
+    make_server,
+    wait_until,
+)
 
 from pdpo_jax import asgi
 from pdpo_jax.serve import create_app
-from serve_reference import (EOS, MAX_MODEL_LEN, NAME, build_checkpoint, chat, client,
-                             make_server, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +83,9 @@ def test_greedy_chat_equals_engine_generate_and_reports_its_logprobs(served, api
 
 
 def test_streamed_chat_equals_the_plain_reply_for_the_same_seed(api):
-    kwargs = dict(model=NAME, messages=chat("What do you like?"), max_tokens=24, seed=11,
-                  temperature=0.9, top_p=0.95, extra_body={"top_k": 20}, logprobs=True)
+    kwargs = {"model": NAME, "messages": chat("What do you like?"), "max_tokens": 24,
+              "seed": 11, "temperature": 0.9, "top_p": 0.95, "extra_body": {"top_k": 20},
+              "logprobs": True}
     plain = api.chat.completions.create(**kwargs)
     entries = []
     texts, reasons, usage = _stream_text(api.chat.completions.create(
@@ -91,7 +100,8 @@ def test_streamed_chat_equals_the_plain_reply_for_the_same_seed(api):
 
 
 def test_n_choices_are_their_own_samples_and_a_seed_fixes_them(api):
-    kwargs = dict(model=NAME, messages=chat("Hi!"), max_tokens=12, temperature=1.0, seed=5)
+    kwargs = {"model": NAME, "messages": chat("Hi!"), "max_tokens": 12, "temperature": 1.0,
+              "seed": 5}
     two = api.chat.completions.create(**kwargs, n=2)
     one = api.chat.completions.create(**kwargs)
     again = api.chat.completions.create(**kwargs, n=2)
@@ -103,7 +113,7 @@ def test_n_choices_are_their_own_samples_and_a_seed_fixes_them(api):
 
 
 def test_stop_strings_cut_the_reply_streamed_or_not(api):
-    kwargs = dict(model=NAME, messages=chat("Go on."), max_tokens=20, temperature=0)
+    kwargs = {"model": NAME, "messages": chat("Go on."), "max_tokens": 20, "temperature": 0}
     full = api.chat.completions.create(**kwargs).choices[0].message.content
     stop = full[len(full) // 2:len(full) // 2 + 3]
     cut = api.chat.completions.create(**kwargs, stop=["never-there", stop])
@@ -137,8 +147,8 @@ def test_concurrent_clients_get_the_replies_they_get_alone(served, api):
     """6 threads x 2 requests (12 sequences through 4 slots, seeds and greedy mixed): each reply
     equals the same request served alone."""
     def ask(k):
-        kwargs = dict(model=NAME, messages=chat(f"Question {k}?"), max_tokens=8 + k % 5,
-                      temperature=0 if k % 3 == 0 else 0.8, seed=100 + k)
+        kwargs = {"model": NAME, "messages": chat(f"Question {k}?"), "max_tokens": 8 + k % 5,
+                  "temperature": 0 if k % 3 == 0 else 0.8, "seed": 100 + k}
         return api.chat.completions.create(**kwargs).choices[0].message.content
 
     alone = [ask(k) for k in range(12)]

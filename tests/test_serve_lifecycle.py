@@ -2,7 +2,6 @@
 requests (streams too) finish and stops the engine thread, an engine failure answers 503,
 `Scheduler.cancel` frees a slot without touching its neighbours, and the command line (user
 mistakes exit 2; SIGINT ends a running server cleanly)."""
-import concurrent.futures as futures
 import os
 import signal
 import socket
@@ -10,15 +9,25 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 
 import httpx
 import numpy as np
 import pytest
+from serve_reference import (
+    MAX_MODEL_LEN,
+    NAME,
+    SLOTS,
+    build_checkpoint,
+    chat,
+    client,
+    gated,
+    make_server,
+    wait_until,
+)
 
 from pdpo_jax import asgi
 from pdpo_jax.serve import create_app
-from serve_reference import (MAX_MODEL_LEN, NAME, SLOTS, build_checkpoint, chat, client, gated,
-                             make_server, wait_until)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,7 +124,7 @@ def test_an_engine_failure_answers_503(checkpoint, engine):
 
 def test_cancel_frees_a_slot_and_leaves_the_others_alone(engine):
     from pdpo_jax.sampling.engine import Request
-    make = lambda s: Request([5, 6, 7, 8, 9], 40, seed=s)  # noqa: E731
+    make = lambda s: Request([5, 6, 7, 8, 9], 40, seed=s)
     alone = engine.scheduler(cache_len=256)
     want = make(2)
     alone.submit(want)

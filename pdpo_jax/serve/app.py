@@ -24,8 +24,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdpo_jax import asgi
-from pdpo_jax.serve.protocol import (ApiError, ChatRequest, CompletionRequest, error_body, parse,
-                                     unsupported)
+from pdpo_jax.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    error_body,
+    parse,
+    unsupported,
+)
 from pdpo_jax.serve.server import Generation, ModelServer, dumps
 from pdpo_jax.serve.text import Piece, TextStream, token_texts
 

@@ -94,7 +94,9 @@ class ModelServer:
         try:
             text = self.tokenizer.apply_chat_template(chat, tokenize=False,
                                                       add_generation_prompt=True)
-        except Exception as e:  # jinja raises on message orders the template refuses
+        # jinja raises TemplateError on message orders a template refuses, and templates that
+        # index or concatenate content raise whatever Python does: all are the messages' fault
+        except Exception as e:  # noqa: BLE001
             raise ApiError(400, f"the chat template refused these messages: {e}",
                            param="messages") from None
         return self._in_vocab(self.tokenizer(text, add_special_tokens=False)["input_ids"],
@@ -216,7 +218,7 @@ class Generation:
         while True:
             try:
                 return await asyncio.wait_for(self._events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not self.server.loop.alive and self._events.empty():
                     return 0, ("error", self.server.loop.error or "the engine stopped", 503)
 
