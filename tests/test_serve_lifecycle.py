@@ -151,6 +151,8 @@ def test_cli_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --checkpoint") and "\n" not in err
+    assert main(["--checkpoint", str(tmp_path), "--graceful-timeout", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --graceful-timeout")
 
 
 def _serving_line(proc: subprocess.Popen, log, timeout: float) -> str:

@@ -49,6 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_queue < 0 or not 0 <= args.port < 65536 or args.steps_per_call < 1:
         raise UserError(f"--max-queue {args.max_queue} must be >= 0, --port {args.port} in "
                         f"[0, 65535] (0: a free one) and --steps-per-call {args.steps_per_call} >= 1")
+    if args.graceful_timeout < 0:
+        raise UserError(f"--graceful-timeout {args.graceful_timeout} must be >= 0 (seconds)")
     server = ModelServer.load(args.checkpoint, name=args.served_model_name, slots=args.slots,
                               max_model_len=args.max_model_len, max_queue=args.max_queue,
                               dtype=args.dtype, max_top_k=args.max_top_k,
