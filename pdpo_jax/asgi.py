@@ -122,17 +122,19 @@ def _wait_started(server: uvicorn.Server, thread: threading.Thread, host: str, p
 
 class BodyLimit:
     """Refuses request bodies over `max_bytes` with 413, by Content-Length or while streaming,
-    so no request can make the app buffer more than that."""
+    so no request can make the app buffer more than that. `body`: the JSON of the refusal
+    (default `{"detail": "request body over N bytes"}`), for APIs with their own error layout."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, body: bytes | None = None):
         self.app, self.max_bytes = app, max_bytes
+        self.body = body or f'{{"detail": "request body over {max_bytes} bytes"}}'.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _too_large(send, self.max_bytes)
+            return await _too_large(send, self.body)
         seen, started, refused = 0, False, False
 
         async def limited_receive():
@@ -142,7 +144,7 @@ class BodyLimit:
             if seen > self.max_bytes:
                 if not started and not refused:
                     refused = True
-                    await _too_large(send, self.max_bytes)
+                    await _too_large(send, self.body)
                 raise _TooLarge
             return message
 
@@ -161,8 +163,7 @@ class _TooLarge(Exception):
     pass
 
 
-async def _too_large(send, max_bytes: int) -> None:
-    body = f'{{"detail": "request body over {max_bytes} bytes"}}'.encode()
+async def _too_large(send, body: bytes) -> None:
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),

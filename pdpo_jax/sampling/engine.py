@@ -212,8 +212,9 @@ def _decode(spec: EngineSpec, weights: DecodeWeights, state: SlotState, live_B, 
 class Request:
     """One sequence to generate: a prompt, its random stream (seed, example id, sample index),
     its own sampling settings and token budget. `on_tokens(request, new_tokens)` (optional) is
-    called with each batch of new tokens as they are made (streaming); the result is filled in
-    when the row stops."""
+    called with each batch of new tokens as they are made (streaming; `logprobs`, when the
+    engine reports them, then already covers those tokens); the result is filled in when the
+    row stops."""
     prompt: Sequence[int]
     max_new: int
     example_id: int = 0
@@ -232,8 +233,9 @@ class Request:
 class Scheduler:
     """Feeds requests through an engine's slots: admit into free slots, decode, hand back.
 
-    `submit` queues a request; `step` admits what fits and runs one decode call; `busy` says
-    whether anything is queued or decoding. Not thread-safe: one thread drives it.
+    `submit` queues a request; `step` admits what fits and runs one decode call; `cancel`
+    drops one; `busy` says whether anything is queued or decoding. Not thread-safe: one thread
+    drives it.
     """
 
     def __init__(self, spec: EngineSpec, weights: DecodeWeights, *, prompt_bucket: int = 32,
@@ -265,6 +267,23 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         self.check(request)
         self.queue.append(request)
+
+    def cancel(self, request: Request) -> bool:
+        """Drops a queued or decoding request (no further tokens, never handed back by `step`);
+        its slot is free for the next admission. False when it is neither (already ended)."""
+        queued = [r for r in self.queue if r is not request]  # by identity: Requests compare by value
+        if len(queued) < len(self.queue):
+            self.queue = collections.deque(queued)
+            return True
+        for i, r in enumerate(self.slots):
+            if r is request:
+                done = np.array(jax.device_get(self.state.done_B))  # host copy: keep the sharding
+                done[i] = True
+                self.state = dataclasses.replace(
+                    self.state, done_B=jax.device_put(done, self.state.done_B.sharding))
+                self.slots[i] = None
+                return True
+        return False
 
     @property
     def busy(self) -> bool:
@@ -330,6 +349,8 @@ class Scheduler:
             if r is None:
                 continue
             if r.on_tokens and steps[i] > self.reported[i]:
+                if logprobs is not None:
+                    r.logprobs = logprobs[i, :steps[i]].tolist()
                 r.on_tokens(r, tokens[i, self.reported[i]:steps[i]].tolist())
                 self.reported[i] = steps[i]
             if done[i]:
