@@ -1,16 +1,20 @@
-"""SmolLM2-135M SFT and DPO training steps on real persona-chat batches: pdpo_jax (bucketed and
-packed, fp32 and bf16) vs a hand-written PyTorch step vs trl's SFTTrainer / DPOTrainer.
+"""SmolLM2-135M SFT and DPO training steps on real persona-chat batches: pdpo_jax with packed
+rows and with padded length buckets (data.packing on / off), bf16 and fp32, vs a hand-written
+PyTorch step (bf16 autocast, rows padded to the batch's longest), all on the same batches.
 
-    .venv/bin/python bench/bench_train.py [--rounds R] [--quick] [--wait-quiet S] [--alloc auto]
+    .venv/bin/python bench/bench_train.py [--warmup 1 --steps 6] [--retries 0] [--alloc auto]
+        [--config configs/smollm2_135m_shuffle.yaml] [--peers torch-bf16,torch-fp32,trl-bf16]
     .venv/bin/python bench/bench_train.py --worker jax --workload W --task dpo --layout packed --precision bf16
 
-The workload (bench/train_workload.py) is built once: the first `max_train_records` records of
-the embedded Synthetic-Persona-Chat training split, encoded with SmolLM2's tokenizer and the
-`chat` template under configs/smollm2_135m_shuffle.yaml's budgets, and the first batches of
-the trainer's epoch-0 plan (8 records, or 8 pairs: chosen = the record's reply, rejected =
-another record's). Every worker trains the real SmolLM2-135M-Instruct on exactly those batches,
-one process per row, `rounds` rounds with odd rounds reversed; a row reports its median round.
-Writes bench/results/train-<stamp>.json (every record) and train-<stamp>.md.
+The workload (bench/train_workload.py) is built once: the config's drawn train records of the
+embedded Synthetic-Persona-Chat split, encoded with SmolLM2's tokenizer and template under the
+config's budgets and data.truncation, and the first warm-up + steps batches of the trainer's
+epoch-0 plan (batch_size records, or pairs: chosen = the record's reply, rejected = another
+record's). Every worker trains the real SmolLM2-135M-Instruct on exactly those batches, one
+process per row (`--rounds R`: R rounds, odd rounds reversed, a row reports its median round).
+Reported per row: useful tokens/s (prompt + response tokens; no padding), s/step, the padding
+share of the row's layout, MFU, compile time, peak RSS, and the machine's load. Writes
+bench/results/train-<stamp>.json (every record) and train-<stamp>.md.
 """
 from __future__ import annotations
 
@@ -29,17 +33,15 @@ import bench_dpo  # noqa: E402  (worker_env, run_retimed, median_rounds, noise, 
 import train_workload as tw  # noqa: E402
 from pdpo_jax import tables  # noqa: E402
 
-TARGET = 1.5  # packed bf16 useful tok/s over the fastest PyTorch row, SFT and DPO alike
-
-
 # ---------------------------------------------------------------------------------------------
 # pdpo_jax worker: the trainer's own pipeline, model, step and jit
 
 
-def build_jax_step(args, w: dict, n_batches: int):
+def build_jax_step(args, w: dict, n_batches: int, mesh=None):
     """The trainer's step for `args` (task, layout, precision, unroll, remat) on the plan's first
     `n_batches` batches: (jitted step, state, the arguments between state and batch ((ref_params,)
-    for DPO), device batches, `tw.jax_step_shape` of each). Call `synchronous_cpu_dispatch` first."""
+    for DPO), device batches, `tw.jax_step_shape` of each). Call `synchronous_cpu_dispatch` first.
+    `mesh`: default every device (`make_mesh()`), as the trainer's default mesh."""
     from flax import nnx
 
     from pdpo_jax import data as pdata
@@ -62,7 +64,7 @@ def build_jax_step(args, w: dict, n_batches: int):
             raise RuntimeError(f"batch {k}: pipeline examples {batch['index'].tolist()} != plan {plan[k]}")
     shapes = [tw.jax_step_shape(w, task, b, packed) for b in host]
 
-    mesh = make_mesh()
+    mesh = mesh or make_mesh()
     model = from_pretrained(tw.smollm2_dir(), mesh=mesh, param_dtype=s["param_dtype"],
                             dtype="bfloat16" if args.precision == "bf16" else "float32",
                             remat=args.remat or s["remat"],
@@ -140,22 +142,51 @@ def run_jax(args) -> dict:
 # The plan: every row in its own process, in rounds
 
 
-ROWS = [  # (framework, task, extra args, every round?): interleaved so slow spells hit every
-    # framework; the rows the targets compare (ours packed bf16, the hand-written bf16 step: the
-    # fastest PyTorch row in every trial run) run in every round, the others in the first
-    *[r for task in ("sft", "dpo") for r in (
-        ("jax", task, ["--layout", "packed", "--precision", "bf16"], True),
-        ("torch", task, ["--precision", "bf16"], True),
-        ("trl", task, ["--precision", "bf16"], False),
-        ("jax", task, ["--layout", "bucketed", "--precision", "bf16"], False),
-        ("jax", task, ["--layout", "packed", "--precision", "fp32"], False),
-        ("torch", task, ["--precision", "fp32"], False),
-        ("trl", task, ["--precision", "fp32"], False),
-        ("jax", task, ["--layout", "bucketed", "--precision", "fp32"], False))],
-]
+def rows(tasks: list[str], peers: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(framework, task, arguments) of every row: per task pdpo_jax packed and bucketed at bf16
+    and fp32, and the PyTorch peers (`peers`: torch-bf16, the default, torch-fp32, trl-bf16,
+    trl-fp32), interleaved so a slow spell of the machine does not hit one layout alone."""
+    out = []
+    for task in tasks:
+        for precision in ("bf16", "fp32"):
+            for layout in ("packed", "bucketed"):
+                out.append(("jax", task, ["--layout", layout, "--precision", precision]))
+            out += [(fw, task, ["--precision", precision]) for fw in ("torch", "trl")
+                    if f"{fw}-{precision}" in peers]
+    return out
+
+
 SCRIPTS = {"jax": [os.path.abspath(__file__), "--worker", "jax"],
            "torch": [os.path.join(HERE, "torch_train.py"), "--framework", "torch"],
            "trl": [os.path.join(HERE, "torch_train.py"), "--framework", "trl"]}
+
+
+def machine_load() -> dict:
+    """The machine while the bench starts or ends: load averages, memory, and every other
+    process that used ≥ 5 % of a CPU since it started (pid, nice, CPU share, RSS, command) — the
+    machine may be shared, and a long job at nice 19 still takes what our workers leave idle."""
+    out = dict(loadavg=list(os.getloadavg()), cpus=os.cpu_count())
+    with open("/proc/meminfo") as fh:
+        mem = {line.split(":")[0]: int(line.split()[1]) for line in fh}
+    out.update(mem_total_mib=mem["MemTotal"] // 1024, mem_available_mib=mem["MemAvailable"] // 1024)
+    hz, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/uptime") as fh:
+        uptime = float(fh.read().split()[0])
+    others = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()  # the fields after the command name
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile
+            continue
+        cpu = (int(f[11]) + int(f[12])) / hz / max(uptime - int(f[19]) / hz, 1e-3)
+        if int(pid) != os.getpid() and cpu >= 0.05 and cmd:
+            others.append(dict(pid=int(pid), nice=int(f[16]), cpu_pct=round(100 * cpu, 1),
+                               rss_mib=int(f[21]) * page // 2**20, cmd=cmd[:160]))
+    out["busy_processes"] = others
+    return out
 
 
 def run_all(args) -> None:
@@ -165,12 +196,15 @@ def run_all(args) -> None:
     if args.alloc == "tcmalloc" and lib is None:
         sys.exit(f"--alloc tcmalloc: {bench_dpo.TCMALLOC} not found (apt-get install -y libtcmalloc-minimal4)")
     env = bench_dpo.worker_env(lib, HERE)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or 1
     n_batches = args.warmup + args.steps
-    t_start = time.perf_counter()
+    plan = rows(args.tasks.split(","), args.peers.split(","))
+    t_start, load_start = time.perf_counter(), machine_load()
+    common.log(f"[machine] load {load_start['loadavg']}, busy: "
+               f"{[(p['pid'], p['nice'], p['cpu_pct']) for p in load_start['busy_processes']]}")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workload = os.path.join(tmp, "workload.json")
-        info = tw.build(workload, n_batches)
+        info = tw.build(workload, n_batches, config=args.config)
         common.log(f"[workload] {json.dumps(info['layouts'])}")
         peaks_path = os.path.join(args.results, f"peaks-{stamp}.json")
         peaks = bench_dpo.run_worker([os.path.join(HERE, "matmul_peak.py"), "--out", peaks_path], env,
@@ -179,9 +213,7 @@ def run_all(args) -> None:
             sys.exit(f"matmul_peak failed: {peaks['stderr_tail']}")
         timed = []
         for r in range(rounds):
-            rows = [row for row in ROWS if row[1] in args.tasks.split(",")
-                    and (r == 0 or row[3] or args.all_rounds)]
-            for fw, task, extra, _ in rows[::-1 if r % 2 else 1]:
+            for fw, task, extra in plan[::-1 if r % 2 else 1]:  # odd rounds backwards
                 cmd = [*SCRIPTS[fw], "--task", task, *extra, "--workload", workload, "--peaks", peaks_path,
                        "--warmup", str(args.warmup), "--steps", str(args.steps)]
                 record = bench_dpo.run_retimed(cmd, env, "train", args.timeout, args.wait_quiet,
@@ -190,16 +222,16 @@ def run_all(args) -> None:
                 timed.append(record)
                 print(json.dumps(record, sort_keys=True), flush=True)
                 common.log(f"[{time.strftime('%H:%M:%S')}] round {r + 1}/{rounds} "
-                           f"{record.get('label', record.get('error')):32s} {record.get('step_ms')} ms/step "
-                           f"{record.get('useful_tok_s', 0):.0f} useful tok/s  rss {record.get('peak_rss_mib')}  "
+                           f"{record.get('label', record.get('error')):32s} {record.get('s_per_step', 0):.2f} s/step "
+                           f"{record.get('tok_s', 0):.0f} useful tok/s  rss {record.get('peak_rss_mib')}  "
                            f"others {record.get('others_cpu_frac')}  ({record['process_wall_s']} s)")
                 if "error" in record:
                     common.log(record["stderr_tail"][-1500:])
     records = bench_dpo.median_rounds(timed)
     summary = dict(stamp=stamp, allocator="tcmalloc" if lib else "glibc", command=" ".join(sys.argv),
                    total_wall_s=round(time.perf_counter() - t_start, 1), rounds=rounds,
-                   warmup=args.warmup, steps=args.steps, workload=info, settings=tw.settings(),
-                   targets=targets(records),
+                   warmup=args.warmup, steps=args.steps, workload=info, settings=tw.settings(args.config),
+                   machine_start=load_start, machine_end=machine_load(), comparisons=comparisons(records),
                    noise=bench_dpo.noise(timed, name=lambda r: f"{r['label']} round {r['round'] + 1}"))
     base = os.path.join(args.results, f"train-{stamp}")
     with open(base + ".json", "w") as fh:
@@ -213,84 +245,97 @@ def run_all(args) -> None:
     common.log(f"wrote {base}.json and .md ({summary['total_wall_s']} s)")
 
 
-def targets(records: list[dict]) -> dict:
-    """Per task: pdpo_jax packed bf16 vs the fastest PyTorch row (hand-written or trl, any
-    precision) in useful tokens/s (target ≥ 1.5×), and its peak RSS vs that row's (≤)."""
+def comparisons(records: list[dict]) -> dict:
+    """Per task and precision: packed vs bucketed pdpo_jax (useful tokens/s ratio: both train
+    the same batches, so > 1 = packing is faster), and pdpo_jax's faster layout vs the
+    hand-written PyTorch step of the same precision, where the run has it."""
+    ok = [r for r in records if "tok_s" in r]
+    find = lambda **kw: next((r for r in ok if all(r.get(k) == v for k, v in kw.items())), None)  # noqa: E731
     out = {}
-    ok = [r for r in records if "useful_tok_s" in r]
     for task in ("sft", "dpo"):
-        ours = [r for r in ok if r["task"] == task and r["framework"] == "pdpo_jax"
-                and r["layout"] == "packed" and r["precision"] == "bf16"]
-        peers = [r for r in ok if r["task"] == task and r["framework"] in ("torch", "trl")]
-        if not ours or not peers:
-            continue
-        a, b = ours[0], max(peers, key=lambda r: r["useful_tok_s"])
-        best = max((r for r in ok if r["task"] == task and r["framework"] == "pdpo_jax"),
-                   key=lambda r: r["useful_tok_s"])
-        ratio = a["useful_tok_s"] / b["useful_tok_s"]
-        out[task] = dict(ours=a["label"], peer=b["label"], ours_tok_s=a["useful_tok_s"],
-                         peer_tok_s=b["useful_tok_s"], ratio=round(ratio, 3), target=TARGET,
-                         met=bool(ratio >= TARGET), ours_rss_mib=a["peak_rss_mib"],
-                         peer_rss_mib=b["peak_rss_mib"], rss_met=bool(a["peak_rss_mib"] <= b["peak_rss_mib"]),
-                         ours_steps_rss_mib=a.get("steps_peak_rss_mib"), peer_steps_rss_mib=b.get("steps_peak_rss_mib"),
-                         best_ours=best["label"], best_ratio=round(best["useful_tok_s"] / b["useful_tok_s"], 3))
+        for precision in ("bf16", "fp32"):
+            packed = find(task=task, precision=precision, framework="pdpo_jax", layout="packed")
+            bucketed = find(task=task, precision=precision, framework="pdpo_jax", layout="bucketed")
+            torch_row = find(task=task, precision=precision, framework="torch")
+            if not packed or not bucketed:
+                continue
+            best = max((packed, bucketed), key=lambda r: r["tok_s"])
+            c = dict(packed_tok_s=packed["tok_s"], bucketed_tok_s=bucketed["tok_s"],
+                     packed_over_bucketed=round(packed["tok_s"] / bucketed["tok_s"], 3),
+                     packing_faster=bool(packed["tok_s"] > bucketed["tok_s"]),
+                     packed_padding=packed["padding_share"], bucketed_padding=bucketed["padding_share"],
+                     best_layout=best["layout"])
+            if torch_row:
+                c.update(torch=torch_row["label"], torch_tok_s=torch_row["tok_s"],
+                         best_over_torch=round(best["tok_s"] / torch_row["tok_s"], 3))
+            out[f"{task}-{precision}"] = c
     return out
 
 
-COLUMNS = ["task", "row", "precision", "layout", "useful tok/s", "ms/step", "rounds ms", "MFU",
-           "MFU(N·useful)", "padding", "compile s", "peak RSS MiB", "steps RSS MiB", "others"]
+COLUMNS = ["task", "row", "precision", "layout", "useful tok/s", "s/step", "steps (s)", "padding",
+           "MFU", "MFU(N·useful)", "compile s", "peak RSS MiB", "others' CPU"]
 
 
 def markdown(summary: dict, peaks: dict, records: list[dict]) -> str:
     g = lambda key: (peaks.get(key) or 0) / 1e9  # noqa: E731
-    s = summary["settings"]
+    s, m0, m1 = summary["settings"], summary["machine_start"], summary["machine_end"]
+    busy = "; ".join(f"pid {p['pid']} nice {p['nice']} {p['cpu_pct']:.0f}% CPU {p['rss_mib']} MiB `{p['cmd'][:90]}`"
+                     for p in m0["busy_processes"]) or "none"
     lines = [
-        f"# Training-step benchmark {summary['stamp']}: SmolLM2-135M on real persona-chat batches "
-        f"(allocator: {summary['allocator']})", "",
-        f"`{summary['command']}` — {summary['total_wall_s']:.0f} s; {summary['rounds']} rounds of one "
-        f"process per row (odd rounds reversed; a row shows its median round; the rows the targets "
-        f"compare run in every round, the others in the first unless --all-rounds), {summary['warmup']} "
-        f"warm-up + {summary['steps']} timed steps, each step its own batch. GEMM 2048³ peak "
-        f"(GFLOP/s): fp32 {g('machine_fp32'):.0f}, bf16 {g('machine_bf16'):.0f}.", "",
-        f"Workload: `{s['config']}` — {s['template']} template, max_total_tokens {s['max_total_tokens']}, "
-        f"max_response_tokens {s['max_response_tokens']}, buckets {s['buckets']}, batch "
-        f"{s['sft_batch']} records (SFT) / {s['dpo_batch']} pairs (DPO), pack length "
-        f"{s['sft_pack_length']} / {s['dpo_pack_length']}; DPO β {s['beta']}, shared prompt "
-        f"{s['share_prompt']}, reference held (frozen_forward_params).", "",
-        "useful tok/s = median over the timed steps of (prompt + response tokens, DPO prompt + chosen + "
-        "rejected, of the step's batch) / step time. MFU = executed FLOPs (blocks on every token slot, "
-        "padding included; LM head where the row runs it) / step / GEMM peak of the precision; "
-        "MFU(N·useful) credits 6·N (SFT) or 8·N (DPO) per useful token. padding = 1 − real tokens / "
-        "token slots of the row's layout.", "",
+        (f"# Training-step benchmark {summary['stamp']}: SmolLM2-135M-Instruct on real persona-chat "
+         f"batches (allocator: {summary['allocator']})"), "",
+        (f"`{summary['command']}` — {summary['total_wall_s']:.0f} s; {summary['rounds']} round(s), one "
+         f"process per row; {summary['warmup']} warm-up + {summary['steps']} timed steps per row, each "
+         f"step its own batch, the same batches for every row. GEMM 2048³ peak (GFLOP/s): fp32 "
+         f"{g('machine_fp32'):.0f}, bf16 {g('machine_bf16'):.0f}."), "",
+        (f"Machine: {m0['cpus']} CPUs, {m0['mem_total_mib']} MiB; load average {m0['loadavg'][0]:.2f} / "
+         f"{m0['loadavg'][1]:.2f} / {m0['loadavg'][2]:.2f} at the start, {m1['loadavg'][0]:.2f} / "
+         f"{m1['loadavg'][1]:.2f} / {m1['loadavg'][2]:.2f} at the end; other busy processes at the start: "
+         f"{busy}. `others' CPU` = the share of the machine's CPUs other processes used while the row "
+         "was timed."), "",
+        (f"Workload: `{s['config']}` — {s['template']} template, max_total_tokens {s['max_total_tokens']} "
+         f"({s['truncation']}), max_response_tokens {s['max_response_tokens']}, buckets {s['buckets']}, "
+         f"batch {s['sft_batch']} records (SFT) / {s['dpo_batch']} pairs (DPO; chosen = the record's "
+         f"reply, rejected = another record's), pack length {s['sft_pack_length']} / "
+         f"{s['dpo_pack_length']}; DPO β {s['beta']}, shared-prompt rows when bucketed "
+         f"({s['share_prompt']}), the reference held in the step (frozen_forward_params) on every "
+         "row, as the hand-written PyTorch step holds its own."), "",
+        ("useful tok/s = the timed steps' useful tokens (prompt + response; DPO prompt + chosen + "
+         "rejected, the prompt once) / their summed time; s/step = the mean. padding = 1 − real "
+         "tokens / token slots the blocks run in the row's layout (for the PyTorch DPO rows the "
+         "prompt is real in both the chosen and the rejected row). MFU = executed FLOPs (blocks on "
+         "every token slot, the LM head where the row runs it) / s / GEMM peak of the precision; "
+         "MFU(N·useful) credits 6·N (SFT) or 8·N (DPO) per useful token."), "",
         *tables.table_head(COLUMNS)]
     for r in records:
-        if "useful_tok_s" not in r:
+        if "tok_s" not in r:
             lines.append(tables.table_row(["", f"FAILED `{r.get('cmd')}` ({r.get('error')})"], len(COLUMNS)))
             continue
         lines.append(tables.table_row([
-            r["task"], r["label"], r["precision"], r.get("layout", ""), f"{r['useful_tok_s']:.0f}",
-            f"{r['step_ms']:.0f}", " / ".join("–" if m is None else f"{m:.0f}" for m in r.get("step_ms_rounds", [r["step_ms"]])),
-            f"{r.get('mfu', 0):.1%}", f"{r.get('mfu_useful', 0):.1%}", f"{r['padding_share']:.1%}",
+            r["task"], r["label"], r["precision"], r.get("layout", ""), f"{r['tok_s']:.0f}",
+            f"{r['s_per_step']:.2f}", " ".join(f"{t:.1f}" for t in r["step_time"]["all_s"]),
+            f"{r['padding_share']:.1%}", f"{r.get('mfu', 0):.1%}", f"{r.get('mfu_useful', 0):.1%}",
             "" if r.get("compile_s") is None else f"{r['compile_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
-            bench_dpo._mib(r.get("steps_peak_rss_mib")), f"{r['others_cpu_frac']:.0%}"]))
-    lines += ["", f"Targets: pdpo_jax packed bf16 useful tok/s ≥ {TARGET}× the fastest PyTorch row "
-              "(hand-written or trl, any precision); its peak RSS (whole process) ≤ that row's.", "",
-              *tables.table_head(["task", "ours", "fastest PyTorch", "ratio", "target", "met",
-                                  "peak RSS MiB (ours / peer)", "RSS met", "best pdpo_jax row (ratio)"])]
-    for task, t in summary["targets"].items():
+            f"{r['others_cpu_frac']:.0%}"]))
+    lines += ["", ("Packing vs padded buckets (pdpo_jax, same batches; ratio > 1: packing faster), and "
+                   "pdpo_jax's faster layout vs the hand-written PyTorch step:"), "",
+              *tables.table_head(["task", "precision", "packed tok/s", "bucketed tok/s", "packed / bucketed",
+                                  "padding packed / bucketed", "PyTorch tok/s", "best pdpo_jax / PyTorch"])]
+    for key, c in summary["comparisons"].items():
+        task, precision = key.split("-")
         lines.append(tables.table_row([
-            task, f"{t['ours']} ({t['ours_tok_s']:.0f})", f"{t['peer']} ({t['peer_tok_s']:.0f})",
-            f"{t['ratio']:.2f}×", f"≥ {t['target']}×", "yes" if t["met"] else "**no**",
-            f"{t['ours_rss_mib']:.0f} / {t['peer_rss_mib']:.0f}", "yes" if t["rss_met"] else "**no**",
-            f"{t['best_ours']} ({t['best_ratio']:.2f}×)"]))
-    lines += ["", "Padding share of each layout over the plan's batches (real = tokens in the rows; "
-              "useful = prompt + response, DPO prompt once):", "",
+            task, precision, f"{c['packed_tok_s']:.0f}", f"{c['bucketed_tok_s']:.0f}",
+            f"**{c['packed_over_bucketed']:.2f}×**", f"{c['packed_padding']:.1%} / {c['bucketed_padding']:.1%}",
+            f"{c['torch_tok_s']:.0f}" if "torch_tok_s" in c else "–",
+            f"{c['best_over_torch']:.2f}× ({c['best_layout']})" if "best_over_torch" in c else "–"]))
+    lines += ["", ("Padding share of each layout over every batch of the plan (warm-up included; real = "
+                   "tokens in the rows; useful = prompt + response, DPO prompt once):"), "",
               *tables.table_head(["task", "layout", "token slots", "real", "useful", "padding", "non-useful"])]
     for task, lay in summary["workload"]["layouts"].items():
         for name, v in lay.items():
             lines.append(tables.table_row([task, name, v["slots"], v["real"], v["useful"],
                                            f"{v['padding_share']:.1%}", f"{v['non_useful_share']:.1%}"]))
-    lines += ["", common.noise_line(summary["noise"], "rounds"), ""]
+    lines += ["", common.noise_line(summary["noise"], "rows"), ""]
     return "\n".join(lines)
 
 
@@ -318,14 +363,18 @@ def main():
                     help="override model.remat (the config's: none)")
     worker_args(ap)
     ap.add_argument("--tasks", default="sft,dpo")
-    ap.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
-    ap.add_argument("--all-rounds", action="store_true",
-                    help="every row in every round (default: the target rows; the others once)")
-    ap.add_argument("--quick", action="store_true", help="1 round")
+    ap.add_argument("--peers", default="torch-bf16",
+                    help="PyTorch rows, comma-separated: torch-bf16, torch-fp32, trl-bf16, trl-fp32")
+    ap.add_argument("--config", default=tw.CONFIG, help="the config whose data settings, batch sizes "
+                    "and optimizers the workload and steps follow")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of every row (default 1)")
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps, SFT only")
     ap.add_argument("--alloc", default="auto", choices=["auto", "tcmalloc", "glibc"])
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each worker, wait up to S s for other processes to use < 10%% CPU")
-    ap.add_argument("--retries", type=int, default=1)
+    ap.add_argument("--retries", type=int, default=1,
+                    help="re-time a row while other processes used > 10%% of the CPUs (0 on a machine "
+                    "a long job shares: every row would run twice)")
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
@@ -337,7 +386,9 @@ def main():
         return
     if not os.path.exists(os.path.join(tw.smollm2_dir(), "model.safetensors")):
         sys.exit(f"no SmolLM2-135M folder at {tw.smollm2_dir()} (set PDPO_SMOLLM2_DIR; "
-                 "bash ../shared/models/build_smollm2.sh builds it)")
+                 "make smollm2 builds it)")
+    if args.quick:
+        args.warmup, args.steps, args.tasks = 1, 3, "sft"
     run_all(args)
 
 

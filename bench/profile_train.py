@@ -132,7 +132,8 @@ def main():
     import jax
     import bench_train
 
-    step, state, extra, batch = bench_train.build_jax_step(args, tw.load(args.workload), n_batches=1)
+    step, state, extra, batches, _ = bench_train.build_jax_step(args, tw.load(args.workload), n_batches=1)
+    batch = batches[0]
     compiled = step.lower(state, *extra, batch).compile()
     instrs, comps = parse_hlo(compiled.as_text())
     for _ in range(args.warmup):

@@ -7,12 +7,12 @@ Hand-written (`--framework torch`), what a careful user writes: rows right-padde
 longest (dynamic padding), the backbone on every token, the LM head only at the positions that
 predict a response token (gathered with the response mask: the lever trl's fused LM head pulls
 on GPUs), fp32 cross-entropy / log-softmax, AdamW (torch defaults: foreach) with the config's
-weight decay and global-norm clipping, bf16 = `torch.autocast("cpu", bfloat16)` around the
+weight decay on what pdpo_jax decays (not norms) and global-norm clipping, bf16 = `torch.autocast("cpu", bfloat16)` around the
 forwards (fp32 master weights and optimizer). DPO: chosen rows then rejected rows in one
 policy forward (with grad) and one reference forward (`no_grad`, a frozen deep copy), sigmoid
 loss (`torch_dpo.sigmoid_dpo_loss`), β from the config.
 
-trl: SFTTrainer with `padding_free=True` (trl flattens the batch into one row with
+trl (opt-in: bench_train.py --peers trl-bf16,...; not part of the recorded runs): SFTTrainer with `padding_free=True` (trl flattens the batch into one row with
 position_ids; transformers' sdpa mask keeps the records apart, `find_packed_sequence_indices`),
 DPOTrainer with `padding_free=True` requested (trl 1.16 ignores it and pads: recorded as
 `padding_free_effective`). Offline as trl_dpo.py: model, reference and tokenizer passed in.
@@ -73,37 +73,65 @@ def response_logps(model, ids, attn, resp):
     return logp, sel.nonzero()[:, 0]
 
 
+def optimizer(policy, lr: float, weight_decay: float):
+    """AdamW (torch defaults: foreach, betas 0.9/0.999, eps 1e-8) decaying what pdpo_jax's
+    `make_optimizer` decays: matrices and embeddings, not norms or biases."""
+    import torch
+    named = list(policy.named_parameters())
+    decay = [p for n, p in named if "norm" not in n and "bias" not in n]
+    rest = [p for n, p in named if "norm" in n or "bias" in n]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
+                              dict(params=rest, weight_decay=0.0)], lr=lr)
+
+
+def batch_loss(policy, ref, batch, task: str, beta: float):
+    """The loss of one padded batch (`padded`): SFT = mean NLL over every response token of the
+    batch (pdpo_jax's token-normalised SFT loss); DPO = the sigmoid loss over the pairs, chosen
+    rows first, the reference's sums under `no_grad`."""
+    import torch
+    ids, attn, resp = batch
+    if task == "sft":
+        logp, _ = response_logps(policy, ids, attn, resp)
+        return -logp.mean()
+    B = ids.shape[0] // 2
+    with torch.no_grad():
+        lp, row = response_logps(ref, ids, attn, resp)
+        ref_sums = torch.zeros(2 * B).index_add(0, row, lp.float())
+    lp, row = response_logps(policy, ids, attn, resp)
+    sums = torch.zeros(2 * B).index_add(0, row, lp.float())
+    return sigmoid_dpo_loss(sums[:B], sums[B:], ref_sums[:B], ref_sums[B:], beta)
+
+
+def make_step(policy, ref, opt, task: str, precision: str, beta: float, clip_norm: float):
+    """step(batch) -> loss before the update: forwards (under bf16 autocast for "bf16"),
+    backward, global-norm clipping, AdamW."""
+    import torch
+    amp = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16"
+           else contextlib.nullcontext)
+
+    def step(batch):
+        with amp():
+            loss = batch_loss(policy, ref, batch, task, beta)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+    return step
+
+
 def run_torch(args, w: dict) -> dict:
     import torch
     s, task = w["settings"], args.task
     plan = w[f"{task}_plan"][:args.warmup + args.steps]
     policy = load_model().train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if task == "dpo" else None
-    lr = s["sft_lr"] if task == "sft" else s["dpo_lr"]
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=s["weight_decay"])
-    amp = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16"
-           else contextlib.nullcontext)
+    opt = optimizer(policy, s["sft_lr"] if task == "sft" else s["dpo_lr"], s["weight_decay"])
     batches = [padded(tw.dynamic_rows(w, task, row), w["pad_id"]) for row in plan]
+    train_step = make_step(policy, ref, opt, task, args.precision, s["beta"], s["clip_norm"])
 
     def step(i):
-        ids, attn, resp = batches[i]
-        with amp():
-            if task == "sft":
-                logp, _ = response_logps(policy, ids, attn, resp)
-                loss = -logp.mean()
-            else:
-                B = ids.shape[0] // 2
-                with torch.no_grad():
-                    lp, row = response_logps(ref, ids, attn, resp)
-                    ref_sums = torch.zeros(2 * B).index_add(0, row, lp)
-                lp, row = response_logps(policy, ids, attn, resp)
-                sums = torch.zeros(2 * B).index_add(0, row, lp)
-                loss = sigmoid_dpo_loss(sums[:B], sums[B:], ref_sums[:B], ref_sums[B:], s["beta"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), s["clip_norm"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return train_step(batches[i])
 
     common.reset_peak_rss()
     first_s, times = 0.0, []

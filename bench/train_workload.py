@@ -27,7 +27,7 @@ def settings(config: str = CONFIG) -> dict:
     cfg = load_config(config)
     d, m = cfg.data, cfg.model
     return dict(config=os.path.relpath(config, os.path.dirname(os.path.dirname(CONFIG))),
-                template=d.template, max_total_tokens=d.max_total_tokens,
+                template=d.template, max_total_tokens=d.max_total_tokens, truncation=d.truncation,
                 max_response_tokens=d.max_response_tokens, buckets=list(d.buckets),
                 max_train_records=d.max_train_records, seed=cfg.run.seed,
                 sft_batch=cfg.sft.batch_size, dpo_batch=cfg.dpo.batch_size,
@@ -40,15 +40,20 @@ def settings(config: str = CONFIG) -> dict:
 
 
 def build(path: str, n_batches: int, config: str = CONFIG) -> dict:
-    """Encodes the records as the config's SFT and DPO stages do, takes the first `n_batches`
-    batches of the trainer's epoch-0 plan (seeded, length-bucketed), writes the JSON."""
+    """Encodes the records as the config's SFT and DPO stages do (the run's drawn subset of the
+    embedded train split, `data.truncation`), takes the first `n_batches` batches of the
+    trainer's epoch-0 plan (seeded, length-bucketed), writes the JSON."""
     import numpy as np
     import transformers
+
     from pdpo_jax import data as pdata
     s = settings(config)
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir())
-    records = pdata.read_turns(pdata.default_paths().train)[:s["max_train_records"]]
-    budgets = dict(max_total_tokens=s["max_total_tokens"], max_response_tokens=s["max_response_tokens"])
+    split = pdata.read_turns(pdata.default_paths().train)
+    # the records a run of the config trains on (RunContext.dialogues("train"))
+    records = [split[i] for i in pdata.sample_indices(len(split), s["max_train_records"], s["seed"], "train")]
+    budgets = dict(max_total_tokens=s["max_total_tokens"], max_response_tokens=s["max_response_tokens"],
+                   truncate=s["truncation"] == "truncate")
     sft, sft_stats = pdata.encode_records(tok, s["template"], records, **budgets)
     # pairs: chosen = the record's reply, rejected = another record's (a seeded derangement), so
     # both lengths follow the real distribution
@@ -57,19 +62,29 @@ def build(path: str, n_batches: int, config: str = CONFIG) -> dict:
     pairs = [pdata.PreferencePair(r.persona, r.history, r.response, records[j].response)
              for r, j in zip(records, other)]
     dpo, dpo_stats = pdata.encode_records(tok, s["template"], pairs, **budgets)
-    pad = pdata.pad_id(tok)
-    out = dict(settings=s, pad_id=pad, n_batches=n_batches, sft_encode=repr(sft_stats),
-               dpo_encode=repr(dpo_stats),
+    out = assemble(s, pdata.pad_id(tok), sft, dpo, n_batches)
+    out.update(sft_encode=repr(sft_stats), dpo_encode=repr(dpo_stats))
+    with open(path, "w") as fh:
+        json.dump(out, fh)
+    return {k: out[k] for k in ("sft_encode", "dpo_encode", "layouts")}
+
+
+def assemble(s: dict, pad_id: int, sft: list, dpo: list, n_batches: int) -> dict:
+    """The workload of encoded SFT examples and DPO pairs (`pdata.Encoded` / `EncodedPair`)
+    under settings `s`: their ids, the first `n_batches` batches of the trainer's epoch-0 plan
+    (example indices per batch) and the padding of every layout over them (`layouts`)."""
+    from pdpo_jax import data as pdata
+    out = dict(settings=s, pad_id=pad_id, n_batches=n_batches,
                sft=[dict(p=e.prompt_ids.tolist(), r=e.response_ids.tolist()) for e in sft],
                dpo=[dict(p=e.prompt_ids.tolist(), c=e.chosen_ids.tolist(), r=e.rejected_ids.tolist())
                     for e in dpo])
     for task, builder in (("sft", pdata.sft_batches), ("dpo", pdata.preference_batches)):
         batches = builder(examples(out, task), **pipeline_kwargs(out, task, packed=False))
+        if batches.batches_per_epoch < n_batches:
+            raise ValueError(f"{task}: {batches.batches_per_epoch} batches per epoch, {n_batches} asked for")
         out[f"{task}_plan"] = [batches[k]["index"].tolist() for k in range(n_batches)]
     out["layouts"] = layouts(out)
-    with open(path, "w") as fh:
-        json.dump(out, fh)
-    return {k: out[k] for k in ("sft_encode", "dpo_encode", "layouts")}
+    return out
 
 
 def load(path: str) -> dict:
@@ -80,6 +95,7 @@ def load(path: str) -> dict:
 def examples(w: dict, task: str) -> list:
     """The encoded examples (`pdata.Encoded` / `EncodedPair`) of the workload."""
     import numpy as np
+
     from pdpo_jax.data.encode import Encoded, EncodedPair
     ids = lambda x: np.asarray(x, np.int32)  # noqa: E731
     if task == "sft":
@@ -186,9 +202,11 @@ def model_flops(task: str, useful: int) -> int:
 
 
 def finish(record: dict, times: list[float], steps: list[dict], first_s: float, peaks: dict) -> dict:
-    """Per-record metrics over the timed steps (each its own batch): median ms/step, median of
-    the per-step useful tokens/s, executed and model FLOP rates, MFU vs the GEMM peak of the
-    row's precision, peak RSS, host."""
+    """Per-record metrics over the timed steps (each its own batch): useful tokens/s = all the
+    timed steps' useful tokens / their summed time (`tok_s`; every row of a run times the same
+    batches, so it compares rows directly), mean s/step, median ms/step and the median of the
+    per-step rates, executed and model FLOP rates, MFU vs the GEMM peak of the row's precision,
+    peak RSS, host."""
     import statistics
     task = record["task"]
     med = lambda xs: statistics.median(xs)  # noqa: E731
@@ -197,6 +215,7 @@ def finish(record: dict, times: list[float], steps: list[dict], first_s: float, 
                  for s, t in zip(steps, times)]
     model_rate = [model_flops(task, s["useful"]) / t for s, t in zip(steps, times)]
     record.update(step_time=common.summarize(times), step_ms=round(med(times) * 1e3, 1),
+                  tok_s=sum(s["useful"] for s in steps) / sum(times), s_per_step=sum(times) / len(times),
                   useful_tok_s=med(useful_rate), executed_flops_per_s=med(exec_rate),
                   model_flops_per_s=med(model_rate), first_step_s=round(first_s, 2),
                   steps=steps, useful_tokens=sum(s["useful"] for s in steps),
