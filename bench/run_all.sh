@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every benchmark, one command: the DPO step of issue 4 (every framework side by side, ~25 min
 # on 2 cores), then the sampler vs transformers.generate of issue 5 (anchor + SmolLM2-135M,
-# ~8 min), then SmolLM2-135M SFT and DPO training steps on real persona-chat batches against
-# hand-written PyTorch and trl (bench_train.py, ~60 min in 3 rounds; ~25 with --quick). Each
+# ~8 min), then SmolLM2-135M SFT and DPO training steps on real persona-chat batches, packed
+# vs padded buckets, bf16 vs fp32, against a hand-written PyTorch step (bench_train.py, one
+# round, ~25 min; --quick: SFT only, 1 + 3 steps). Each
 # writes JSON + markdown to bench/results/ (dpo-<stamp>.*, peaks-<stamp>.json, sampler-<stamp>.*,
 # train-<stamp>.*).
 #
@@ -12,7 +13,7 @@
 #   BENCHES=sampler bash bench/run_all.sh            # only the sampler bench (or BENCHES=dpo, =train)
 #   BENCHES="dpo train" bash bench/run_all.sh        # several
 #   SAMPLER_ARGS="--model anchor" bash bench/run_all.sh   # extra arguments for bench_sampler.py only
-#   TRAIN_ARGS="--rounds 5" bash bench/run_all.sh    # extra arguments for bench_train.py only
+#   TRAIN_ARGS="--steps 8 --peers torch-bf16,torch-fp32" bash bench/run_all.sh   # bench_train.py only
 #
 # Arguments go to bench/bench_dpo.py --all (see --help); --quick, --wait-quiet S, --retries N,
 # --results DIR and --timeout S also go to bench/bench_sampler.py and bench/bench_train.py.

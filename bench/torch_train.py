@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import os
 import sys
 import tempfile
@@ -226,7 +227,7 @@ def run_trl(args, w: dict) -> dict:
     common.reset_peak_rss()
     with common.Meter() as meter:  # covers the warm-up steps too: the trainer runs them in one call
         trainer.train()
-    gaps = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     record = dict(bench="train", framework="trl", label=f"trl-{task}-{args.precision}", task=task,
                   layout="padding-free" if padding_free else "dynamic", precision=args.precision,
                   padding_free_requested=True, padding_free_effective=padding_free,
