@@ -3,7 +3,7 @@
 # on 2 cores), then the sampler vs transformers.generate of issue 5 (anchor + SmolLM2-135M,
 # ~8 min), then SmolLM2-135M SFT and DPO training steps on real persona-chat batches, packed
 # vs padded buckets, bf16 vs fp32, against a hand-written PyTorch step (bench_train.py, one
-# round, ~25 min; --quick: SFT only, 1 + 3 steps). Each
+# round, ~32 min on 2 shared cores; --quick: SFT only, 1 + 3 steps). Each
 # writes JSON + markdown to bench/results/ (dpo-<stamp>.*, peaks-<stamp>.json, sampler-<stamp>.*,
 # train-<stamp>.*).
 #
