@@ -36,6 +36,14 @@ def build_model(name: str, seed: int = 0):
     return LlamaForCausalLM(cfg).float()
 
 
+def sigmoid_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """Mean sigmoid DPO loss over pairs, from per-pair log-prob sums [B] (bench_train's
+    hand-written step uses it too)."""
+    import torch.nn.functional as F
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()
+
+
 def torch_batch(seed: int, vocab: int, pairs: int, seq_len: int):
     """ids [2·pairs, T] (chosen rows then rejected rows) and the response mask."""
     import numpy as np
@@ -53,7 +61,6 @@ def main():
     args = ap.parse_args()
 
     import torch
-    import torch.nn.functional as F
 
     policy = build_model(args.model).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -82,8 +89,7 @@ def main():
             with torch.no_grad():
                 ref_lp = seq_logps(ref, ids, mask)
             pol_lp = seq_logps(policy, ids, mask)
-        margin = (pol_lp[:B] - ref_lp[:B]) - (pol_lp[B:] - ref_lp[B:])
-        loss = -F.logsigmoid(common.BETA * margin).mean()
+        loss = sigmoid_dpo_loss(pol_lp[:B], pol_lp[B:], ref_lp[:B], ref_lp[B:], common.BETA)
         loss.backward()
         opt.step()
         return float(loss.detach())
