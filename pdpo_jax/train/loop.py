@@ -82,6 +82,13 @@ def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Ca
     pending = None  # (step index, metrics, tokens, t0) of the step whose metrics are unread
     t0 = time.perf_counter()
     for step in range(start, spec.total_steps):
+        done = step + 1
+        closes_window = done % spec.eval_every == 0 or done == spec.total_steps
+        if pending is not None and closes_window:
+            # this step's metrics are read at once: read the previous step's first, so each
+            # report times one step even where the backend runs a step inside its call
+            t0 = _report(spec, pending, writer, bar, t0)
+            pending = None
         host_batch = next(iterator)
         tokens, slots = _tokens(host_batch)
         state, metrics = step_fn(state, shard_batch(micro_batches(host_batch, spec.grad_accum), mesh))
@@ -91,12 +98,12 @@ def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Ca
             t0 = _report(spec, pending, writer, bar, t0)
         pending = (step + 1, {**metrics, "padding_share": 1.0 - tokens / max(slots, 1)},
                    tokens * jax.process_count())
-        done = step + 1
-        if done % spec.eval_every == 0 or done == spec.total_steps:
+        if closes_window:
             t0 = _report(spec, pending, writer, bar, t0)
             pending = None
             best = _evaluate_and_select(spec, state, done, evaluate, export, writer, best)
             ckpt.save(done, state, iterator.get_state(), {**meta, "best": best})
+            t0 = time.perf_counter()  # the next step's rate leaves the evaluation out
         elif spec.save_every and done % spec.save_every == 0:
             ckpt.save(done, state, iterator.get_state(), {**meta, "best": best})
     if pending is not None:
