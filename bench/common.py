@@ -267,3 +267,21 @@ def log(*args) -> None:
 def emit(record: dict) -> None:
     """One JSON line on stdout: the only thing a worker prints there."""
     print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def trainer_step_stamps():
+    """(stamps, callback): a transformers TrainerCallback that appends perf_counter() at the first
+    step's start and at every step's end, so the step times are the differences of `stamps`."""
+    from transformers import TrainerCallback
+
+    stamps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            if not stamps:
+                stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **kw):
+            stamps.append(time.perf_counter())
+
+    return stamps, Timer()

@@ -173,7 +173,7 @@ def run_trl(args, w: dict) -> dict:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     s, task = w["settings"], args.task
     plan = w[f"{task}_plan"][:args.warmup + args.steps]
@@ -189,15 +189,7 @@ def run_trl(args, w: dict) -> dict:
                       logging_steps=10_000, disable_tqdm=True, seed=0, dataloader_pin_memory=False,
                       train_sampling_strategy="sequential", bf16=args.precision == "bf16",
                       gradient_checkpointing=False, padding_free=True)
-    stamps: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            if not stamps:
-                stamps.append(time.perf_counter())
-
-        def on_step_end(self, *a, **kw):
-            stamps.append(time.perf_counter())
+    stamps, timer = common.trainer_step_stamps()
 
     if task == "sft":
         rows = [w["sft"][i] for i in order]
@@ -205,7 +197,7 @@ def run_trl(args, w: dict) -> dict:
                                   "labels": [[-100] * len(e["p"]) + e["r"] for e in rows]})
         cfg = trl.SFTConfig(max_length=None, **common_cfg)
         trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
-                                 callbacks=[Timer()])
+                                 callbacks=[timer])
         padding_free = bool(trainer.padding_free)
     else:
         rows = [w["dpo"][i] for i in order]
@@ -219,7 +211,7 @@ def run_trl(args, w: dict) -> dict:
         cfg = trl.DPOConfig(beta=s["beta"], loss_type=["sigmoid"], max_length=None, **common_cfg)
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         trainer = IdsDPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=data,
-                                processing_class=tok, callbacks=[Timer()])
+                                processing_class=tok, callbacks=[timer])
         padding_free = bool(trainer.padding_free)
     batches = [trainer.data_collator([trainer.train_dataset[j] for j in range(k * B, (k + 1) * B)])
                for k in range(len(plan))]

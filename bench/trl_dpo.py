@@ -18,7 +18,6 @@ import copy
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (offline env vars before transformers/trl)
@@ -60,7 +59,6 @@ def main():
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     model = build_model("anchor")
@@ -76,18 +74,10 @@ def main():
                     logging_steps=10_000, disable_tqdm=True, seed=0, lr_scheduler_type="constant",
                     dataloader_pin_memory=False, **overrides)
 
-    stamps: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            if not stamps:
-                stamps.append(time.perf_counter())
-
-        def on_step_end(self, *a, **kw):
-            stamps.append(time.perf_counter())
+    stamps, timer = common.trainer_step_stamps()
 
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=data,
-                         processing_class=word_tokenizer(vocab), callbacks=[Timer()])
+                         processing_class=word_tokenizer(vocab), callbacks=[timer])
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(args.pairs)])
     if tuple(batch["input_ids"].shape) != (2 * args.pairs, args.seq_len) or \
             int(batch["completion_mask"].sum()) != 2 * args.pairs * common.RESPONSE:

@@ -1,36 +1,23 @@
 """bench/bench_dpo.py --all end to end with its worker processes replaced by canned records:
 the plan, the record parsing, the target ratios and the report (not a performance test)."""
 import copy
-import importlib
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
-import types
 
 import pytest
+from bench_modules import BENCH, bench_modules
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 MS = {"pdpo_jax": 300.0, "torch": 400.0, "trl": 800.0}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The bench modules, imported as the scripts import them (bench/ first on sys.path; their
-    `common` sets offline env vars at import); sys.path, sys.modules and os.environ are put
-    back afterwards, so no other test sees them."""
-    env, path, modules = dict(os.environ), list(sys.path), set(sys.modules)
-    sys.path.insert(0, BENCH)
-    try:
-        yield types.SimpleNamespace(**{m: importlib.import_module(m) for m in
-                                       ("common", "bench_dpo", "bench_sampler")})
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-        sys.path[:] = path
-        for name in set(sys.modules) - modules:
-            del sys.modules[name]
+    """The bench modules as the scripts import them (tests/bench_modules.py)."""
+    with bench_modules("common", "bench_dpo", "bench_sampler") as modules:
+        yield modules
 
 
 def _record(common, cmd: list[str]) -> dict:

@@ -2,7 +2,6 @@
 reports (against hand-counted batches), the hand-written PyTorch step's SFT and DPO losses
 against pdpo_jax's step on the same batches (packed and bucketed, two steps, so the optimizers
 agree too), on tiny random Llamas; and the harness (rows, report) with canned workers."""
-import importlib
 import json
 import os
 import sys
@@ -10,25 +9,14 @@ import types
 
 import numpy as np
 import pytest
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+from bench_modules import bench_modules
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The bench modules as the scripts import them (bench/ on sys.path); restored after."""
-    env, path, modules = dict(os.environ), list(sys.path), set(sys.modules)
-    sys.path.insert(0, BENCH)
-    try:
-        yield types.SimpleNamespace(**{m: importlib.import_module(m) for m in
-                                       ("common", "bench_dpo", "train_workload", "bench_train",
-                                        "torch_train")})
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-        sys.path[:] = path
-        for name in set(sys.modules) - modules:
-            del sys.modules[name]
+    """The bench modules as the scripts import them (tests/bench_modules.py)."""
+    with bench_modules("common", "bench_dpo", "train_workload", "bench_train", "torch_train") as modules:
+        yield modules
 
 
 def settings(**kw) -> dict:
