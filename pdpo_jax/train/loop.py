@@ -79,53 +79,59 @@ def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Ca
         best = _evaluate_and_select(spec, state, 0, evaluate, export, writer, None)
 
     bar = tqdm(total=spec.total_steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True)
-    pending = None  # (step index, metrics, tokens, t0) of the step whose metrics are unread
-    t0 = time.perf_counter()
+    pending = None  # (step index, metrics, tokens) of the step whose metrics are unread
+    rate = _Rate()
     for step in range(start, spec.total_steps):
         done = step + 1
         closes_window = done % spec.eval_every == 0 or done == spec.total_steps
-        if pending is not None and closes_window:
-            # this step's metrics are read at once: read the previous step's first, so each
-            # report times one step even where the backend runs a step inside its call
-            t0 = _report(spec, pending, writer, bar, t0)
-            pending = None
         host_batch = next(iterator)
         tokens, slots = _tokens(host_batch)
         state, metrics = step_fn(state, shard_batch(micro_batches(host_batch, spec.grad_accum), mesh))
         if step == start:  # the step is compiled now: return compile-time garbage to the OS
             release_free_memory()
         if pending is not None:
-            t0 = _report(spec, pending, writer, bar, t0)
+            _report(spec, pending, writer, bar, rate)
         pending = (step + 1, {**metrics, "padding_share": 1.0 - tokens / max(slots, 1)},
                    tokens * jax.process_count())
         if closes_window:
-            t0 = _report(spec, pending, writer, bar, t0)
+            _report(spec, pending, writer, bar, rate)
             pending = None
             best = _evaluate_and_select(spec, state, done, evaluate, export, writer, best)
             ckpt.save(done, state, iterator.get_state(), {**meta, "best": best})
-            t0 = time.perf_counter()  # the next step's rate leaves the evaluation out
+            rate = _Rate()  # the next window's rate leaves the evaluation out
         elif spec.save_every and done % spec.save_every == 0:
             ckpt.save(done, state, iterator.get_state(), {**meta, "best": best})
     if pending is not None:
-        _report(spec, pending, writer, bar, t0)
+        _report(spec, pending, writer, bar, rate)
     bar.close()
     return state, best
 
 
-def _report(spec: LoopSpec, pending, writer: MetricsWriter, bar, t0: float) -> float:
+class _Rate:
+    """Tokens per second of wall time since the window began (the loop's start, then each
+    evaluation's end). A per-report interval would lie where a backend runs a step inside its
+    call (CPU): two reports can then land back to back, one timing two steps, the other none."""
+
+    def __init__(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> float:
+        self.tokens += tokens
+        return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def _report(spec: LoopSpec, pending, writer: MetricsWriter, bar, rate: _Rate) -> None:
     step, metrics, tokens = pending
     metrics = jax.device_get(metrics)
     if not bool(metrics["finite"]):
         raise FloatingPointError(
             f"{spec.name}: non-finite loss or gradient at step {step}; the update was skipped "
             "and the last checkpoint is untouched. Lower the learning rate or check the data")
-    now = time.perf_counter()
-    metrics = {**metrics, "tokens_per_s": tokens / max(now - t0, 1e-9)}
+    metrics = {**metrics, "tokens_per_s": rate.add(tokens)}
     if step % spec.log_every == 0 or step == spec.total_steps:
         writer.write(step, metrics, prefix="train/")
     bar.update(1)
     bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-    return now
 
 
 def _evaluate_and_select(spec, state, step, evaluate, export, writer, best):
