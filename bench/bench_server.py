@@ -200,11 +200,9 @@ def summarise(concurrency: int, stream: bool, timed: dict, cpu: dict) -> dict:
 def cpu_shares(server: Server, before: tuple | None = None):
     """(machine busy, steal, total, server, client) ticks now; with `before`, the shares of the
     machine's CPU time (busy excludes idle, iowait and steal, as common.Meter counts it)."""
-    with open("/proc/stat") as fh:
-        f = [int(x) for x in fh.readline().split()[1:]]
+    total, busy, steal = common.cpu_ticks()
     hz = os.sysconf("SC_CLK_TCK")
-    now = (sum(f[:8]) - f[3] - f[4] - f[7], f[7], sum(f[:8]), server.cpu_s() * hz,
-           sum(os.times()[:2]) * hz)
+    now = (busy, steal, total, server.cpu_s() * hz, sum(os.times()[:2]) * hz)
     if before is None:
         return now
     busy, steal, total, srv, cli = (a - b for a, b in zip(now, before))

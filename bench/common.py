@@ -140,7 +140,7 @@ def vm_hwm_mib() -> float | None:
     return None
 
 
-def _cpu_ticks() -> tuple[int, int, int]:
+def cpu_ticks() -> tuple[int, int, int]:
     """(total, busy, steal) jiffies of the whole machine."""
     with open("/proc/stat") as fh:
         f = [int(x) for x in fh.readline().split()[1:]]
@@ -158,13 +158,13 @@ class Meter:
 
     def __enter__(self):
         self.load_start = os.getloadavg()[0]
-        self.ticks = _cpu_ticks()
+        self.ticks = cpu_ticks()
         self.own = sum(os.times()[:2])
         self.wall = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        total, busy, steal = _cpu_ticks()
+        total, busy, steal = cpu_ticks()
         hz = os.sysconf("SC_CLK_TCK")
         d_total = max(1, total - self.ticks[0])
         own = (sum(os.times()[:2]) - self.own) * hz
@@ -219,6 +219,11 @@ def finish(record: dict, times: list[float], first_s: float, peaks: dict | None 
         record["peak_flops"] = peak
         record["mfu"] = fl["executed"] / step_s / peak  # what the step multiplies, as anchors
         record["mfu_model_flops"] = fl["model"] / step_s / peak  # 8·N·tokens credited
+    return add_process_facts(record)
+
+
+def add_process_facts(record: dict) -> dict:
+    """The allocator, peak RSS (and the steps' alone after `reset_peak_rss`) and the host."""
     record.setdefault("allocator", allocator())
     record["peak_rss_mib"] = round(peak_rss_mib(), 1)
     hwm = vm_hwm_mib()

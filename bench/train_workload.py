@@ -225,10 +225,4 @@ def finish(record: dict, times: list[float], steps: list[dict], first_s: float, 
     if peak:
         record.update(peak_flops=peak, mfu=record["executed_flops_per_s"] / peak,
                       mfu_useful=record["model_flops_per_s"] / peak)
-    record.setdefault("allocator", common.allocator())
-    record["peak_rss_mib"] = round(common.peak_rss_mib(), 1)
-    hwm = common.vm_hwm_mib()
-    if common._RSS_RESET and hwm is not None:
-        record["steps_peak_rss_mib"] = round(hwm, 1)
-    record["host"] = common.host()
-    return record
+    return common.add_process_facts(record)

@@ -34,10 +34,9 @@ def make_server(folder: pathlib.Path, *, max_queue: int = 8, engine=None):
                                 max_queue=max_queue, max_top_k=20)
     import transformers
 
-    from pdpo_jax.serve.loading import stop_ids
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     return ModelServer(engine, tokenizer, name=NAME, max_model_len=MAX_MODEL_LEN,
-                       max_queue=max_queue, eos_ids=stop_ids(folder, tokenizer))
+                       max_queue=max_queue, eos_ids=(EOS,))
 
 
 def client(url: str):

@@ -459,3 +459,18 @@ def test_bad_config_and_prompts_are_refused(llama):
         sampler.generate([[3, VOCAB]])
     with pytest.raises(ValueError, match="seed"):
         sampler.generate([[3, 4]], seed=-1)
+
+
+def test_stop_ids_join_tokenizer_config_and_generation_config(tmp_path):
+    import json
+    import types
+
+    from pdpo_jax.sampling import stop_ids
+    tok = types.SimpleNamespace(eos_token_id=2)
+    assert stop_ids(tok) == (2,)
+    assert stop_ids(tok, [7, 2]) == (2, 7)
+    gen = tmp_path / "generation_config.json"
+    gen.write_text(json.dumps({"eos_token_id": [9, 7]}))
+    assert stop_ids(tok, 7, gen) == (2, 7, 9)
+    assert stop_ids(tok, 7, tmp_path / "missing.json") == (2, 7)
+    assert stop_ids(types.SimpleNamespace(eos_token_id=None)) == ()

@@ -9,8 +9,9 @@ from pdpo_jax.sampling.decode import DecodeWeights
 from pdpo_jax.sampling.filters import (RowSampling, argmax_first, draw_from, filter_logits,
                                        sample_rows, sample_tokens, top_k_mask, top_p_mask)
 from pdpo_jax.sampling.sampler import (SampleOutput, Sampler, SamplerState, SamplingConfig,
-                                       SamplingLoop, generate, left_pad)
+                                       SamplingLoop, generate, left_pad, stop_ids)
 
 __all__ = ["DecodeWeights", "RowSampling", "SampleOutput", "Sampler", "SamplerState",
            "SamplingConfig", "SamplingLoop", "argmax_first", "draw_from", "filter_logits",
-           "generate", "left_pad", "sample_rows", "sample_tokens", "top_k_mask", "top_p_mask"]
+           "generate", "left_pad", "sample_rows", "sample_tokens", "stop_ids", "top_k_mask",
+           "top_p_mask"]

@@ -37,7 +37,7 @@ from pdpo_jax.models import from_pretrained
 from pdpo_jax.data.batches import round_up
 from pdpo_jax.sampling.engine import Engine
 from pdpo_jax.sampling.persona_margin import PersonaMarginScorer, margin_summary
-from pdpo_jax.sampling.sampler import SamplingConfig
+from pdpo_jax.sampling.sampler import SamplingConfig, stop_ids
 
 log = logging.getLogger(__name__)
 PROMPT_FILTER = "prompt_"  # a row's `filtered` reason when its sampling prompt did not encode
@@ -284,11 +284,10 @@ def _builder(ctx: RunContext, generator: str) -> NegativeBuilder:
                             param_dtype=cfg.model.dtype, rules=shd.SAMPLING_RULES,
                             stack_layers=False)
     check_tokenizer(ctx.tokenizer, model.cfg, generator)
-    eos = {ctx.tokenizer.eos_token_id, *np.atleast_1d(model.cfg.eos_token_id or [])} - {None}
     sampling = SamplingConfig(max_new_tokens=cfg.data.max_response_tokens,
                               temperature=neg.temperature or 1.0, greedy=neg.temperature == 0,
                               top_p=neg.top_p, top_k=neg.top_k,
-                              eos_ids=tuple(sorted(int(e) for e in eos)), seed=cfg.run.seed,
+                              eos_ids=stop_ids(ctx.tokenizer, model.cfg.eos_token_id), seed=cfg.run.seed,
                               pad_id=pdata.pad_id(ctx.tokenizer))
     return NegativeBuilder(model, ctx.tokenizer, cfg.data.template, sampling,
                            max_prompt_tokens=cfg.data.max_total_tokens - cfg.data.max_response_tokens,

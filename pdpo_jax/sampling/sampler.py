@@ -11,6 +11,8 @@ its batch neighbours, on the batch size or on n.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Sequence
 
 import jax
@@ -64,6 +66,17 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 switches top-p off)")
         if self.n < 1:
             raise ValueError(f"n={self.n} samples per prompt must be >= 1")
+
+
+def stop_ids(tokenizer, eos_token_id=None, generation_config=None) -> tuple[int, ...]:
+    """The tokens that end a reply: the tokenizer's EOS, the model config's `eos_token_id` (an id
+    or a list) and, given the path of a `generation_config.json`, its `eos_token_id` (a chat
+    model often ends turns with its own token, e.g. <|eot_id|>). Sorted; () when none names one."""
+    ids = {tokenizer.eos_token_id, *np.atleast_1d(eos_token_id if eos_token_id is not None else [])}
+    if generation_config is not None and os.path.isfile(generation_config):
+        with open(generation_config) as fh:
+            ids.update(np.atleast_1d(json.load(fh).get("eos_token_id") or []))
+    return tuple(sorted(int(i) for i in ids - {None}))
 
 
 @dataclasses.dataclass

@@ -1,7 +1,6 @@
 """Loading a checkpoint to serve: the model in the decode layout, its tokenizer, its stop ids."""
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 
@@ -10,7 +9,7 @@ from pdpo_jax.data.encode import pad_id
 from pdpo_jax.errors import UserError
 from pdpo_jax.fileio import checkpoint_fingerprint
 from pdpo_jax.models import from_pretrained
-from pdpo_jax.sampling import SamplingConfig
+from pdpo_jax.sampling import SamplingConfig, stop_ids
 from pdpo_jax.sampling.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -48,23 +47,12 @@ def load_engine(folder, *, slots: int, max_model_len: int, dtype: str = "float32
     if len(tokenizer) > model.cfg.vocab_size:
         log.warning("the tokenizer has %d tokens, the model %d: prompts holding ids beyond the "
                     "model's are refused", len(tokenizer), model.cfg.vocab_size)
-    eos_ids = stop_ids(folder, tokenizer)
+    eos_ids = stop_ids(tokenizer, model.cfg.eos_token_id, folder / "generation_config.json")
+    if not eos_ids:
+        raise UserError(f"{folder}: neither the tokenizer nor config.json / generation_config.json "
+                        "names an EOS token; replies could never stop before max_tokens")
     cfg = SamplingConfig(max_model_len, top_k=max_top_k, eos_ids=eos_ids, pad_id=pad_id(tokenizer),
                          logprobs=True)
     engine = Engine(model, cfg, slots=slots, mesh=mesh, prompt_bucket=PROMPT_BUCKET,
                     steps_per_call=steps_per_call)
     return engine, tokenizer, eos_ids, checkpoint_fingerprint(folder)
-
-
-def stop_ids(folder: pathlib.Path, tokenizer) -> tuple[int, ...]:
-    """The tokens that end a reply: the tokenizer's EOS and generation_config.json's
-    eos_token_id (a chat model often ends turns with its own token, e.g. <|eot_id|>)."""
-    ids = {tokenizer.eos_token_id} - {None}
-    path = folder / "generation_config.json"
-    if path.is_file():
-        eos = json.loads(path.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
-    if not ids:
-        raise UserError(f"{folder}: neither the tokenizer nor generation_config.json names an "
-                        "EOS token; replies could never stop before max_tokens")
-    return tuple(sorted(int(i) for i in ids))

@@ -21,6 +21,7 @@ from pdpo_jax.reward.nli_reward import NLIReward
 from pdpo_jax.reward.train import reward_dir, train_classifier
 from pdpo_jax.sharding import batch_divisor
 from pdpo_jax.train import optim, ppo, rl
+from pdpo_jax.sampling.sampler import stop_ids
 from pdpo_jax.train.stages import checkpoint_meta, load_params
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,13 @@ def run_rl(ctx: RunContext) -> pathlib.Path:
     rollouts = min(section.epochs * per_epoch, section.max_rollouts or 10**9)
     updates = rollouts * section.ppo_epochs * (section.rollout_batch // section.minibatch)
     tx, lr = optim.make_optimizer(section.optimizer, updates)
-    eos = sorted({ctx.tokenizer.eos_token_id, *np.atleast_1d(model_cfg.eos_token_id or [])} - {None})
     trainer = rl.PpoTrainer(
         graphdef, params, ctx.tokenizer, rewards, tx, lr,
         rl.RolloutPlan(section.rollout_batch, section.minibatch, section.ppo_epochs,
                        section.max_new_tokens, section.temperature, section.top_p, cfg.run.seed),
         ppo.PpoHyper(section.gamma, section.lam, section.clip, section.clip_value, section.vf_coef),
         ppo.KlController(section.kl_coef, section.kl_target, section.kl_horizon), ctx.mesh,
-        eos_ids=[int(e) for e in eos], pad_id=pdata.pad_id(ctx.tokenizer))
+        eos_ids=stop_ids(ctx.tokenizer, model_cfg.eos_token_id), pad_id=pdata.pad_id(ctx.tokenizer))
     books = rl.LoopBooks(Checkpointer(out / "ckpt", keep=cfg.checkpoint.keep),
                          MetricsWriter(out, tensorboard=True), exporter(graphdef, out / "best",
                                                                         tokenizer=ctx.tokenizer),
