@@ -80,7 +80,6 @@ def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Ca
 
     bar = tqdm(total=spec.total_steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True)
     pending = None  # (step index, metrics, tokens) of the step whose metrics are unread
-    rate = _Rate()
     for step in range(start, spec.total_steps):
         done = step + 1
         closes_window = done % spec.eval_every == 0 or done == spec.total_steps
@@ -89,6 +88,7 @@ def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Ca
         state, metrics = step_fn(state, shard_batch(micro_batches(host_batch, spec.grad_accum), mesh))
         if step == start:  # the step is compiled now: return compile-time garbage to the OS
             release_free_memory()
+            rate = _Rate()  # and leave the compilation out of the first window's rate
         if pending is not None:
             _report(spec, pending, writer, bar, rate)
         pending = (step + 1, {**metrics, "padding_share": 1.0 - tokens / max(slots, 1)},
@@ -108,8 +108,8 @@ def run(spec: LoopSpec, *, state, step_fn: Callable, batches, mesh, evaluate: Ca
 
 
 class _Rate:
-    """Tokens per second of wall time since the window began (the loop's start, then each
-    evaluation's end). A per-report interval would lie where a backend runs a step inside its
+    """Tokens per second of wall time since the window began (the first step's dispatch, then
+    each evaluation's end). A per-report interval would lie where a backend runs a step inside its
     call (CPU): two reports can then land back to back, one timing two steps, the other none."""
 
     def __init__(self):
