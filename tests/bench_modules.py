@@ -1,6 +1,9 @@
 """The bench/ scripts' modules, imported as the scripts import them (bench/ first on sys.path;
-their `common` sets offline env vars at import); sys.path, sys.modules and os.environ are put
-back afterwards, so no other test sees them."""
+their `common` sets offline env vars at import); sys.path, os.environ and the bench modules'
+entries in sys.modules are put back afterwards, so no other test sees them. Only bench/'s own
+modules leave sys.modules: a library first imported inside the block (grain, jax, torch
+submodules) must stay, as a second copy imported later would hold a second copy of its global
+state (two such copies crashed and exhausted test workers)."""
 import contextlib
 import importlib
 import os
@@ -21,4 +24,5 @@ def bench_modules(*names: str):
         os.environ.update(env)
         sys.path[:] = path
         for name in set(sys.modules) - modules:
-            del sys.modules[name]
+            if os.path.dirname(getattr(sys.modules[name], "__file__", None) or "") == BENCH:
+                del sys.modules[name]
