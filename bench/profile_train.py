@@ -2,7 +2,7 @@
 jax.profiler, its thunks (one per HLO instruction the CPU runtime executes) summed by kind.
 
     .venv/bin/python bench/profile_train.py --workload W --task sft --layout packed --precision bf16
-        [--steps 3] [--pdpo-src /path/to/checkout]   # another tree's pdpo_jax (an A/B)
+        [--steps 3] [--warmup 1] [--remat none|full|dots_saveable] [--unroll true|false]
 
 Builds the step exactly as the bench worker does (bench_train.run_jax's model, pipeline, jit),
 compiles it for the plan's first batch, runs `--warmup` steps, then `--steps` steps under
@@ -40,7 +40,9 @@ def _dims(text: str) -> list[int]:
 
 
 def parse_hlo(text: str) -> tuple[dict, dict]:
-    """(instructions: name -> dict(opcode, shape, calls, line), computations: name -> [names])."""
+    """(instructions: name -> dict(opcode, shape, calls, line, comp), computations: name ->
+    [names]). Names are unique in a module except fused computations' `param_*`, which are
+    looked up inside their computation."""
     instrs, comps, current = {}, collections.defaultdict(list), None
     for line in text.splitlines():
         if line and not line.startswith(" ") and "{" in line and ("%" in line or "ENTRY" in line):
@@ -51,17 +53,24 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
             continue
         name, shape, opcode, rest = m.groups()
         calls = re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", rest)
-        instrs[name] = dict(opcode=opcode, shape=shape, calls=calls, line=line.strip()[:300])
+        ins = dict(opcode=opcode, shape=shape, calls=calls, line=line.strip()[:300], comp=current)
+        instrs.setdefault(name, ins)
+        instrs[(current, name)] = ins
         comps[current].append(name)
     return instrs, comps
 
 
-def dot_flops(line: str) -> int:
-    """2 · output elements · contracted size of one `dot` instruction line."""
-    shapes = _SHAPE.findall(line)
-    if len(shapes) < 3:
+def dot_flops(ins: dict, instrs: dict) -> int:
+    """2 · output elements · contracted size of one `dot` instruction (its operands are printed
+    by name: the lhs shape is its definition's, in the dot's computation)."""
+    line = ins["line"]
+    operands = re.search(r"dot\(%?([\w.\-]+)", line)
+    lhs_def = instrs.get((ins["comp"], operands.group(1))) if operands else None
+    out_shape = _SHAPE.search(ins["shape"])
+    lhs_shape = _SHAPE.search(lhs_def["shape"]) if lhs_def else None
+    if out_shape is None or lhs_shape is None:
         return 0
-    out, lhs = _dims(shapes[0][1]), _dims(shapes[1][1])
+    out, lhs = _dims(out_shape.group(2)), _dims(lhs_shape.group(2))
     m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
     contracted = 1
     for d in _dims(m.group(1)) if m else []:
@@ -76,16 +85,16 @@ def classify(name: str, instrs: dict, comps: dict) -> tuple[str, int]:
     """(kind, dot FLOPs) of one executed instruction, looking inside what it calls."""
     seen, ops, flops, stack = set(), [], 0, [name]
     while stack:
-        n = stack.pop()
-        if n in seen or n not in instrs:
+        key = stack.pop()
+        if key in seen or key not in instrs:
             continue
-        seen.add(n)
-        ins = instrs[n]
+        seen.add(key)
+        ins = instrs[key]
         ops.append(ins["opcode"])
         if ins["opcode"] == "dot":
-            flops += dot_flops(ins["line"])
+            flops += dot_flops(ins, instrs)
         for c in ins["calls"]:
-            stack.extend(comps.get(c, []))
+            stack.extend((c, n) for n in comps.get(c, []))
     if "dot" in ops or "convolution" in ops:
         return "matmul", flops
     if name.startswith(("copy", "transpose")) or set(ops) <= {"copy", "transpose", "bitcast", "parameter"}:
@@ -129,8 +138,8 @@ def main():
     args = ap.parse_args()
     from pdpo_jax.allocator import synchronous_cpu_dispatch
     synchronous_cpu_dispatch()
-    import jax
     import bench_train
+    import jax
 
     step, state, extra, batches, _ = bench_train.build_jax_step(args, tw.load(args.workload), n_batches=1)
     batch = batches[0]

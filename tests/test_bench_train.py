@@ -1,7 +1,8 @@
 """bench/bench_train.py's correctness, not its speed: the padding each layout of the workload
 reports (against hand-counted batches), the hand-written PyTorch step's SFT and DPO losses
 against pdpo_jax's step on the same batches (packed and bucketed, two steps, so the optimizers
-agree too), on tiny random Llamas; and the harness (rows, report) with canned workers."""
+agree too), on tiny random Llamas; the harness (rows, report) with canned workers; and the
+profiler's reading of compiled HLO (kinds and dot FLOPs)."""
 import json
 import os
 import sys
@@ -15,7 +16,8 @@ from bench_modules import bench_modules
 @pytest.fixture(scope="module")
 def bench():
     """The bench modules as the scripts import them (tests/bench_modules.py)."""
-    with bench_modules("common", "bench_dpo", "train_workload", "bench_train", "torch_train") as modules:
+    with bench_modules("common", "bench_dpo", "train_workload", "bench_train", "torch_train",
+                       "profile_train") as modules:
         yield modules
 
 
@@ -188,3 +190,20 @@ def test_harness_runs_every_row_and_compares_the_layouts(bench, tmp_path, monkey
     assert out["summary"]["machine_start"]["cpus"] == os.cpu_count()
     md = next(tmp_path.glob("train-*.md")).read_text()
     assert "**1.50×**" in md and "FAILED" not in md and "load average" in md
+
+
+def test_profiler_classifies_thunks_and_counts_dot_flops(bench):
+    """profile_train reads XLA:CPU's optimized HLO, where a dot's operands are printed by name
+    (and fused computations reuse `param_*` names): its FLOPs are 2·B·T·D·F per einsum."""
+    import jax
+    import jax.numpy as jnp
+    B, T, D, F = 2, 8, 16, 32
+    fn = jax.jit(lambda a, w1, w2: jnp.tanh(jnp.einsum("btd,df->btf", a, w1)) @ w2)
+    text = fn.lower(jnp.ones((B, T, D)), jnp.ones((D, F)), jnp.ones((F, D))).compile().as_text()
+    instrs, comps = bench.profile_train.parse_hlo(text)
+    entry = comps[next(c for c in comps if c.startswith("main"))]
+    kinds = [bench.profile_train.classify(name, instrs, comps) for name in entry]
+    matmuls = sorted(flops for kind, flops in kinds if kind == "matmul")
+    assert matmuls == [2 * B * T * D * F, 2 * B * T * F * D]
+    others = {kind for kind, _ in kinds} - {"matmul"}
+    assert others <= {"elementwise", "transpose/copy", "other", "reduce"}
