@@ -86,7 +86,8 @@ class RunContext:
             if not (best / "config.json").is_file():
                 raise UserError(f"{best}: no SFT model; run the `sft` stage first")
             return str(best)
-        return self.cfg.model.checkpoint
+        checkpoint = self.cfg.model.checkpoint
+        return None if checkpoint is None else os.path.expanduser(checkpoint)
 
 
 def read_dialogues(path: str | os.PathLike, *, key: str) -> list[pdata.PersonaTurn]:

@@ -132,7 +132,10 @@ def _last_eval(run_dir):
 
 def test_precomputed_reference_equals_live_reference_and_is_cached(tmp_path, dpo_inputs, monkeypatch):
     pipeline.run(_dpo_cfg(tmp_path / "live", dpo_inputs))
-    pipeline.run(_dpo_cfg(tmp_path / "pre", dpo_inputs, "dpo.precompute_ref=true"))
+    # model.checkpoint as the shipped configs write it, under ~ (the reference's cache key reads
+    # the checkpoint's files: a DPO-only run once failed there on the unexpanded path)
+    monkeypatch.setenv("HOME", str(dpo_inputs))
+    pipeline.run(_dpo_cfg(tmp_path / "pre", dpo_inputs, "dpo.precompute_ref=true", "model.checkpoint=~/sft"))
     live, pre = _last_eval(tmp_path / "live"), _last_eval(tmp_path / "pre")
     stats = json.loads((tmp_path / "live" / "dpo" / "data_stats.json").read_text())
     assert (stats["train"]["total"], stats["dev"]["total"]) == (32, 16)
@@ -147,7 +150,7 @@ def test_precomputed_reference_equals_live_reference_and_is_cached(tmp_path, dpo
     (tmp_path / "pre" / "dpo" / "DONE.json").unlink()
     import shutil
     shutil.rmtree(tmp_path / "pre" / "dpo" / "ckpt")
-    pipeline.run(_dpo_cfg(tmp_path / "pre", dpo_inputs, "dpo.precompute_ref=true"))
+    pipeline.run(_dpo_cfg(tmp_path / "pre", dpo_inputs, "dpo.precompute_ref=true", "model.checkpoint=~/sft"))
 
 
 def test_reference_free_dpo_stage_holds_and_scores_no_reference(tmp_path, dpo_inputs, monkeypatch):
