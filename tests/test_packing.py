@@ -123,6 +123,23 @@ def test_rows_layout_and_first_fit():
     assert segment_id(2, 1) == 129
 
 
+def test_every_packed_batch_of_an_epoch_has_the_same_shapes():
+    """Rows and scored columns are the epoch's largest needs, so one program serves the epoch:
+    here batches of short pairs (one row, ~40 scored tokens) and of long ones (~240 scored
+    tokens per row) alternate, and each shape change would compile another training step."""
+    short = [pdata.EncodedPair(np.full(10, 3, np.int32), np.full(5, 4, np.int32),
+                               np.full(5, 5, np.int32)) for _ in range(16)]
+    long = [pdata.EncodedPair(np.full(100, 3, np.int32), np.full(60, 4, np.int32),
+                              np.full(60, 5, np.int32)) for _ in range(16)]
+    batches = pdata.preference_batches(short + long, batch_size=4, pad_id=0, buckets=(32, 256),
+                                       packing=pdata.Packing(512), process_index=0, process_count=1)
+    shapes = {tuple((k, v.shape) for k, v in sorted(batches[k].items())) for k in range(len(batches))}
+    assert len(shapes) == 1, shapes
+    want = pdata.packing.packed_needs(long[:4], 512)
+    assert want == (2, 240)  # two long pairs a row, each scoring 59 + 1 + 60 tokens
+    assert dict(next(iter(shapes)))["target"] == (2, 256)
+
+
 def test_loader_packs_the_same_examples_and_resumes():
     """The packed stream holds each step's same examples as the unpacked one (its `index`)
     with less padding, and an iterator restored from its state continues identically."""

@@ -37,7 +37,7 @@ from pdpo_jax.data.batches import (
     sft_batch,
 )
 from pdpo_jax.data.encode import Encoded, EncodedPair
-from pdpo_jax.data.packing import packed_batch, rows_needed
+from pdpo_jax.data.packing import packed_batch, packed_needs
 from pdpo_jax.errors import UserError
 
 
@@ -229,22 +229,26 @@ class _BatchSource:
         items = [self.examples[i] if i >= 0 else None for i in mine]
         if self.packing is not None and self.kind in ("sft", "preference"):
             p = self.packing
+            rows, scored = self._packed_needs(epoch)
             return packed_batch(items, p.row_len, self.pad_id, micro_batches=p.micro_batches,
-                                row_multiple=p.row_multiple, min_rows=self._packed_rows(epoch),
+                                row_multiple=p.row_multiple, min_rows=rows, min_scored=scored,
                                 index=mine)
         return _COLLATE[self.kind](items, seq_len, self.pad_id, mine)
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - the source lives as long as its pipeline
-    def _packed_rows(self, epoch: int) -> int:
-        """Rows every packed batch of the epoch gets: the most any batch (any host's slice)
-        needs, so one program serves the epoch (a new row count would compile another)."""
+    def _packed_needs(self, epoch: int) -> tuple[int, int]:
+        """(rows, scored tokens per row) of every packed batch of the epoch: the most any batch
+        (any host's slice) needs, so one program serves the epoch (another row count or scored
+        width would compile another: each a full training step, GiBs while it compiles)."""
         p, local = self.packing, self.batch_size // self.hosts
-        need = 1
-        for rows in self._plan(epoch):
+        rows, scored = 1, 1
+        for plan_rows in self._plan(epoch):
             for h in range(self.hosts):
-                items = [self.examples[i] if i >= 0 else None for i in rows[h * local:(h + 1) * local]]
-                need = max(need, rows_needed(items, p.row_len, p.micro_batches))
-        return need
+                items = [self.examples[i] if i >= 0 else None
+                         for i in plan_rows[h * local:(h + 1) * local]]
+                r, q = packed_needs(items, p.row_len, p.micro_batches)
+                rows, scored = max(rows, r), max(scored, q)
+        return rows, scored
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - the source lives as long as its pipeline
     def _plan(self, epoch: int) -> np.ndarray:

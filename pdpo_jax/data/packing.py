@@ -133,13 +133,15 @@ def _pair_row(examples: Sequence[tuple[int, EncodedPair]]) -> PackedRow:
 
 def packed_batch(examples: Sequence[Encoded | EncodedPair | None], row_len: int, pad_id: int,
                  *, micro_batches: int = 1, row_multiple: int = 1, min_rows: int = 1,
-                 index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                 min_scored: int = 1, index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """A training batch of SFT records or DPO pairs packed into rows of `row_len` tokens.
 
     The B examples are cut into `micro_batches` consecutive slices, each packed alone into R rows
-    (R the same for all: the largest need or `min_rows`, rounded up to `row_multiple`; it
-    varies little from batch to batch, so few programs compile), so row arrays are
-    [micro_batches * R, ...] and split like unpacked ones.
+    (R the same for all: the largest need or `min_rows`, rounded up to `row_multiple`), so row
+    arrays are [micro_batches * R, ...] and split like unpacked ones. A row's scored columns Q
+    are the most any row scores, or `min_scored`, rounded up to SCORED_MULTIPLE. The array
+    shapes (R and Q) are what compiles a program: a trainer passes the epoch's largest needs
+    (`packed_needs`) so that one program serves the epoch.
     Keys: those of `collate_packed` ([., row_len] and [., Q]), plus `examples` bool [B] (real
     examples) and `index` int32 [B] (-1 for None, a padding example). `owner` is the example's
     slot in its micro-batch.
@@ -148,10 +150,10 @@ def packed_batch(examples: Sequence[Encoded | EncodedPair | None], row_len: int,
     if B % micro_batches:
         raise ValueError(f"{B} examples do not split into {micro_batches} micro-batches")
     slices = _packed_slices(examples, row_len, micro_batches)
-    need = max([len(s) for s in slices] + [min_rows])
-    R = round_up(need, row_multiple)
+    rows_need, scored_need = _needs(slices)
+    R = round_up(max(rows_need, min_rows), row_multiple)
     rows = [row for s in slices for row in s + [None] * (R - len(s))]
-    Q = round_up(max([len(r.target) for r in rows if r is not None] + [1]), SCORED_MULTIPLE)
+    Q = round_up(max(scored_need, min_scored), SCORED_MULTIPLE)
     out = collate_packed(rows, row_len, min(Q, row_len), pad_id)
     ids = [-1 if e is None else i for i, e in enumerate(examples)] if index is None else index
     out["index"] = np.asarray(ids, np.int32).reshape(B)
@@ -159,10 +161,16 @@ def packed_batch(examples: Sequence[Encoded | EncodedPair | None], row_len: int,
     return out
 
 
-def rows_needed(examples: Sequence[Encoded | EncodedPair | None], row_len: int,
-                micro_batches: int = 1) -> int:
-    """The rows `packed_batch` needs for these examples (before rounding)."""
-    return max([len(s) for s in _packed_slices(examples, row_len, micro_batches)] + [1])
+def packed_needs(examples: Sequence[Encoded | EncodedPair | None], row_len: int,
+                 micro_batches: int = 1) -> tuple[int, int]:
+    """(rows, scored tokens per row) `packed_batch` needs for these examples, before rounding."""
+    return _needs(_packed_slices(examples, row_len, micro_batches))
+
+
+def _needs(slices: list[list[PackedRow]]) -> tuple[int, int]:
+    rows = max([len(s) for s in slices] + [1])
+    scored = max([len(r.target) for s in slices for r in s] + [1])
+    return rows, scored
 
 
 def _packed_slices(examples, row_len: int, micro_batches: int) -> list[list[PackedRow]]:
