@@ -136,7 +136,7 @@ def test_every_packed_batch_of_an_epoch_has_the_same_shapes():
     shapes = {tuple((k, v.shape) for k, v in sorted(batches[k].items())) for k in range(len(batches))}
     assert len(shapes) == 1, shapes
     want = pdata.packing.packed_needs(long[:4], 512)
-    assert want == (2, 240)  # two long pairs a row, each scoring 59 + 1 + 60 tokens
+    assert want == (2, 240)  # two long pairs (220 tokens) a row, each scoring 60 + 60 reply tokens
     assert dict(next(iter(shapes)))["target"] == (2, 256)
 
 
