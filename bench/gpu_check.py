@@ -4,15 +4,21 @@
     python bench/gpu_check.py --smoke  # the same steps on tiny shapes, on any backend (CI)
 
 Steps, each a JSON record (a failed step records its error and the run goes on):
-  parity    tests/test_models_hf_parity.py on the accelerator (HF PyTorch logits on the CPU)
   dpo_bf16  one DPO step of a tiny Llama in bf16 on the accelerator: finite, loss near log 2
-  dpo_step  DPO step time, tokens/s and MFU of a Qwen2-1.5B-shaped model (random weights, bf16
-            compute, fp32 params, 8 pairs x (192 + 64) tokens, shared prompt), attention by
-            `jax.nn.dot_product_attention` on its cuDNN path and on the XLA path
+  peak      the device's measured dense bf16 GEMM rate (8192³, fp32 accumulation, 16 products
+            in one program so dispatch does not count), the denominator of the measured MFU
+  dpo_step  DPO step time, tokens/s and MFU (against the spec sheet's and the measured peak) of
+            a Qwen2-1.5B-shaped model (random weights, bf16 compute, fp32 params, 8 pairs x
+            (192 + 64) tokens, shared prompt), attention by `jax.nn.dot_product_attention` on
+            its cuDNN path and on the XLA path
   engine    the continuous-batching engine on a negatives-like workload (prompts ~128 tokens,
             replies of persona-chat lengths, top-p 0.9) at 64, 128 and 256 slots: useful tok/s
+  hf_generate  the peer on the same workload: HF `generate` in PyTorch (bf16, on the GPU) in
+            static batches of 64 and 256 length-sorted prompts
+  parity    tests/test_models_hf_parity.py on the accelerator (HF PyTorch logits on the CPU);
+            last, so a slow test run cannot cost the timings
   memory    the DPO step's peak device memory against `pdpo_jax.memory`'s prediction
-Writes $OUT/gpu_check.json (or --out) and prints one summary line.
+Writes $OUT/gpu_check.json (or --out) after every step, and prints one summary line.
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ def step_parity(args) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
            "tests/test_models_hf_parity.py"]
     env = dict(os.environ, XLA_FLAGS="")  # the accelerator's own devices, not 8 fake CPUs
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=240)
     return dict(passed=p.returncode == 0, tail=p.stdout[-600:])
 
 
@@ -94,34 +100,64 @@ def step_dpo_bf16(args) -> dict:
     return dict(finite=bool(metrics["finite"]), loss=loss, ok=abs(loss - math.log(2)) < 0.05)
 
 
-def step_dpo(args) -> dict:
+def step_peak(args) -> dict:
     import jax
-    arch, pairs, prompt, reply = (TINY, 4, 24, 8) if args.smoke else (QWEN2_1_5B, 8, 192, 64)
+    import jax.numpy as jnp
+    n, reps = (256, 4) if args.smoke else (8192, 16)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(jnp.bfloat16)
+
+    @jax.jit
+    def products(a):  # each product feeds the next, so none is skipped or fused away
+        def body(_, x):
+            y = jnp.dot(x, a, preferred_element_type=jnp.float32)
+            return (y * (1.0 / n ** 0.5)).astype(jnp.bfloat16)
+        return jax.lax.fori_loop(0, reps, body, a)
+    jax.block_until_ready(products(a))
+    best = min(_timed(lambda: products(a), 5))
+    return dict(n=n, products=reps, bf16_tflops=2.0 * n ** 3 * reps / best / 1e12)
+
+
+def step_dpo(args, peak_tflops: float | None = None) -> dict:
+    import gc
     out = {}
     for attention in ("cudnn", "xla"):
         try:
-            cfg, step, state, ref, batch, _ = _dpo_setup(arch, pairs, prompt, reply, attention)
-            start = time.perf_counter()
-            state, metrics = step(state, ref, batch)
-            jax.block_until_ready(metrics)
-            compile_s = time.perf_counter() - start
-            holder = {"s": state}
-
-            def one():
-                holder["s"], m = step(holder["s"], ref, batch)
-                return m
-            times = sorted(_timed(one, 3 if args.smoke else 10))
-            ms = times[len(times) // 2] * 1e3
-            n = sum(x.size for x in jax.tree.leaves(state.params))
-            tokens = 2 * pairs * (prompt + reply)  # the work asked for (chosen + rejected)
-            flops = 8 * n * (prompt + 2 * reply) * pairs  # policy fwd+bwd (6N) + reference fwd (2N)
-            peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in str(jax.devices()[0].device_kind)), None)
-            out[attention] = dict(ms_per_step=ms, tokens_per_s=tokens / ms * 1e3, compile_s=compile_s,
-                                  params=n, mfu=(flops / (ms / 1e3) / (peak * 1e12)) if peak else None,
-                                  peak_bytes=_peak_bytes())
+            out[attention] = _time_dpo(args, attention, peak_tflops)
         except Exception as e:  # cuDNN attention is GPU-only: record and go on
             out[attention] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        gc.collect()  # the first run's state is gone before the second is built
     return out
+
+
+def _time_dpo(args, attention: str, peak_tflops: float | None) -> dict:
+    import jax
+    arch, pairs, prompt, reply = (TINY, 4, 24, 8) if args.smoke else (QWEN2_1_5B, 8, 192, 64)
+    cfg, step, state, ref, batch, _ = _dpo_setup(arch, pairs, prompt, reply, attention)
+    start = time.perf_counter()
+    state, metrics = step(state, ref, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    holder = {"s": state}
+
+    def one():
+        holder["s"], m = step(holder["s"], ref, batch)
+        return m
+    times = sorted(_timed(one, 3 if args.smoke else 10))
+    ms = times[len(times) // 2] * 1e3
+    n = sum(x.size for x in jax.tree.leaves(holder["s"].params))
+    head = cfg.vocab_size * cfg.d_model  # tied: the lookup is free, the LM head is a matmul
+    tokens = 2 * pairs * (prompt + reply)  # the work asked for (chosen + rejected)
+    # policy fwd+bwd (6 flops per weight and token) + reference fwd (2): every token through the
+    # trunk (the prompt once, shared by both replies), only the replies through the LM head;
+    # attention's own T² products are left out (under 3% at 256 tokens)
+    flops = 8 * pairs * ((n - head) * (prompt + 2 * reply) + head * 2 * reply)
+    kind = str(jax.devices()[0].device_kind)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in kind), None)
+    achieved = flops / (ms / 1e3)
+    return dict(ms_per_step=ms, tokens_per_s=tokens / ms * 1e3, compile_s=compile_s, params=n,
+                tflops=achieved / 1e12, mfu=achieved / (peak * 1e12) if peak else None,
+                mfu_measured_peak=achieved / (peak_tflops * 1e12) if peak_tflops else None,
+                peak_bytes=_peak_bytes())
 
 
 def _peak_bytes() -> int | None:
@@ -138,10 +174,7 @@ def step_engine(args) -> dict:
     from pdpo_jax.sampling.engine import Engine, Request
     arch = TINY if args.smoke else QWEN2_1_5B
     model = build_model(config_from_hf(arch).replace(dtype="bfloat16", param_dtype="bfloat16"))
-    rng = np.random.default_rng(0)
-    n_prompts = 64 if args.smoke else 1024
-    prompts = [rng.integers(1, 400, rng.integers(96, 160)).tolist() for _ in range(n_prompts)]
-    budgets = np.clip(rng.gamma(3.0, 4.5, n_prompts).astype(int) + 1, 2, 48).tolist()  # ~13 tokens
+    prompts, budgets = _negatives_workload(args)
     out = {}
     for slots in ((8, 16) if args.smoke else (64, 128, 256)):
         engine = Engine(model, SamplingConfig(48, top_p=0.9), slots=slots)
@@ -162,6 +195,53 @@ def step_engine(args) -> dict:
     return out
 
 
+def _negatives_workload(args) -> tuple[list[list[int]], list[int]]:
+    """Prompts of 96-159 tokens and reply budgets of persona-chat lengths (~13 tokens, <= 48)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    n_prompts = 64 if args.smoke else 1024
+    prompts = [rng.integers(1, 400, rng.integers(96, 160)).tolist() for _ in range(n_prompts)]
+    budgets = np.clip(rng.gamma(3.0, 4.5, n_prompts).astype(int) + 1, 2, 48).tolist()
+    return prompts, budgets
+
+
+def step_hf_generate(args) -> dict:
+    """The peer: HF `generate` (PyTorch, bf16, its default KV cache) on the engine's workload in
+    static batches of prompts sorted by length; a batch decodes to its longest budget (random
+    weights never stop early), so useful tokens are the budgets, as for the engine."""
+    import torch
+    import transformers
+    from pdpo_jax.data.batches import left_pad
+    arch = TINY if args.smoke else QWEN2_1_5B
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(**arch)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = model.to(device).eval()
+    prompts, budgets = _negatives_workload(args)
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    out = {}
+    for batch in ((8, 16) if args.smoke else (64, 256)):
+        def run():
+            for lo in range(0, len(order), batch):
+                chunk = order[lo:lo + batch]
+                tokens, mask = left_pad([prompts[k] for k in chunk], 0)
+                budget = max(budgets[k] for k in chunk)
+                with torch.inference_mode():
+                    model.generate(input_ids=torch.as_tensor(tokens, dtype=torch.long, device=device),
+                                   attention_mask=torch.as_tensor(mask, dtype=torch.long, device=device),
+                                   do_sample=True, top_p=0.9, top_k=0, temperature=1.0,
+                                   max_new_tokens=budget, min_new_tokens=budget, pad_token_id=0)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        run()  # warm-up: kernels, allocator
+        start = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - start
+        out[f"batch_{batch}"] = dict(seconds=seconds, useful_tok_s=sum(budgets) / seconds)
+    return out
+
+
 def step_memory(args, dpo: dict) -> dict:
     import jax
     from pdpo_jax.config import load_config
@@ -173,7 +253,9 @@ def step_memory(args, dpo: dict) -> dict:
                              f"data.buckets=[{total}]", f"data.max_response_tokens={total // 4}"))
     predicted = plan(cfg, MeshShape.resolve(1, -1, 1, num_devices=jax.device_count()), "dpo",
                      device_memory=80 * 2**30).total("train")
-    measured = (dpo.get("xla") or {}).get("peak_bytes")
+    # the first run's: the device's peak_bytes_in_use only grows over the process
+    measured = next((r["peak_bytes"] for r in (dpo.get("cudnn"), dpo.get("xla"))
+                     if r and r.get("peak_bytes")), None)
     return dict(predicted_bytes=predicted, measured_peak_bytes=measured,
                 ratio=measured / predicted if measured else None)
 
@@ -187,9 +269,13 @@ def main():
     import jax
     result = dict(backend=jax.default_backend(), devices=[str(d.device_kind) for d in jax.devices()],
                   jax=jax.__version__, smoke=args.smoke)
-    steps = [("dpo_bf16", step_dpo_bf16), ("dpo_step", step_dpo), ("engine", step_engine)]
+    steps = [("dpo_bf16", step_dpo_bf16), ("peak", step_peak),
+             ("dpo_step", lambda a: step_dpo(a, result.get("peak", {}).get("bf16_tflops"))),
+             ("engine", step_engine), ("hf_generate", step_hf_generate),
+             ("memory", lambda a: step_memory(a, result.get("dpo_step", {})))]
     if not args.skip_parity:
-        steps.insert(0, ("parity", step_parity))
+        steps.insert(5, ("parity", step_parity))
+    os.makedirs(args.out, exist_ok=True)
     for name, fn in steps:
         start = time.perf_counter()
         try:
@@ -198,10 +284,8 @@ def main():
             result[name] = dict(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
         result[name]["seconds"] = round(time.perf_counter() - start, 1)
         print(f"[gpu_check] {name}: {json.dumps(result[name])[:400]}", file=sys.stderr, flush=True)
-    result["memory"] = step_memory(args, result.get("dpo_step", {}))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:  # a timeout keeps the rest
+            json.dump(result, f, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k in ("backend", "devices", "smoke")}))
 
 
