@@ -1,7 +1,8 @@
 """The accelerator check: one prepared run on a GPU (or TPU) host, ≤ 8 minutes on one GPU.
 
     bash bench/gpu_check.sh            # on the device machine (JAX with CUDA already installed)
-    python bench/gpu_check.py --smoke  # the same steps on tiny shapes, on any backend (CI)
+    python bench/gpu_check.py --smoke  # the same steps on tiny shapes, on any backend
+    (tests/test_bench_harness.py runs its DPO, peak and memory steps on tiny shapes on the CPU)
 
 Steps, each a JSON record (a failed step records its error and the run goes on):
   dpo_bf16  one DPO step of a tiny Llama in bf16 on the accelerator: finite, loss near log 2
@@ -131,7 +132,7 @@ def step_dpo(args, peak_tflops: float | None = None) -> dict:
 
 def _time_dpo(args, attention: str, peak_tflops: float | None) -> dict:
     import jax
-    arch, pairs, prompt, reply = (TINY, 4, 24, 8) if args.smoke else (QWEN2_1_5B, 8, 192, 64)
+    arch, pairs, prompt, reply = (TINY, 8, 24, 8) if args.smoke else (QWEN2_1_5B, 8, 192, 64)
     cfg, step, state, ref, batch, _ = _dpo_setup(arch, pairs, prompt, reply, attention)
     start = time.perf_counter()
     state, metrics = step(state, ref, batch)
@@ -145,17 +146,18 @@ def _time_dpo(args, attention: str, peak_tflops: float | None) -> dict:
     times = sorted(_timed(one, 3 if args.smoke else 10))
     ms = times[len(times) // 2] * 1e3
     n = sum(x.size for x in jax.tree.leaves(holder["s"].params))
-    head = cfg.vocab_size * cfg.d_model  # tied: the lookup is free, the LM head is a matmul
+    head = cfg.vocab_size * cfg.d_model  # the LM head is a matmul; the embedding lookup is not
+    trunk = n - head * (1 if cfg.tie_embeddings else 2)
     tokens = 2 * pairs * (prompt + reply)  # the work asked for (chosen + rejected)
     # policy fwd+bwd (6 flops per weight and token) + reference fwd (2): every token through the
     # trunk (the prompt once, shared by both replies), only the replies through the LM head;
     # attention's own T² products are left out (under 3% at 256 tokens)
-    flops = 8 * pairs * ((n - head) * (prompt + 2 * reply) + head * 2 * reply)
+    flops = 8 * pairs * (trunk * (prompt + 2 * reply) + head * 2 * reply)
     kind = str(jax.devices()[0].device_kind)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in kind), None)
     achieved = flops / (ms / 1e3)
     return dict(ms_per_step=ms, tokens_per_s=tokens / ms * 1e3, compile_s=compile_s, params=n,
-                tflops=achieved / 1e12, mfu=achieved / (peak * 1e12) if peak else None,
+                flops=flops, tflops=achieved / 1e12, mfu=achieved / (peak * 1e12) if peak else None,
                 mfu_measured_peak=achieved / (peak_tflops * 1e12) if peak_tflops else None,
                 peak_bytes=_peak_bytes())
 
@@ -247,7 +249,7 @@ def step_memory(args, dpo: dict) -> dict:
     from pdpo_jax.config import load_config
     from pdpo_jax.memory import MeshShape, plan
     arch = TINY if args.smoke else QWEN2_1_5B
-    pairs, total = (4, 32) if args.smoke else (8, 256)
+    pairs, total = (8, 32) if args.smoke else (8, 256)
     cfg = load_config(None, (f"model.architecture={json.dumps(arch)}", "model.dtype=bfloat16",
                              f"dpo.batch_size={pairs}", f"data.max_total_tokens={total}",
                              f"data.buckets=[{total}]", f"data.max_response_tokens={total // 4}"))
