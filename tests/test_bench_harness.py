@@ -285,3 +285,34 @@ def test_gpu_check_steps_run_on_tiny_shapes():
     assert abs(xla["mfu_measured_peak"] - xla["tflops"] / peak["bf16_tflops"]) < 1e-9
     assert "cudnn" in dpo  # recorded either way: timings on a GPU, an error on the CPU
     assert memory["predicted_bytes"] > 0
+
+
+def test_packing_padding_counts_the_epochs_tokens(tmp_path):
+    """bench/packing_padding.py on the tiny SFT config's records: each layout's padding share is
+    1 - (the epoch's record tokens) / (its array cells), re-derived here from the encoded records
+    and the shapes; one row per batch when a row holds the whole batch."""
+    from pdpo_jax import data as pdata
+    from pdpo_jax.config import load_config
+    from pdpo_jax.context import make_context
+    from pdpo_jax.train.stages import encode
+    cfg = load_config("configs/tiny_sft.yaml", (f"run.out_dir={tmp_path}",
+                                                "data.max_train_records=200"))
+    with bench_modules("packing_padding") as modules:
+        shares = modules.packing_padding.padding_shares(cfg, [256, 16 * 256])
+    ctx = make_context(cfg)
+    encoded, _ = encode(ctx, ctx.dialogues("train"), "records")
+    plan = pdata.sft_batches(encoded, batch_size=16, pad_id=0, buckets=cfg.data.buckets,
+                             seed=cfg.run.seed, process_index=0, process_count=1)
+    used = [i for k in range(len(plan)) for i in plan[k]["index"] if i >= 0]
+    real = sum(encoded[i].length for i in used)
+    by = {(s["layout"], s["row_len"]): s for s in shares}
+    buckets = by[("buckets", None)]
+    longest = [max(encoded[i].length for i in plan[k]["index"] if i >= 0) for k in range(len(plan))]
+    cells = sum(16 * min(b for b in cfg.data.buckets if b >= n) for n in longest)
+    assert buckets["batches"] == len(plan) == len(encoded) // 16
+    assert abs(buckets["padding_share"] - (1 - real / cells)) < 1e-12
+    packed = by[("packed", 256)]
+    assert abs(packed["padding_share"] - (1 - real / (len(plan) * packed["rows"] * 256))) < 1e-12
+    assert by[("packed_own", 256)]["padding_share"] <= packed["padding_share"]
+    whole = by[("packed_own", 16 * 256)]  # a row holds every batch: one row each
+    assert abs(whole["padding_share"] - (1 - real / (len(plan) * 16 * 256))) < 1e-12

@@ -107,8 +107,8 @@ class BatchIterator(grain.DatasetIterator):
 @dataclasses.dataclass(frozen=True)
 class Packing:
     """Training batches packed into rows of `row_len` tokens (`packing.packed_batch`): each host
-    batch's `micro_batches` slices are packed alone, into a number of rows that is a power of two
-    and a multiple of `row_multiple` (the host's share of the data x fsdp devices)."""
+    batch's `micro_batches` slices are packed alone, each into the epoch's largest row count
+    rounded up to a multiple of `row_multiple` (the host's share of the data x fsdp devices)."""
     row_len: int
     micro_batches: int = 1
     row_multiple: int = 1
