@@ -130,6 +130,16 @@ def step_dpo(args, peak_tflops: float | None = None) -> dict:
     return out
 
 
+def dpo_step_flops(cfg, params: int, pairs: int, prompt: int, reply: int) -> int:
+    """Matmul FLOPs of one shared-prompt DPO step: policy forward + backward (6 per weight and
+    token) and reference forward (2); every token through the trunk (the prompt once for both
+    replies), only the replies through the LM head; the embedding lookup is no matmul, and
+    attention's own T² products are left out (under 3% at 256 tokens)."""
+    head = cfg.vocab_size * cfg.d_model
+    trunk = params - head * (1 if cfg.tie_embeddings else 2)
+    return 8 * pairs * (trunk * (prompt + 2 * reply) + head * 2 * reply)
+
+
 def _time_dpo(args, attention: str, peak_tflops: float | None) -> dict:
     import jax
     arch, pairs, prompt, reply = (TINY, 8, 24, 8) if args.smoke else (QWEN2_1_5B, 8, 192, 64)
@@ -146,13 +156,8 @@ def _time_dpo(args, attention: str, peak_tflops: float | None) -> dict:
     times = sorted(_timed(one, 3 if args.smoke else 10))
     ms = times[len(times) // 2] * 1e3
     n = sum(x.size for x in jax.tree.leaves(holder["s"].params))
-    head = cfg.vocab_size * cfg.d_model  # the LM head is a matmul; the embedding lookup is not
-    trunk = n - head * (1 if cfg.tie_embeddings else 2)
     tokens = 2 * pairs * (prompt + reply)  # the work asked for (chosen + rejected)
-    # policy fwd+bwd (6 flops per weight and token) + reference fwd (2): every token through the
-    # trunk (the prompt once, shared by both replies), only the replies through the LM head;
-    # attention's own T² products are left out (under 3% at 256 tokens)
-    flops = 8 * pairs * (trunk * (prompt + 2 * reply) + head * 2 * reply)
+    flops = dpo_step_flops(cfg, n, pairs, prompt, reply)
     kind = str(jax.devices()[0].device_kind)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in kind), None)
     achieved = flops / (ms / 1e3)
