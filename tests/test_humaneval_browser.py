@@ -65,8 +65,12 @@ def _sign_in(page, url, field, value):
 
 
 def _progress(page, text):
+    """Waits for the progress text, then for the page's load event: task.js is deferred, so a
+    key pressed between the text appearing and the script running would be lost (seen once, on
+    a loaded machine: "2 of 5 judged" stayed after a key press)."""
     from playwright.sync_api import expect
     expect(page.locator("#progress")).to_have_text(text)
+    page.wait_for_load_state("load")
 
 
 def _shown(page, study) -> tuple[int, str, str]:
