@@ -2,6 +2,7 @@
 import gzip
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -92,6 +93,25 @@ def test_packed_rows_split_when_candidates_do_not_fit(monkeypatch, tiny, gpt2_to
     split = score_dnli(model, gpt2_tok, "english", examples, batch_size=2, progress=False)
     np.testing.assert_allclose([c.score_sum for c in split.scores],
                                [c.score_sum for c in whole.scores], rtol=2e-6, atol=2e-5)
+
+
+def test_scoring_multiplies_in_fp32_whatever_the_default(monkeypatch, tiny, gpt2_tok, embedded):
+    """On a GPU the default fp32 matmul is TF32 and on a TPU one bf16 pass; scoring traces its
+    programs under 'highest' even when the caller's default is lower (the CPU computes fp32
+    either way, so the test reads the precision the scoring calls are traced under)."""
+    seen = []
+    real = dnli_scoring._score_packed
+
+    def spy(*args, **kwargs):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dnli_scoring, "_score_packed", spy)
+    with jax.default_matmul_precision("bfloat16"):
+        score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", _shortest(embedded)[:1],
+                   batch_size=2, progress=False)
+        assert jax.config.jax_default_matmul_precision == "bfloat16"  # restored afterwards
+    assert seen and set(seen) == {"highest"}
 
 
 def _write_dnli(path, examples):

@@ -12,7 +12,9 @@ layouts:
 
 Both give the same scores up to fp32 summation order. Shapes are bucketed (row length, scored
 tokens, rows per call), so only a handful of programs compile; scoring stays fp32 unless the
-model says otherwise (bf16 logits move a candidate's summed log-prob by up to ~1 nat).
+model says otherwise (bf16 logits move a candidate's summed log-prob by up to ~1 nat), and fp32
+means fp32 matmuls on every backend: scoring runs under `jax.default_matmul_precision('highest')`,
+where a GPU's default would be TF32 and a TPU's one bf16 pass.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ from pdpo_jax.eval.dnli import CandidateScore, DnliResult
 from pdpo_jax.train.logprobs import LOGIT_CHUNK, packed_logps, response_logps
 
 log = logging.getLogger(__name__)
+
+SCORING_PRECISION = "highest"  # fp32 operands multiply in fp32 (not TF32 / one bf16 pass)
 
 ROW_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 WINDOW_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
@@ -71,7 +75,8 @@ def score_dnli(model, tokenizer, template, examples: Sequence[pdata.DnliExample]
     sums: dict[tuple[int, int], float] = {}
     start = time.perf_counter()
     calls = _packed_calls if shared_prompt else _full_row_calls
-    with tqdm(total=n_cands, unit="cand", desc="DNLI", disable=not progress) as bar:
+    with jax.default_matmul_precision(SCORING_PRECISION), \
+            tqdm(total=n_cands, unit="cand", desc="DNLI", disable=not progress) as bar:
         for owners, logp_BQ in calls(graphdef, params, encoded, batch_size,
                                      pdata.pad_id(tokenizer), chunk, mesh):
             done = _accumulate(sums, owners, logp_BQ)
