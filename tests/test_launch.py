@@ -237,3 +237,56 @@ def test_gpu_check_script_parses_its_arguments():
     out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--smoke" in out.stdout and "dpo_step" in out.stdout
+
+
+def test_offline_gpu_dry_run(tmp_path):
+    """launch/offline_gpu.sh: wheels, the GGUF joined from parts and converted, the trainer
+    under a time limit, and the archive of the run folder without its weights."""
+    (tmp_path / "whl").mkdir()
+    (tmp_path / "whl" / "a-1.0-py3-none-any.whl").write_bytes(b"")
+    out = _launch("offline_gpu.sh", "--wheels", str(tmp_path / "whl"), "--gguf_parts",
+                  str(tmp_path / "m.gguf.part*"), "--sha256", "0" * 64, "--model_dir",
+                  str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--limit", "500",
+                  "--python", sys.executable, "--dry_run", "--", *TRAIN_ARGS)
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    pip, cat, convert, train, tar = lines
+    assert pip[1:4] == ["-m", "pip", "install"] and "--no-index" in pip
+    assert pip[-1] == str(tmp_path / "whl" / "a-1.0-py3-none-any.whl")
+    assert cat[0] == "cat" and convert[1:5] == ["-m", "pdpo_jax.models.gguf_io", "convert", cat[-1]]
+    assert convert[5] == str(tmp_path / "model")
+    assert train[:5] == ["timeout", "--signal=TERM", "--kill-after=20", "500", sys.executable]
+    assert train[train.index("|") + 1:] == ["tee", str(tmp_path / "out" / "train.log")]
+    _check_trainer_accepts(_trainer_args(train[:train.index("2>&1")]), distributed=False)
+    # the run folder the config names, packed without weights, checkpoints or cached log-probs
+    assert tar[:2] == ["tar", "-czf"] and tar[2] == str(tmp_path / "out" / "a b.tar.gz")
+    assert {"--exclude=*.safetensors", "--exclude=*/ckpt", "--exclude=*/ref_logps"} <= set(tar)
+    assert tar[-3:] == ["-C", "/shared/runs", "a b"]
+
+
+def test_offline_gpu_refuses_a_damaged_gguf(tmp_path):
+    """Parts that do not join into the file the digest names stop the run before converting."""
+    for i, chunk in enumerate([b"GGUF", b"rest"]):
+        (tmp_path / f"m.gguf.part{i}").write_bytes(chunk)
+    out = _launch("offline_gpu.sh", "--wheels", str(tmp_path / "none"), "--gguf_parts",
+                  str(tmp_path / "m.gguf.part*"), "--sha256", "0" * 64, "--model_dir",
+                  str(tmp_path / "model"), "--out", str(tmp_path / "out"),
+                  "--python", sys.executable, "--", *TRAIN_ARGS,
+                  env={"TMPDIR": str(tmp_path)})
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    import hashlib
+    assert f"sha256 {hashlib.sha256(b'GGUFrest').hexdigest()}, expected {'0' * 64}" in out.stderr
+    assert not (tmp_path / "model").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gguf", "a.gguf", "--gguf_parts", "p*", "--sha256", "0" * 64], "not both"),
+    (["--gguf_parts", "p*"], "--sha256"),
+    (["--gguf_parts", "p*", "--sha256", "xyz"], "64-hex-digit"),
+    (["--limit", "10m"], "--limit '10m'"),
+    (["--out"], "--out needs a value"),
+])
+def test_offline_gpu_bad_arguments(argv, message):
+    out = _launch("offline_gpu.sh", "--dry_run", *argv, "--", *TRAIN_ARGS)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr
