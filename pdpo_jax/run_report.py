@@ -1,9 +1,9 @@
 """The run's human report: `<out_dir>/report.md` with its plots in `<out_dir>/report/`.
 
 It gathers what the stages wrote — the Dialogue-NLI table, the judge tournament, each stage's
-prompt counts (kept, dropped, truncated), the SFT and DPO curves, chosen-vs-rejected length
-statistics and persona margins of the pseudo-preference data — and adds a few
-side-by-side replies of the SFT and PseudoDPO models (like the paper's Table 5).
+prompt counts (kept, dropped, truncated), the SFT, DPO, reward-model and PPO curves,
+chosen-vs-rejected length statistics and persona margins of the pseudo-preference data — and
+adds a few side-by-side replies of the SFT and PseudoDPO models (like the paper's Table 5).
 """
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 
 CURVES = {"sft": ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm"),
           "dpo": ("train/loss", "eval/loss", "train/rewards/accuracies", "eval/rewards/accuracies",
-                  "train/rewards/margins", "eval/rewards/margins")}
+                  "train/rewards/margins", "eval/rewards/margins"),
+          "reward": ("train/loss", "eval/loss", "eval/accuracy"),
+          "rl": ("train/objective/scores", "eval/scores", "train/objective/kl",
+                 "train/policy/approxkl", "train/policy/clipfrac", "train/val/vf_loss")}
+CURVE_TITLES = {"sft": "SFT", "dpo": "DPO", "reward": "NLI reward model", "rl": "RL (PPO)"}
 
 
 def _curves(run_dir: pathlib.Path, out: pathlib.Path) -> list[str]:
@@ -40,10 +44,10 @@ def _curves(run_dir: pathlib.Path, out: pathlib.Path) -> list[str]:
                                   for r in rows))
         png = plot_training_curves(picked, out / f"{stage}_curves.png")
         picked.unlink()
-        evals = [r for r in rows if "eval/loss" in r]
+        evals = [r for r in rows if any(k.startswith("eval/") and k in r for k in keys)]
         last = evals[-1] if evals else {}
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k.startswith("eval/") and k in last)
-        lines += [f"### {stage.upper()} curves", "", f"![{stage}]({png.relative_to(run_dir)})", "",
+        lines += [f"### {CURVE_TITLES[stage]} curves", "", f"![{stage}]({png.relative_to(run_dir)})", "",
                   f"Last evaluation (step {last.get('step', '-')}): {summary or 'none'}.", ""]
     return lines
 

@@ -24,3 +24,28 @@ def test_rl_stage_trains_exports_and_is_evaluated(tmp_path, tiny_sft_model):
     assert [r["step"] for r in rows if "eval/scores" in r] == [1, 2]
     report = (tmp_path / "eval" / "dnli" / "report.md").read_text()
     assert "| sft |" in report and "| rl |" in report
+
+
+def test_run_report_draws_the_reward_model_and_ppo_curves(tmp_path):
+    """The run report's curves section covers the rl stage and its reward model as it does SFT
+    and DPO: a PNG each, and the last evaluation's numbers in the text."""
+    from pdpo_jax.run_report import _curves
+    rows = {"reward": [{"step": 10, "train/loss": 1.1}, {"step": 20, "eval/loss": 0.9,
+                                                          "eval/accuracy": 0.61}],
+            "rl": [{"step": 1, "train/objective/scores": 0.1, "train/objective/kl": 0.0,
+                    "train/policy/approxkl": 0.01, "train/policy/clipfrac": 0.2,
+                    "train/val/vf_loss": 0.3},
+                   {"step": 2, "train/objective/scores": 0.2, "train/objective/kl": 0.05},
+                   {"step": 2, "eval/scores": 0.125}]}
+    for stage, stage_rows in rows.items():
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in stage_rows))
+    (tmp_path / "report").mkdir()
+    text = "\n".join(_curves(tmp_path, tmp_path / "report"))
+    assert "### NLI reward model curves" in text and "### RL (PPO) curves" in text
+    assert "Last evaluation (step 20): eval/loss 0.9, eval/accuracy 0.61." in text
+    assert "Last evaluation (step 2): eval/scores 0.125." in text
+    for stage in rows:
+        assert (tmp_path / "report" / f"{stage}_curves.png").read_bytes()[:4] == b"\x89PNG"
+        assert not (tmp_path / "report" / f"{stage}_metrics.jsonl").exists()
