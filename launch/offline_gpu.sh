@@ -9,7 +9,7 @@
 #       -- --config configs/X.yaml [section.key=value ...]
 #
 # --wheels DIR (default .whl): *.whl installed with pip --no-index into /tmp/pdpo_site, for the
-#   packages the host lacks (grain, tensorboardX, gguf, ...).
+#   packages the host lacks (grain, tensorboardX, gguf, ...); a later call finds them there.
 # --gguf FILE: the GGUF the model folder is built from (python -m pdpo_jax.models.gguf_io convert);
 #   --gguf_parts GLOB: the same file split in pieces (a transfer limit), joined in name order and
 #   checked against --sha256. Skipped when DIR (default ~/.cache/pdpo-models/smollm2-135m-instruct,
@@ -53,6 +53,9 @@ cd "$workdir"
 if compgen -G "$wheels/*.whl" >/dev/null; then
   run "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/pdpo_site "$wheels"/*.whl
+fi
+# also when an earlier call on this host installed them and this one carried none
+if ((dry_run)) || [[ -d /tmp/pdpo_site ]]; then
   export PYTHONPATH="/tmp/pdpo_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
