@@ -213,3 +213,25 @@ def test_short_and_long_prompts_admitted_together_keep_their_prompts(mistral):
         scheduler.step()
     want = Sampler(model, cfg).generate(prompts)
     assert [r.tokens for r in requests] == [want.tokens[i, :want.lengths[i]].tolist() for i in range(3)]
+
+
+def test_a_prompt_budget_keeps_one_set_of_programs_across_calls(mistral):
+    """Calls whose longest prompts differ (shards, rollouts) size the ring by the caller's
+    budget: the decode program compiles once, not once per call, and the replies are those a
+    call sized by its own prompts draws."""
+    from pdpo_jax.sampling import engine as engine_mod
+    _, model = mistral
+    cfg = SamplingConfig(6, top_p=0.9, eos_ids=(EOS,), seed=3)
+    engine = Engine(model, cfg, slots=4)
+    calls = [_prompts((5, 9), seed=1), _prompts((40, 3), seed=2), _prompts((70, 8), seed=3)]
+    start = engine_mod._decode._cache_size()
+    own = [engine.generate(p, example_ids=[10 * k, 10 * k + 1]) for k, p in enumerate(calls)]
+    after_own = engine_mod._decode._cache_size()
+    assert after_own == start + 3  # rings of 32, 64 and 96 prompt columns
+    budget = [engine.generate(p, example_ids=[10 * k, 10 * k + 1], max_prompt_len=100)
+              for k, p in enumerate(calls)]
+    assert engine_mod._decode._cache_size() == after_own + 1  # one ring (128 columns) for all
+    for a, b in zip(own, budget):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    with pytest.raises(ValueError, match="exceeds max_prompt_len=100"):
+        engine.generate(_prompts((101,)), max_prompt_len=100)

@@ -406,16 +406,24 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, cfg: SamplingConfig | None = None,
                  example_ids: Sequence[int] | None = None, seed: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> SampleOutput:
+                 progress: Callable[[int], None] | None = None,
+                 max_prompt_len: int | None = None) -> SampleOutput:
         """Samples for python lists of prompt ids; row i*n + j of the result is sample j of
         prompt i, as `Sampler.generate` returns it. example_ids: folded into each row's key
         (default 0..len-1): pass dataset indices to make a prompt's samples independent of the
-        call it comes in. progress(k): called with the number of rows that just finished."""
+        call it comes in. progress(k): called with the number of rows that just finished.
+        max_prompt_len: the longest prompt any of the caller's calls passes (its prompt budget).
+        The ring is sized by it instead of by this call's longest prompt, so a caller that loops
+        (over shards, rollouts) compiles one set of programs, not one per distinct longest
+        prompt; the replies are the same either way."""
         cfg = self.cfg if cfg is None else cfg
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token, and there must be one prompt")
+        longest = max(len(p) for p in prompts)
+        if max_prompt_len is not None and longest > max_prompt_len:
+            raise ValueError(f"a {longest}-token prompt exceeds max_prompt_len={max_prompt_len}")
         requests = self.requests(prompts, cfg, example_ids, seed)
-        width = round_up(max(len(p) for p in prompts), self.prompt_bucket)
+        width = round_up(max(longest, max_prompt_len or 0), self.prompt_bucket)
         scheduler = self.scheduler(cfg, cache_len=width + cfg.max_new_tokens)
         for r in requests:
             scheduler.submit(r)

@@ -141,7 +141,7 @@ class NegativeBuilder:
         order = sorted(prompts)
         if order:
             out = self.engine.generate([prompts[i].tolist() for i in order], example_ids=order,
-                                       progress=bar.update)
+                                       progress=bar.update, max_prompt_len=self.max_prompt_tokens)
             for j, i in enumerate(order):
                 rows[i] = self._row(job, i, out.tokens[j], int(out.lengths[j]), out.finish_reason[j])
                 rows[i]["history_dropped"] = cut[i]

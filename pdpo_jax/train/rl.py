@@ -59,6 +59,7 @@ class RolloutPlan:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    max_prompt_tokens: int | None = None  # the prompts' budget: one set of sampling programs
 
 
 class PpoTrainer:
@@ -92,7 +93,8 @@ class PpoTrainer:
         self.engine.weights = make_decode_weights(self.graphdef, self.state.params["model"], self.mesh)
         cfg = dataclasses.replace(self.sampling, greedy=greedy, seed=seed)
         out = self.engine.generate([p.ids.tolist() for p in prompts], cfg=cfg,
-                                   example_ids=[p.index for p in prompts])
+                                   example_ids=[p.index for p in prompts],
+                                   max_prompt_len=self.plan.max_prompt_tokens)
         ids = [out.tokens[i, :out.lengths[i]] for i in range(len(prompts))]
         eos = set(self.sampling.eos_ids)
         texts = [self.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True)

@@ -37,10 +37,15 @@ def reward_checkpoint(ctx: RunContext) -> pathlib.Path:
                             keep=ctx.cfg.checkpoint.keep)
 
 
+def prompt_budget(cfg) -> int:
+    """Rollout prompts' token budget: a prompt and its reply fit data.max_total_tokens."""
+    return cfg.data.max_total_tokens - cfg.rl.max_new_tokens
+
+
 def prompts(ctx: RunContext, records, limit: int | None = None) -> list[rl.Prompt]:
     """Rollout prompts of records that have a partner turn to answer (persona + history encoded
-    as every stage encodes them, within data.max_total_tokens - rl.max_new_tokens)."""
-    d, budget = ctx.cfg.data, ctx.cfg.data.max_total_tokens - ctx.cfg.rl.max_new_tokens
+    as every stage encodes them, within `prompt_budget`)."""
+    d, budget = ctx.cfg.data, prompt_budget(ctx.cfg)
     out = []
     for i, rec in enumerate(records):
         if not rec.history:
@@ -77,7 +82,8 @@ def run_rl(ctx: RunContext) -> pathlib.Path:
     trainer = rl.PpoTrainer(
         graphdef, params, ctx.tokenizer, rewards, tx, lr,
         rl.RolloutPlan(section.rollout_batch, section.minibatch, section.ppo_epochs,
-                       section.max_new_tokens, section.temperature, section.top_p, cfg.run.seed),
+                       section.max_new_tokens, section.temperature, section.top_p, cfg.run.seed,
+                       max_prompt_tokens=prompt_budget(cfg)),
         ppo.PpoHyper(section.gamma, section.lam, section.clip, section.clip_value, section.vf_coef),
         ppo.KlController(section.kl_coef, section.kl_target, section.kl_horizon), ctx.mesh,
         eos_ids=stop_ids(ctx.tokenizer, model_cfg.eos_token_id), pad_id=pdata.pad_id(ctx.tokenizer))
