@@ -235,3 +235,27 @@ def test_a_prompt_budget_keeps_one_set_of_programs_across_calls(mistral):
         np.testing.assert_array_equal(a.tokens, b.tokens)
     with pytest.raises(ValueError, match="exceeds max_prompt_len=100"):
         engine.generate(_prompts((101,)), max_prompt_len=100)
+
+
+def test_budget_prefill_compiles_one_admit_program_per_batch_size(mistral):
+    """prefill='budget' pads every admitted batch to the caller's prompt budget: the same
+    replies as 'tight' (each batch padded to its longest prompt), with one admit program per
+    batch size instead of one per batch size and width bucket."""
+    from pdpo_jax.sampling import engine as engine_mod
+    _, model = mistral
+    cfg = SamplingConfig(5, top_p=0.9, eos_ids=(EOS,), seed=7)
+    # every row decodes all 5 tokens, so prompts are admitted 4 at a time, then the last alone:
+    # tight widths 32, 64, 96 and 32; the budget's width is 128
+    prompts = _prompts((3, 20, 9, 12, 40, 15, 50, 2, 70, 5, 95, 27, 10), seed=9)
+
+    def run(prefill):
+        start = engine_mod._admit._cache_size()
+        out = Engine(model, cfg, slots=4, prefill=prefill).generate(prompts, max_prompt_len=100)
+        return out, engine_mod._admit._cache_size() - start
+
+    tight, tight_programs = run("tight")
+    budget, budget_programs = run("budget")
+    np.testing.assert_array_equal(budget.tokens, tight.tokens)
+    assert (budget_programs, tight_programs) == (2, 4)
+    with pytest.raises(ValueError, match="prefill='fast'"):
+        Engine(model, cfg, prefill="fast")

@@ -239,9 +239,13 @@ class Scheduler:
     """
 
     def __init__(self, spec: EngineSpec, weights: DecodeWeights, *, prompt_bucket: int = 32,
-                 steps_per_call: int = 8, refill_at: int | None = None):
+                 steps_per_call: int = 8, refill_at: int | None = None,
+                 prompt_width: int | None = None):
+        """prompt_width: prefill every admitted batch at this width (a multiple of
+        prompt_bucket) instead of its longest prompt's bucket: one admit program per batch size."""
         self.spec, self.weights = spec, weights
         self.prompt_bucket, self.steps_per_call = prompt_bucket, steps_per_call
+        self.prompt_width = prompt_width
         self.refill_at = refill_at or max(1, spec.slots // 8)
         self.state = _init(spec, weights)
         self.queue: collections.deque[Request] = collections.deque()
@@ -256,6 +260,9 @@ class Scheduler:
             raise ValueError("a prompt needs at least one token")
         if not 1 <= request.max_new <= self.spec.max_new:
             raise ValueError(f"max_new={request.max_new} must be in [1, {self.spec.max_new}]")
+        if self.prompt_width is not None and n > self.prompt_width:
+            raise ValueError(f"a {n}-token prompt exceeds this scheduler's prompt_width="
+                             f"{self.prompt_width}")
         if n + request.max_new > S or round_up(n, self.prompt_bucket) > S:
             raise ValueError(f"a {n}-token prompt + {request.max_new} new tokens exceeds the "
                              f"engine's {S}-token context")
@@ -309,7 +316,7 @@ class Scheduler:
 
     def _admit(self, free: list[int]) -> None:
         batch = [self.queue.popleft() for _ in free]
-        width = round_up(max(len(r.prompt) for r in batch), self.prompt_bucket)
+        width = self.prompt_width or round_up(max(len(r.prompt) for r in batch), self.prompt_bucket)
         A = 1 << (len(batch) - 1).bit_length()  # a power of two: few programs compile
         A = round_up(A, shd.batch_divisor(self.spec.mesh))
         prompts = [list(r.prompt) for r in batch] + [list(batch[0].prompt)] * (A - len(batch))
@@ -369,10 +376,16 @@ class Engine:
     (drop your own reference to free the stacked copy). cfg: the default `SamplingConfig`.
     slots: rows decoded at once (a multiple of the mesh's data x fsdp); steps_per_call: decode
     steps per dispatch; prompt_bucket: prompt lengths round up to a multiple of it.
+    prefill: how wide a batch of admitted prompts is prefilled when the caller gives its prompt
+    budget (`generate(max_prompt_len=)`): 'tight' pads to the batch's longest prompt (least
+    compute; one admit program per batch size x width bucket, ~30 for persona-chat prompts),
+    'budget' pads to the budget (one program per batch size); 'auto' is 'budget' on
+    accelerators, where a compile costs more than the padding, and 'tight' on the CPU.
     """
 
     def __init__(self, model, cfg: SamplingConfig, *, slots: int = 32, mesh: Mesh | None = None,
-                 prompt_bucket: int = 32, steps_per_call: int = 8):
+                 prompt_bucket: int = 32, steps_per_call: int = 8,
+                 prefill: str = "auto"):
         graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
         self.model_cfg = nnx.merge(graphdef, params).cfg
         if slots % shd.batch_divisor(mesh):
@@ -380,6 +393,10 @@ class Engine:
                              f"{shd.batch_divisor(mesh)}")
         self.cfg, self.mesh, self.slots = cfg, mesh, slots
         self.prompt_bucket, self.steps_per_call = prompt_bucket, steps_per_call
+        if prefill not in ("tight", "budget", "auto"):
+            raise ValueError(f"prefill={prefill!r}: expected 'tight', 'budget' or 'auto'")
+        self.prefill = prefill if prefill != "auto" else (
+            "tight" if jax.default_backend() == "cpu" else "budget")
         self._graph = decode_graph(graphdef, params)
         self.weights = make_decode_weights(graphdef, params, mesh)
         self.last_stats: dict[str, float] = {}
@@ -388,11 +405,12 @@ class Engine:
         return EngineSpec(self._graph, self.slots, cache_len, cfg.max_new_tokens, cfg.eos_ids,
                           cfg.pad_id, max_top_k=cfg.top_k, logprobs=cfg.logprobs, mesh=self.mesh)
 
-    def scheduler(self, cfg: SamplingConfig | None = None, *, cache_len: int) -> Scheduler:
+    def scheduler(self, cfg: SamplingConfig | None = None, *, cache_len: int,
+                  prompt_width: int | None = None) -> Scheduler:
         """A scheduler over this engine's slots with a ring of `cache_len` columns."""
         cfg = self.cfg if cfg is None else cfg
         return Scheduler(self.spec(cfg, cache_len), self.weights, prompt_bucket=self.prompt_bucket,
-                         steps_per_call=self.steps_per_call)
+                         steps_per_call=self.steps_per_call, prompt_width=prompt_width)
 
     def requests(self, prompts, cfg: SamplingConfig, example_ids, seed) -> list[Request]:
         """Request j of prompt i (row i*n + j of the output), as `SamplingConfig` says."""
@@ -415,7 +433,8 @@ class Engine:
         max_prompt_len: the longest prompt any of the caller's calls passes (its prompt budget).
         The ring is sized by it instead of by this call's longest prompt, so a caller that loops
         (over shards, rollouts) compiles one set of programs, not one per distinct longest
-        prompt; the replies are the same either way."""
+        prompt; the replies are the same either way, and so with `prefill='budget'`, which
+        also prefills every admitted batch at that width."""
         cfg = self.cfg if cfg is None else cfg
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token, and there must be one prompt")
@@ -424,7 +443,9 @@ class Engine:
             raise ValueError(f"a {longest}-token prompt exceeds max_prompt_len={max_prompt_len}")
         requests = self.requests(prompts, cfg, example_ids, seed)
         width = round_up(max(longest, max_prompt_len or 0), self.prompt_bucket)
-        scheduler = self.scheduler(cfg, cache_len=width + cfg.max_new_tokens)
+        fixed = max_prompt_len is not None and self.prefill == "budget"
+        scheduler = self.scheduler(cfg, cache_len=width + cfg.max_new_tokens,
+                                   prompt_width=width if fixed else None)
         for r in requests:
             scheduler.submit(r)
         while scheduler.busy:
