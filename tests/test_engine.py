@@ -238,9 +238,9 @@ def test_a_prompt_budget_keeps_one_set_of_programs_across_calls(mistral):
 
 
 def test_budget_prefill_compiles_one_admit_program_per_batch_size(mistral):
-    """prefill='budget' pads every admitted batch to the caller's prompt budget: the same
-    replies as 'tight' (each batch padded to its longest prompt), with one admit program per
-    batch size instead of one per batch size and width bucket."""
+    """prefill='budget' pads every admitted batch to the caller's prompt budget: in fp32 the
+    same replies as 'tight' (each batch padded to its longest prompt), with one admit program
+    per batch size instead of one per batch size and width bucket."""
     from pdpo_jax.sampling import engine as engine_mod
     _, model = mistral
     cfg = SamplingConfig(5, top_p=0.9, eos_ids=(EOS,), seed=7)
