@@ -68,18 +68,26 @@ def build_workloads(model: str, n_prompts: int, n_dnli: int, path: str) -> dict:
     from pdpo_jax.eval.dnli import select_examples
     from pdpo_jax.sampling.negatives import swapped_personas
     tok, template, eos = _encoder(model)
-    records = pdata.read_turns(pdata.default_paths().train)[:4 * n_prompts:4]
+    records = pdata.read_turns(pdata.default_paths().train)[::4]
     personas = swapped_personas(records, seed=0)
     prompts = []
-    for rec, persona in zip(records, personas):
-        enc = pdata.encode_pair(tok, template, persona, rec.history, rec.response,
-                                max_prompt_tokens=192 - MAX_NEW)
+    for rec, persona in zip(records, personas):  # the stages' rule: a record that cannot be
+        try:                                     # encoded (no partner turn for a chat template)
+            enc = pdata.encode_pair(tok, template, persona, rec.history, rec.response,
+                                    max_prompt_tokens=192 - MAX_NEW)
+        except pdata.DoesNotFit:                 # is skipped
+            continue
         prompts.append(dict(ids=enc.prompt_ids.tolist(),
                             budget=min(len(enc.response_ids), MAX_NEW) if eos is None else MAX_NEW))
+        if len(prompts) == n_prompts:
+            break
     dnli = []
     for ex in select_examples(pdata.read_dnli_files(pdata.default_paths().dnli), n_dnli):
-        encs = [pdata.encode_pair(tok, template, ex.persona, ex.history, text, max_prompt_tokens=192)
-                for text, _ in ex.candidates]
+        try:
+            encs = [pdata.encode_pair(tok, template, ex.persona, ex.history, text,
+                                      max_prompt_tokens=192) for text, _ in ex.candidates]
+        except pdata.DoesNotFit:
+            continue
         dnli.append(dict(prompt=encs[0].prompt_ids.tolist(),
                          candidates=[e.response_ids.tolist() for e in encs]))
     workload = dict(model=model, eos=eos, prompts=prompts, dnli=dnli)

@@ -316,3 +316,16 @@ def test_packing_padding_counts_the_epochs_tokens(tmp_path):
     assert by[("packed_own", 256)]["padding_share"] <= packed["padding_share"]
     whole = by[("packed_own", 16 * 256)]  # a row holds every batch: one row each
     assert abs(whole["padding_share"] - (1 - real / (len(plan) * 16 * 256))) < 1e-12
+
+
+@pytest.mark.real_model
+def test_engine_bench_workload_skips_records_a_chat_template_cannot_encode(tmp_path, smollm2_dir,
+                                                                           monkeypatch):
+    """bench_engine's SmolLM2 workload (chat template) skips the records without a partner turn,
+    as the negatives stage does, instead of stopping the benchmark (it did, before its rows ran)."""
+    monkeypatch.setenv("PDPO_SMOLLM2_DIR", str(smollm2_dir))
+    with bench_modules("common", "bench_dpo", "bench_sampler", "bench_engine") as modules:
+        out = modules.bench_engine.build_workloads("smollm2-135m", 40, 4, str(tmp_path / "w.json"))
+    assert out["prompts"] == 40 and out["dnli"] == 4
+    workload = json.loads((tmp_path / "w.json").read_text())
+    assert all(p["ids"] and p["budget"] == 48 for p in workload["prompts"])
