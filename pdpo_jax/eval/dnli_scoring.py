@@ -14,7 +14,7 @@ Both give the same scores up to fp32 summation order. Shapes are bucketed (row l
 tokens, rows per call), so only a handful of programs compile; scoring stays fp32 unless the
 model says otherwise (bf16 logits move a candidate's summed log-prob by up to ~1 nat), and fp32
 means fp32 matmuls on every backend: scoring runs under `jax.default_matmul_precision('highest')`,
-where a GPU's default would be TF32 and a TPU's one bf16 pass.
+where a GPU's default allows TF32 and a TPU's is one bf16 pass.
 """
 from __future__ import annotations
 
