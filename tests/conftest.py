@@ -20,9 +20,13 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
-# Tests compile the same small programs many times (per mesh, per family): share them.
-jax.config.update("jax_compilation_cache_dir", os.environ.get(
-    "PDPO_TEST_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "pdpo-jax-test-cache")))
+# Tests compile the same small programs many times (per mesh, per family): share them, one
+# folder per xdist worker. JAX writes a cache entry in place, without a lock unless eviction is
+# on, so a worker reading the entry another is writing can load half a program: a full run
+# segfaulted in `compilation_cache.get_executable_and_time` that way.
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get(
+    "PDPO_TEST_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "pdpo-jax-test-cache")),
+    os.environ.get("PYTEST_XDIST_WORKER", "main")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
