@@ -79,11 +79,9 @@ fi
 run_dir=$("$python" - "${TRAINER_ARGS[@]}" <<'EOF'
 import sys
 from pdpo_jax.config import load_config
-args = sys.argv[1:]
-i = next(i for i, a in enumerate(args) if a == "--config" or a.startswith("--config="))
-config = args[i + 1] if args[i] == "--config" else args[i].split("=", 1)[1]
-rest = [a for a in args[:i] + args[i + (2 if args[i] == "--config" else 1):] if a != "--distributed"]
-print(load_config(config, tuple(rest)).run.out_dir)
+from pdpo_jax.train.__main__ import make_parser
+args = make_parser().parse_args(sys.argv[1:])
+print(load_config(args.config, tuple(args.overrides)).run.out_dir)
 EOF
 )
 train=("$python" -m pdpo_jax.train "${TRAINER_ARGS[@]}")

@@ -23,18 +23,18 @@ from pdpo_jax.eval.responses import responses_for_checkpoints, select_histories
 
 log = logging.getLogger(__name__)
 
-CURVES = {"sft": ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm"),
-          "dpo": ("train/loss", "eval/loss", "train/rewards/accuracies", "eval/rewards/accuracies",
-                  "train/rewards/margins", "eval/rewards/margins"),
-          "reward": ("train/loss", "eval/loss", "eval/accuracy"),
-          "rl": ("train/objective/scores", "eval/scores", "train/objective/kl",
-                 "train/policy/approxkl", "train/policy/clipfrac", "train/val/vf_loss")}
-CURVE_TITLES = {"sft": "SFT", "dpo": "DPO", "reward": "NLI reward model", "rl": "RL (PPO)"}
+CURVES = {  # stage: (title, metrics drawn)
+    "sft": ("SFT", ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm")),
+    "dpo": ("DPO", ("train/loss", "eval/loss", "train/rewards/accuracies", "eval/rewards/accuracies",
+                    "train/rewards/margins", "eval/rewards/margins")),
+    "reward": ("NLI reward model", ("train/loss", "eval/loss", "eval/accuracy")),
+    "rl": ("RL (PPO)", ("train/objective/scores", "eval/scores", "train/objective/kl",
+                        "train/policy/approxkl", "train/policy/clipfrac", "train/val/vf_loss"))}
 
 
 def _curves(run_dir: pathlib.Path, out: pathlib.Path) -> list[str]:
     lines = []
-    for stage, keys in CURVES.items():
+    for stage, (title, keys) in CURVES.items():
         metrics = run_dir / stage / "metrics.jsonl"
         if not metrics.is_file():
             continue
@@ -47,7 +47,7 @@ def _curves(run_dir: pathlib.Path, out: pathlib.Path) -> list[str]:
         evals = [r for r in rows if any(k.startswith("eval/") and k in r for k in keys)]
         last = evals[-1] if evals else {}
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k.startswith("eval/") and k in last)
-        lines += [f"### {CURVE_TITLES[stage]} curves", "", f"![{stage}]({png.relative_to(run_dir)})", "",
+        lines += [f"### {title} curves", "", f"![{stage}]({png.relative_to(run_dir)})", "",
                   f"Last evaluation (step {last.get('step', '-')}): {summary or 'none'}.", ""]
     return lines
 

@@ -9,14 +9,19 @@ from pdpo_jax.cli import run_cli, setup_logging
 from pdpo_jax.config import load_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """The trainer's arguments (also what launch scripts parse their trainer arguments with)."""
     parser = argparse.ArgumentParser(prog="python -m pdpo_jax.train", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=10")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (multi-host; auto-detects "
                              "Cloud TPU and SLURM, else reads JAX_COORDINATOR_ADDRESS etc.)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     allocator.synchronous_cpu_dispatch()  # before any JAX client exists
     setup_logging()
     return run_cli(lambda: _train(args))
