@@ -106,15 +106,18 @@ def _margins(run_dir: pathlib.Path) -> list[str]:
         path = run_dir / "negatives" / f"{split}_summary.json"
         m = json.loads(path.read_text()).get("persona_margin") if path.is_file() else None
         if m and m["scored"]:
+            applied = m.get("applied", True)
             rows.append([split, m["scored"], f"{m['mean']:+.2f}", *(f"{m[q]:+.2f}" for q in (
-                "q10", "q25", "median", "q75", "q90")), f"> {m['threshold']:g}",
-                m["above_threshold"], m["unscored"]])
+                "q10", "q25", "median", "q75", "q90")),
+                f"> {m['threshold']:g}" if applied else "all (filter_dev: false)",
+                m["above_threshold"] if applied else m["scored"] + m["unscored"],
+                m["unscored"]])
     if not rows:
         return []
     return ["### Persona margin of the sampled replies (nats)", "",
             "log p(rejected | swapped persona, history) − log p(rejected | own persona, history) "
-            "under the SFT model; `negatives.filter: persona_margin` keeps the pairs above the "
-            "threshold.", "",
+            "under the SFT model; `negatives.filter: persona_margin` keeps the train pairs above "
+            "the threshold (the dev pairs too with `negatives.filter_dev: true`).", "",
             markdown_table(["split", "scored", "mean", "q10", "q25", "median", "q75", "q90",
                             "kept if", "kept", "unscored"], rows), ""]
 

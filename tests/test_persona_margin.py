@@ -54,7 +54,11 @@ def test_filter_keeps_exactly_the_pairs_whose_margin_exceeds_it(tiny_sft_model, 
                                   sampling, max_prompt_tokens=200, batch_size=8, shard_size=12,
                                   keep_truncated=True, generator="tiny", filter_margin=margin,
                                   buckets=(64, 128, 256))
+    kept_all = [dict(r) for r in rows]
     builder._filter_by_margin(rows)  # 40 scored rows (20 pairs) in calls of 8
+    builder._filter_by_margin(kept_all, drop=False)  # a dev split without negatives.filter_dev
+    assert [r["persona_margin"] for r in kept_all] == [r["persona_margin"] for r in rows]
+    assert not any("filtered" in r for r in kept_all)
     for row, diff in zip(rows, diffs):
         # two ~100-nat fp32 sums (ulp 7.6e-6 at 100) differ by a few ulps from the float64 ones
         assert row["persona_margin"] == pytest.approx(diff, abs=1e-4)
@@ -81,18 +85,27 @@ def test_negatives_stage_disjoint_drop_and_margin_filter(tmp_path, tiny_sft_mode
         summary = json.loads((out / f"{split}_summary.json").read_text())
         assert summary["prompts"] == s
         margin = summary["persona_margin"]
-        assert margin["scored"] == s["kept"] - sum(v for k, v in summary["filtered"].items()
-                                                   if k not in ("persona_margin",)
-                                                   and not k.startswith("prompt_"))
-        below = margin["scored"] - margin["above_threshold"]
-        assert summary["filtered"].get("persona_margin", 0) == below
-        assert summary["pairs"] == margin["above_threshold"]
+        assert margin["scored"] + margin["unscored"] == s["kept"] - sum(
+            v for k, v in summary["filtered"].items()
+            if not k.startswith(("persona_margin", "prompt_")))
         assert margin["q10"] <= margin["median"] <= margin["q90"]
+        below = margin["scored"] - margin["above_threshold"]
+        if split == "train":  # filtered
+            assert margin["applied"] and summary["pairs"] == margin["above_threshold"]
+            assert summary["filtered"].get("persona_margin", 0) == below
+        else:  # scored, none dropped (negatives.filter_dev: false): the unfiltered run's dev set
+            assert not margin["applied"] and below > 0
+            assert summary["pairs"] == margin["scored"] + margin["unscored"]
+            assert not any(k.startswith("persona_margin") for k in summary["filtered"])
     assert stats["train"]["dropped"].get("history_too_long", 0) > 0  # drop mode dropped some
     sft_ids = {r.record_id for r in make_context(cfg).dialogues("train")}
     pairs = pdata.read_preference_jsonl(out / "train_pairs.jsonl")
     assert pairs and not {p.pair_id for p in pairs} & sft_ids
     assert all(p.metadata["persona_margin"] > 0 for p in pairs)
+    dev = pdata.read_preference_jsonl(out / "dev_pairs.jsonl")
+    assert min(p.metadata["persona_margin"] for p in dev
+               if p.metadata["persona_margin"] is not None) <= 0  # kept though below it
     report = "\n".join(_data_stats(run) + _margins(run))
     assert "| negatives | train | 16 |" in report and "| negatives | dev | 12 |" in report
     assert "Persona margin" in report and "| > 0 |" in report
+    assert "| all (filter_dev: false) |" in report

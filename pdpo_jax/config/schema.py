@@ -201,8 +201,12 @@ class NegativesSection:
     # persona_margin: keep a pair only when the SFT model finds its rejected reply more likely
     # under the swapped persona than under the original one by more than filter_margin nats:
     # log p(y⁻ | p_swapped, x) − log p(y⁻ | p, x) > filter_margin.
+    # The filter drops train pairs only unless filter_dev: dev pairs are scored (their margins
+    # are reported) and kept, so a filtered run selects its DPO checkpoint on the same dev pairs
+    # as the unfiltered run, and on all of them (a filtered dev set can be a few dozen pairs).
     filter: Literal["none", "persona_margin"] = "none"
     filter_margin: NonNegative = 0.0
+    filter_dev: bool = False
 
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")

@@ -73,6 +73,7 @@ class NegativeJob:
     records: Sequence[pdata.PersonaTurn]
     sample_personas: Sequence[tuple[str, ...]]
     out_dir: pathlib.Path
+    filter: bool = True  # False: the margin filter scores this split's pairs, drops none
 
 
 def _normalise(text: str) -> str:
@@ -147,17 +148,19 @@ class NegativeBuilder:
                 rows[i]["history_dropped"] = cut[i]
         bar.update(len(indices) - len(order))  # prompts that did not fit
         shard = [rows[i] for i in indices]
-        self._filter_by_margin(shard)
+        self._filter_by_margin(shard, drop=job.filter)
         return shard
 
-    def _filter_by_margin(self, rows: list[dict]) -> None:
-        """Scores the persona margin of every row no other filter took; marks those at or
-        below `filter_margin` (`persona_margin`) and those that could not be scored."""
+    def _filter_by_margin(self, rows: list[dict], drop: bool = True) -> None:
+        """Scores the persona margin of every row no other filter took; when `drop`, marks those
+        at or below `filter_margin` (`persona_margin`) and those that could not be scored."""
         scored = [r for r in rows if "filtered" not in r]
         if self.scorer is None or not scored:
             return
         for row, margin in zip(scored, self.scorer.margins(scored)):
             row["persona_margin"] = None if math.isnan(margin) else float(margin)
+            if not drop:
+                continue
             if math.isnan(margin):
                 row["filtered"] = "persona_margin_unscored"
             elif margin <= self.filter_margin:
@@ -190,9 +193,10 @@ class NegativeBuilder:
                    "length_words": length_stats(kept, self.tokenizer),
                    "prompts": dataclasses.asdict(prompt_stats(rows))}
         if self.scorer is not None:
-            summary["persona_margin"] = margin_summary(
-                [math.nan if r["persona_margin"] is None else r["persona_margin"]
-                 for r in rows if "persona_margin" in r], self.filter_margin)
+            margins = [math.nan if r["persona_margin"] is None else r["persona_margin"]
+                       for r in rows if "persona_margin" in r]
+            summary["persona_margin"] = (margin_summary(margins, self.filter_margin)
+                                         | {"applied": job.filter})
         write_json_atomic(job.out_dir / f"{job.name}_summary.json", summary, indent=2)
         shutil.rmtree(job.out_dir / f"{job.name}_shards")
         return summary
@@ -265,7 +269,8 @@ def run_negatives(ctx: RunContext) -> None:
         pool = ctx.split_records(split) if neg.persona_pool == "split" else records
         personas = (swapped_personas(records, cfg.run.seed, pool) if neg.mode == "shuffle"
                     else [tuple(r.persona) for r in records])
-        summaries[split] = builder.run(NegativeJob(split, records, personas, out))
+        summaries[split] = builder.run(NegativeJob(split, records, personas, out,
+                                                   filter=split == "train" or neg.filter_dev))
     if jax.process_index() == 0:
         ctx.write_data_stats("negatives", {k: pdata.EncodeStats(**v["prompts"])
                                            for k, v in summaries.items()},
