@@ -149,8 +149,9 @@ def test_cli_trains_a_classifier_that_nli_reward_and_transformers_load(tmp_path)
     shape to compile): dev accuracy well above chance (1/3), the best model exported with its
     tokenizer and labels. In a subprocess on one CPU device: the session's 8 fake devices
     would make each step of this 8-way sharded run several times slower."""
+    cache = jax.config.jax_compilation_cache_dir
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0",
-           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+           **({"JAX_COMPILATION_CACHE_DIR": cache} if cache else {}),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, "-m", "pdpo_jax.reward", "train", "--config", "configs/tiny_reward.yaml",

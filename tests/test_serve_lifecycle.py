@@ -169,12 +169,13 @@ def _serving_line(proc: subprocess.Popen, log, timeout: float) -> str:
 @pytest.mark.slow
 def test_cli_serves_and_stops_on_sigint(checkpoint, tmp_path):
     import jax
-    # the session's compilation cache, its matmul precision and make_server's shapes: the same
-    # programs as the in-process servers', found in the cache instead of compiled again
+    # the session's matmul precision and, when it has one (PDPO_TEST_JAX_CACHE), its compilation
+    # cache: make_server's shapes are the in-process servers' programs, found there
+    cache = jax.config.jax_compilation_cache_dir
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-               JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision))
+               JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision),
+               **({"JAX_COMPILATION_CACHE_DIR": cache,
+                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"} if cache else {}))
     cmd = [sys.executable, "-m", "pdpo_jax.serve", "--checkpoint", str(checkpoint), "--port", "0",
            "--slots", str(SLOTS), "--max-model-len", str(MAX_MODEL_LEN), "--max-top-k", "20",
            "--served-model-name", NAME]
