@@ -1,4 +1,5 @@
-"""The accelerator check: one prepared run on a GPU (or TPU) host, ≤ 8 minutes on one GPU.
+"""The accelerator check: one prepared run on a GPU (or TPU) host (~5 minutes on one H200 for
+the steps before `static`; `--steps` picks a subset that fits one call).
 
     bash bench/gpu_check.sh            # on the device machine (JAX with CUDA already installed)
     python bench/gpu_check.py --smoke  # the same steps on tiny shapes, on any backend
@@ -16,10 +17,19 @@ Steps, each a JSON record (a failed step records its error and the run goes on):
             replies of persona-chat lengths, top-p 0.9) at 64, 128 and 256 slots: useful tok/s
   hf_generate  the peer on the same workload: HF `generate` in PyTorch (bf16, on the GPU) in
             static batches of 64 and 256 length-sorted prompts
+  static    our static sampler on the same workload, batches of 64 and 256 length-sorted
+            prompts, each decoding to its longest budget (what the engine replaced)
+  dnli      Dialogue-NLI-shaped scoring in fp32 (prompts of 160-255 tokens, 33 candidates of
+            4-24 tokens): candidates/s of our shared-prompt rows vs one row per candidate vs
+            an HF PyTorch scorer that reuses the prompt's KV cache (bench/bench_engine.py's
+            peer), and the largest score difference between ours and HF's
+  ratios    the engine-issue targets from the steps above (engine / static and engine / HF
+            at equal batch, shared / full rows and shared / HF-KV)
   parity    tests/test_models_hf_parity.py on the accelerator (HF PyTorch logits on the CPU);
             last, so a slow test run cannot cost the timings
   memory    the DPO step's peak device memory against `pdpo_jax.memory`'s prediction
 Writes $OUT/gpu_check.json (or --out) after every step, and prints one summary line.
+--steps a,b,... runs those steps only (e.g. `--steps engine,static,hf_generate,dnli,ratios`).
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -249,6 +260,123 @@ def step_hf_generate(args) -> dict:
     return out
 
 
+def step_static(args) -> dict:
+    """Our static sampler (one `Sampler.generate` per batch of length-sorted prompts, decoding to
+    the batch's longest budget) on the engine's workload: the engine's own baseline."""
+    from pdpo_jax.models import config_from_hf
+    from pdpo_jax.models.families import build_model
+    from pdpo_jax.sampling import Sampler, SamplingConfig
+    arch = TINY if args.smoke else QWEN2_1_5B
+    model = build_model(config_from_hf(arch).replace(dtype="bfloat16", param_dtype="bfloat16"))
+    sampler = Sampler(model, SamplingConfig(48, top_p=0.9))
+    prompts, budgets = _negatives_workload(args)
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    out = {}
+    for batch in ((32,) if args.smoke else (64, 256)):  # smoke: 2 batches, a few compiles
+        def run():
+            lengths = []
+            for lo in range(0, len(order), batch):
+                chunk = order[lo:lo + batch]
+                filled = chunk + [chunk[0]] * (batch - len(chunk))  # one shape per batch size
+                got = sampler.generate([prompts[k] for k in filled], example_ids=filled,
+                                       cfg=SamplingConfig(max(budgets[k] for k in chunk), top_p=0.9))
+                lengths += [min(int(got.lengths[j]), budgets[k]) for j, k in enumerate(chunk)]
+            return lengths
+        run()
+        start = time.perf_counter()
+        lengths = run()
+        seconds = time.perf_counter() - start
+        out[f"batch_{batch}"] = dict(seconds=seconds, useful_tok_s=sum(lengths) / seconds,
+                                     useful_tokens=sum(lengths))
+    return out
+
+
+def _dnli_workload(args):
+    """Examples shaped like Dialogue-NLI's: a prompt of 160-255 tokens, 33 candidates of 4-24."""
+    import numpy as np
+    rng = np.random.default_rng(1)
+    n = 4 if args.smoke else 96
+    vocab = (TINY if args.smoke else QWEN2_1_5B)["vocab_size"]
+    return [(rng.integers(1, vocab, rng.integers(160, 256)),
+             [rng.integers(1, vocab, rng.integers(4, 25)) for _ in range(33)]) for _ in range(n)]
+
+
+def step_dnli(args) -> dict:
+    """fp32 scoring under the eval stage's matmul precision: ours with the prompt shared by the
+    candidates (the eval stage's path) and with one row per candidate, then the HF KV-reusing
+    peer on the same device and weights; candidates/s of each and max |ours - HF|."""
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+    from flax import nnx
+    from bench_engine import _hf_kv_scores
+    from pdpo_jax.eval import dnli_scoring
+    from pdpo_jax.models import config_from_hf, save_pretrained
+    from pdpo_jax.models.families import build_model
+    arch = TINY if args.smoke else QWEN2_1_5B
+    model = build_model(config_from_hf(arch))  # fp32
+    graphdef, params = nnx.split(model)
+    examples = _dnli_workload(args)
+    encoded = [dnli_scoring._Example(i, p, c) for i, (p, c) in enumerate(examples)]
+    n = sum(len(c) for _, c in examples)
+    out, scores = {}, {}
+    for kind, calls, batch in (("shared", dnli_scoring._packed_calls, 4 if args.smoke else 32),
+                               ("full", dnli_scoring._full_row_calls, 33)):
+        def run():
+            sums = {}
+            with jax.default_matmul_precision(dnli_scoring.SCORING_PRECISION):
+                for owners, logp in calls(graphdef, params, encoded, batch, 0,
+                                          dnli_scoring.LOGIT_CHUNK, None):
+                    dnli_scoring._accumulate(sums, owners, logp)
+            return [sums[(i, j)] for i, (_, c) in enumerate(examples) for j in range(len(c))]
+        run()
+        start = time.perf_counter()
+        scores[kind] = run()
+        seconds = time.perf_counter() - start
+        out[kind] = dict(seconds=seconds, candidates_per_s=n / seconds, batch=batch)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:  # the same weights
+        save_pretrained(model, folder)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    hf = hf.to(device).eval()
+
+    def run_hf():
+        with torch.inference_mode():
+            return [x for p, c in examples
+                    for x in _hf_kv_scores(hf, p.tolist(), [t.tolist() for t in c])]
+    run_hf()
+    start = time.perf_counter()
+    scores["hf_kv"] = run_hf()
+    seconds = time.perf_counter() - start
+    out["hf_kv"] = dict(seconds=seconds, candidates_per_s=n / seconds)
+    out |= dict(examples=len(examples), candidates=n,
+                max_abs_diff_vs_hf=float(np.max(np.abs(np.subtract(scores["shared"], scores["hf_kv"])))),
+                max_abs_diff_full=float(np.max(np.abs(np.subtract(scores["shared"], scores["full"])))),
+                max_abs_score=float(np.max(np.abs(scores["hf_kv"]))))
+    return out
+
+
+def step_ratios(result: dict) -> dict:
+    """The engine issue's ratios from the steps' records (None where a step is missing)."""
+    def rate(step, key, field):
+        return (result.get(step) or {}).get(key, {}).get(field)
+
+    def ratio(a, b):
+        return a / b if a and b else None
+    out = {}
+    sizes = sorted(int(k.split("_")[1]) for k in (result.get("engine") or {}) if k.startswith("slots_"))
+    for slots in sizes:
+        engine = rate("engine", f"slots_{slots}", "useful_tok_s")
+        out[f"engine_vs_static_{slots}"] = ratio(engine, rate("static", f"batch_{slots}", "useful_tok_s"))
+        out[f"engine_vs_hf_{slots}"] = ratio(engine, rate("hf_generate", f"batch_{slots}", "useful_tok_s"))
+    dnli = result.get("dnli") or {}
+    shared = (dnli.get("shared") or {}).get("candidates_per_s")
+    out["dnli_vs_full"] = ratio(shared, (dnli.get("full") or {}).get("candidates_per_s"))
+    out["dnli_vs_hf_kv"] = ratio(shared, (dnli.get("hf_kv") or {}).get("candidates_per_s"))
+    return out
+
+
 def step_memory(args, dpo: dict) -> dict:
     import jax
     from pdpo_jax.config import load_config
@@ -272,16 +400,25 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script on any backend")
     p.add_argument("--skip-parity", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--steps", default=None, help="comma-separated step names (default: all)")
     args = p.parse_args()
     import jax
     result = dict(backend=jax.default_backend(), devices=[str(d.device_kind) for d in jax.devices()],
                   jax=jax.__version__, smoke=args.smoke)
     steps = [("dpo_bf16", step_dpo_bf16), ("peak", step_peak),
              ("dpo_step", lambda a: step_dpo(a, result.get("peak", {}).get("bf16_tflops"))),
-             ("engine", step_engine), ("hf_generate", step_hf_generate),
+             ("engine", step_engine), ("hf_generate", step_hf_generate), ("static", step_static),
+             ("dnli", step_dnli), ("ratios", lambda a: step_ratios(result)),
              ("memory", lambda a: step_memory(a, result.get("dpo_step", {})))]
     if not args.skip_parity:
-        steps.insert(5, ("parity", step_parity))
+        steps.insert(8, ("parity", step_parity))
+    if args.steps:
+        wanted = args.steps.split(",")
+        unknown = sorted(set(wanted) - {name for name, _ in steps} - {"parity"})
+        if unknown:
+            p.error(f"--steps: unknown {', '.join(unknown)}; the steps are "
+                    f"{', '.join(name for name, _ in steps)}, parity")
+        steps = [(name, fn) for name, fn in steps if name in wanted]
     os.makedirs(args.out, exist_ok=True)
     for name, fn in steps:
         start = time.perf_counter()

@@ -330,3 +330,25 @@ def test_engine_bench_workload_skips_records_a_chat_template_cannot_encode(tmp_p
     assert out["prompts"] == 40 and out["dnli"] == 4
     workload = json.loads((tmp_path / "w.json").read_text())
     assert all(p["ids"] and p["budget"] == max_new for p in workload["prompts"])
+
+
+def test_gpu_check_inference_steps_on_tiny_shapes():
+    """bench/gpu_check.py's static-sampler and Dialogue-NLI steps with --smoke shapes on the CPU:
+    the static sampler makes every budgeted token (random weights never stop early), our
+    shared-prompt and full-row scores equal the HF KV-reusing peer's on the same weights, and
+    the ratios are the rates' quotients."""
+    import argparse
+    with bench_modules("gpu_check") as modules:
+        m, args = modules.gpu_check, argparse.Namespace(smoke=True)
+        static = m.step_static(args)
+        dnli = m.step_dnli(args)
+        _, budgets = m._negatives_workload(args)
+        ratios = m.step_ratios({"engine": {"slots_32": {"useful_tok_s": 300.0}},
+                                "static": static, "dnli": dnli})
+    assert static["batch_32"]["useful_tokens"] == sum(budgets)
+    assert dnli["candidates"] == 4 * 33
+    assert dnli["max_abs_diff_vs_hf"] < 1e-4 and dnli["max_abs_diff_full"] < 1e-4
+    assert dnli["max_abs_score"] > 10  # sums of several nats: the comparison is not vacuous
+    assert ratios["engine_vs_static_32"] == 300.0 / static["batch_32"]["useful_tok_s"]
+    assert ratios["engine_vs_hf_32"] is None
+    assert ratios["dnli_vs_full"] == dnli["shared"]["candidates_per_s"] / dnli["full"]["candidates_per_s"]
