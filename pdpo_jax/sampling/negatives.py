@@ -73,7 +73,7 @@ class NegativeJob:
     records: Sequence[pdata.PersonaTurn]
     sample_personas: Sequence[tuple[str, ...]]
     out_dir: pathlib.Path
-    filter: bool = True  # False: the margin filter scores this split's pairs, drops none
+    apply_filter: bool = True  # False: the margin filter scores this split's pairs, drops none
 
 
 def _normalise(text: str) -> str:
@@ -148,7 +148,7 @@ class NegativeBuilder:
                 rows[i]["history_dropped"] = cut[i]
         bar.update(len(indices) - len(order))  # prompts that did not fit
         shard = [rows[i] for i in indices]
-        self._filter_by_margin(shard, drop=job.filter)
+        self._filter_by_margin(shard, drop=job.apply_filter)
         return shard
 
     def _filter_by_margin(self, rows: list[dict], drop: bool = True) -> None:
@@ -196,7 +196,7 @@ class NegativeBuilder:
             margins = [math.nan if r["persona_margin"] is None else r["persona_margin"]
                        for r in rows if "persona_margin" in r]
             summary["persona_margin"] = (margin_summary(margins, self.filter_margin)
-                                         | {"applied": job.filter})
+                                         | {"applied": job.apply_filter})
         write_json_atomic(job.out_dir / f"{job.name}_summary.json", summary, indent=2)
         shutil.rmtree(job.out_dir / f"{job.name}_shards")
         return summary
@@ -270,7 +270,7 @@ def run_negatives(ctx: RunContext) -> None:
         personas = (swapped_personas(records, cfg.run.seed, pool) if neg.mode == "shuffle"
                     else [tuple(r.persona) for r in records])
         summaries[split] = builder.run(NegativeJob(split, records, personas, out,
-                                                   filter=split == "train" or neg.filter_dev))
+                                                   apply_filter=split == "train" or neg.filter_dev))
     if jax.process_index() == 0:
         ctx.write_data_stats("negatives", {k: pdata.EncodeStats(**v["prompts"])
                                            for k, v in summaries.items()},
