@@ -63,6 +63,14 @@ def _timed(fn, reps: int) -> list[float]:
     return out
 
 
+def _second_call(run) -> tuple[float, object]:
+    """(seconds, result) of run's second call: the first compiles and warms caches."""
+    run()
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result
+
+
 def step_parity(args) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
            "tests/test_models_hf_parity.py"]
@@ -204,10 +212,7 @@ def step_engine(args) -> dict:
             while scheduler.busy:
                 scheduler.step()
             return scheduler
-        run()
-        start = time.perf_counter()
-        scheduler = run()
-        seconds = time.perf_counter() - start
+        seconds, scheduler = _second_call(run)
         out[f"slots_{slots}"] = dict(seconds=seconds, useful_tok_s=sum(budgets) / seconds,
                                      busy=scheduler.useful_steps / max(scheduler.slot_steps, 1))
     return out
@@ -252,10 +257,7 @@ def step_hf_generate(args) -> dict:
                                    max_new_tokens=budget, min_new_tokens=budget, pad_token_id=0)
             if device == "cuda":
                 torch.cuda.synchronize()
-        run()  # warm-up: kernels, allocator
-        start = time.perf_counter()
-        run()
-        seconds = time.perf_counter() - start
+        seconds, _ = _second_call(run)  # the first call warms kernels and the allocator
         out[f"batch_{batch}"] = dict(seconds=seconds, useful_tok_s=sum(budgets) / seconds)
     return out
 
@@ -282,10 +284,7 @@ def step_static(args) -> dict:
                                        cfg=SamplingConfig(max(budgets[k] for k in chunk), top_p=0.9))
                 lengths += [min(int(got.lengths[j]), budgets[k]) for j, k in enumerate(chunk)]
             return lengths
-        run()
-        start = time.perf_counter()
-        lengths = run()
-        seconds = time.perf_counter() - start
+        seconds, lengths = _second_call(run)
         out[f"batch_{batch}"] = dict(seconds=seconds, useful_tok_s=sum(lengths) / seconds,
                                      useful_tokens=sum(lengths))
     return out
@@ -330,10 +329,7 @@ def step_dnli(args) -> dict:
                                           dnli_scoring.LOGIT_CHUNK, None):
                     dnli_scoring._accumulate(sums, owners, logp)
             return [sums[(i, j)] for i, (_, c) in enumerate(examples) for j in range(len(c))]
-        run()
-        start = time.perf_counter()
-        scores[kind] = run()
-        seconds = time.perf_counter() - start
+        seconds, scores[kind] = _second_call(run)
         out[kind] = dict(seconds=seconds, candidates_per_s=n / seconds, batch=batch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:  # the same weights
@@ -345,10 +341,7 @@ def step_dnli(args) -> dict:
         with torch.inference_mode():
             return [x for p, c in examples
                     for x in _hf_kv_scores(hf, p.tolist(), [t.tolist() for t in c])]
-    run_hf()
-    start = time.perf_counter()
-    scores["hf_kv"] = run_hf()
-    seconds = time.perf_counter() - start
+    seconds, scores["hf_kv"] = _second_call(run_hf)
     out["hf_kv"] = dict(seconds=seconds, candidates_per_s=n / seconds)
     out |= dict(examples=len(examples), candidates=n,
                 max_abs_diff_vs_hf=float(np.max(np.abs(np.subtract(scores["shared"], scores["hf_kv"])))),
