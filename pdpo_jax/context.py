@@ -109,8 +109,12 @@ def load_tokenizer(cfg: Config, checkpoint: str | None = None):
                         "it from; set model.tokenizer to a tokenizer folder")
     folder = pathlib.Path(os.path.expanduser(source))
     if not folder.is_dir():
-        raise UserError(f"model.tokenizer: {folder} is not a folder; set model.tokenizer (or "
-                        "model.checkpoint) to a folder holding the tokenizer files")
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.checkpoint"
+        made_by_a_run = "runs" in folder.parts  # e.g. runs/<other run>/sft/best
+        raise UserError(f"{key}: {folder} is not a folder; " + (
+            "it is another run's output: run the config that writes it first (see this "
+            "config's header)" if made_by_a_run else
+            "set model.tokenizer (or model.checkpoint) to a folder holding the tokenizer files"))
     return transformers.AutoTokenizer.from_pretrained(folder)
 
 

@@ -93,7 +93,9 @@ def test_values_on_the_edge_of_a_range_load():
     (lambda tmp: (tmp / "bad.jsonl").write_text('{"persona": ["x"]}\n') and
      [f"data.train={tmp / 'bad.jsonl'}", f"data.dev={tmp / 'bad.jsonl'}"], "bad.jsonl:1: "),
     (lambda tmp: ["model.checkpoint=/nonexistent/ckpt", "model.tokenizer=null",
-                  "model.architecture=null"], "/nonexistent/ckpt is not a folder"),
+                  "model.architecture=null"], "model.checkpoint: /nonexistent/ckpt is not a folder"),
+    (lambda tmp: [f"model.checkpoint={tmp / 'runs/other/sft/best'}", "model.tokenizer=null",
+                  "model.architecture=null"], "another run's output: run the config that writes"),
     (lambda tmp: ["sft.batch_size=-3"], "sft.batch_size: -3 is out of range"),
 ])
 def test_cli_user_mistakes_are_one_line_and_status_2(tmp_path, capsys, setup, fragment):
