@@ -231,18 +231,29 @@ def _jax_dnli(folder, examples, kind):
     from pdpo_jax.allocator import synchronous_cpu_dispatch
     synchronous_cpu_dispatch()
     from flax import nnx
-    from pdpo_jax.eval import dnli_scoring
     from pdpo_jax.models import from_pretrained
     graphdef, params = nnx.split(from_pretrained(folder))
-    encoded = [dnli_scoring._Example(i, e["prompt"], e["candidates"]) for i, e in enumerate(examples)]
+    return jax_dnli_scorer(graphdef, params, [(e["prompt"], e["candidates"]) for e in examples],
+                           kind, 4 if kind == "shared" else 32)
+
+
+def jax_dnli_scorer(graphdef, params, examples, kind: str, batch: int):
+    """run() -> every candidate's Σ log-prob, example by example, as the eval stage scores them
+    (`dnli_scoring`, fp32 matmuls): kind 'shared' (a prompt once per row, its candidates as
+    segments) or 'full' (a row per candidate), `batch` rows per call. examples: (prompt ids,
+    [candidate ids, ...]) pairs. Also bench/gpu_check.py's scorer."""
+    import jax
+    from pdpo_jax.eval import dnli_scoring
+    encoded = [dnli_scoring._Example(i, p, c) for i, (p, c) in enumerate(examples)]
     calls = dnli_scoring._packed_calls if kind == "shared" else dnli_scoring._full_row_calls
-    batch = 4 if kind == "shared" else 32
 
     def run():
         sums = {}
-        for owners, logp in calls(graphdef, params, encoded, batch, 0, dnli_scoring.LOGIT_CHUNK, None):
-            dnli_scoring._accumulate(sums, owners, logp)
-        return [sums[(i, j)] for i, e in enumerate(examples) for j in range(len(e["candidates"]))]
+        with jax.default_matmul_precision(dnli_scoring.SCORING_PRECISION):
+            for owners, logp in calls(graphdef, params, encoded, batch, 0,
+                                      dnli_scoring.LOGIT_CHUNK, None):
+                dnli_scoring._accumulate(sums, owners, logp)
+        return [sums[(i, j)] for i, (_, c) in enumerate(examples) for j in range(len(c))]
     return run
 
 

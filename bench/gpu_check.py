@@ -71,6 +71,18 @@ def _second_call(run) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def _arch(args) -> dict:
+    return TINY if args.smoke else QWEN2_1_5B
+
+
+def _random_model(args, dtype: str = "float32"):
+    """The check's model (TINY with --smoke, else the Qwen2-1.5B shape), random weights, params
+    and compute in `dtype`."""
+    from pdpo_jax.models import config_from_hf
+    from pdpo_jax.models.families import build_model
+    return build_model(config_from_hf(_arch(args)).replace(dtype=dtype, param_dtype=dtype))
+
+
 def step_parity(args) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
            "tests/test_models_hf_parity.py"]
@@ -194,12 +206,9 @@ def _peak_bytes() -> int | None:
 
 def step_engine(args) -> dict:
     import numpy as np
-    from pdpo_jax.models import config_from_hf
-    from pdpo_jax.models.families import build_model
     from pdpo_jax.sampling import SamplingConfig
     from pdpo_jax.sampling.engine import Engine, Request
-    arch = TINY if args.smoke else QWEN2_1_5B
-    model = build_model(config_from_hf(arch).replace(dtype="bfloat16", param_dtype="bfloat16"))
+    model = _random_model(args, "bfloat16")
     prompts, budgets = _negatives_workload(args)
     out = {}
     for slots in ((8, 16) if args.smoke else (64, 128, 256)):
@@ -235,7 +244,7 @@ def step_hf_generate(args) -> dict:
     import torch
     import transformers
     from pdpo_jax.data.batches import left_pad
-    arch = TINY if args.smoke else QWEN2_1_5B
+    arch = _arch(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**arch)
@@ -265,11 +274,8 @@ def step_hf_generate(args) -> dict:
 def step_static(args) -> dict:
     """Our static sampler (one `Sampler.generate` per batch of length-sorted prompts, decoding to
     the batch's longest budget) on the engine's workload: the engine's own baseline."""
-    from pdpo_jax.models import config_from_hf
-    from pdpo_jax.models.families import build_model
     from pdpo_jax.sampling import Sampler, SamplingConfig
-    arch = TINY if args.smoke else QWEN2_1_5B
-    model = build_model(config_from_hf(arch).replace(dtype="bfloat16", param_dtype="bfloat16"))
+    model = _random_model(args, "bfloat16")
     sampler = Sampler(model, SamplingConfig(48, top_p=0.9))
     prompts, budgets = _negatives_workload(args)
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
@@ -295,7 +301,7 @@ def _dnli_workload(args):
     import numpy as np
     rng = np.random.default_rng(1)
     n = 4 if args.smoke else 96
-    vocab = (TINY if args.smoke else QWEN2_1_5B)["vocab_size"]
+    vocab = _arch(args)["vocab_size"]
     return [(rng.integers(1, vocab, rng.integers(160, 256)),
              [rng.integers(1, vocab, rng.integers(4, 25)) for _ in range(33)]) for _ in range(n)]
 
@@ -304,32 +310,19 @@ def step_dnli(args) -> dict:
     """fp32 scoring under the eval stage's matmul precision: ours with the prompt shared by the
     candidates (the eval stage's path) and with one row per candidate, then the HF KV-reusing
     peer on the same device and weights; candidates/s of each and max |ours - HF|."""
-    import jax
     import numpy as np
     import torch
     import transformers
     from flax import nnx
-    from bench_engine import _hf_kv_scores
-    from pdpo_jax.eval import dnli_scoring
-    from pdpo_jax.models import config_from_hf, save_pretrained
-    from pdpo_jax.models.families import build_model
-    arch = TINY if args.smoke else QWEN2_1_5B
-    model = build_model(config_from_hf(arch))  # fp32
+    from bench_engine import _hf_kv_scores, jax_dnli_scorer
+    from pdpo_jax.models import save_pretrained
+    model = _random_model(args)  # fp32
     graphdef, params = nnx.split(model)
     examples = _dnli_workload(args)
-    encoded = [dnli_scoring._Example(i, p, c) for i, (p, c) in enumerate(examples)]
     n = sum(len(c) for _, c in examples)
     out, scores = {}, {}
-    for kind, calls, batch in (("shared", dnli_scoring._packed_calls, 4 if args.smoke else 32),
-                               ("full", dnli_scoring._full_row_calls, 33)):
-        def run():
-            sums = {}
-            with jax.default_matmul_precision(dnli_scoring.SCORING_PRECISION):
-                for owners, logp in calls(graphdef, params, encoded, batch, 0,
-                                          dnli_scoring.LOGIT_CHUNK, None):
-                    dnli_scoring._accumulate(sums, owners, logp)
-            return [sums[(i, j)] for i, (_, c) in enumerate(examples) for j in range(len(c))]
-        seconds, scores[kind] = _second_call(run)
+    for kind, batch in (("shared", 4 if args.smoke else 32), ("full", 33)):
+        seconds, scores[kind] = _second_call(jax_dnli_scorer(graphdef, params, examples, kind, batch))
         out[kind] = dict(seconds=seconds, candidates_per_s=n / seconds, batch=batch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:  # the same weights
@@ -363,10 +356,9 @@ def step_ratios(result: dict) -> dict:
         engine = rate("engine", f"slots_{slots}", "useful_tok_s")
         out[f"engine_vs_static_{slots}"] = ratio(engine, rate("static", f"batch_{slots}", "useful_tok_s"))
         out[f"engine_vs_hf_{slots}"] = ratio(engine, rate("hf_generate", f"batch_{slots}", "useful_tok_s"))
-    dnli = result.get("dnli") or {}
-    shared = (dnli.get("shared") or {}).get("candidates_per_s")
-    out["dnli_vs_full"] = ratio(shared, (dnli.get("full") or {}).get("candidates_per_s"))
-    out["dnli_vs_hf_kv"] = ratio(shared, (dnli.get("hf_kv") or {}).get("candidates_per_s"))
+    shared = rate("dnli", "shared", "candidates_per_s")
+    out["dnli_vs_full"] = ratio(shared, rate("dnli", "full", "candidates_per_s"))
+    out["dnli_vs_hf_kv"] = ratio(shared, rate("dnli", "hf_kv", "candidates_per_s"))
     return out
 
 
@@ -374,7 +366,7 @@ def step_memory(args, dpo: dict) -> dict:
     import jax
     from pdpo_jax.config import load_config
     from pdpo_jax.memory import MeshShape, plan
-    arch = TINY if args.smoke else QWEN2_1_5B
+    arch = _arch(args)
     pairs, total = (8, 32) if args.smoke else (8, 256)
     cfg = load_config(None, (f"model.architecture={json.dumps(arch)}", "model.dtype=bfloat16",
                              f"dpo.batch_size={pairs}", f"data.max_total_tokens={total}",
