@@ -85,10 +85,8 @@ def run_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attent
             remat = functools.partial(jax.checkpoint, policy=_REMAT_POLICIES[cfg.remat],
                                       prevent_cse=False)
             body, last = remat(body), remat(last)
-        # Unrolled, no [L, ...] stacked residual buffers for XLA:CPU to update by copying
-        # (faster steps, longer compiles: docs/performance.md).
         if select_BQ is None:
-            return jax.lax.scan(body, h_BTD, state, unroll=bool(cfg.unroll_layers))[0], None
+            return jax.lax.scan(body, h_BTD, state, unroll=unrolled(cfg))[0], None
         h_BTD = jax.lax.scan(body, h_BTD, jax.tree.map(lambda x: x[:-1], state), unroll=True)[0]
         return last(h_BTD, jax.tree.map(lambda x: x[-1], state)), None
 
@@ -104,10 +102,20 @@ def run_layers(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attent
                           length=cache.length + positions_BT.shape[1])
 
 
+def unrolled(cfg: ModelConfig) -> bool:
+    """Whether the cacheless layer scan is unrolled: `cfg.unroll_layers`, unless layers are
+    rematerialised. Unrolled, XLA:CPU has no [L, ...] stacked residual buffers to update by
+    copying (faster steps, longer compiles: docs/performance.md), but it schedules every
+    layer's recomputation before the backward starts, all live at once, so remat saves
+    nothing there (SmolLM2-135M SFT step, `bench/memory_probe.py`: 2,812 MiB of temp with
+    remat unrolled, 1,640 rolled, 2,860 without remat)."""
+    return bool(cfg.unroll_layers) and cfg.remat == "none"
+
+
 def last_layer_selects(cfg: ModelConfig, layers: nnx.Module, cache: KVCache | None) -> bool:
     """Whether `run_layers` runs the last layer at select_BQ's columns alone: with a cache,
     unstacked layers or an unrolled scan. A rolled scan returns every column instead."""
-    return cache is not None or isinstance(layers, nnx.List) or bool(cfg.unroll_layers)
+    return cache is not None or isinstance(layers, nnx.List) or unrolled(cfg)
 
 
 def final_hidden(cfg: ModelConfig, layers: nnx.Module, h_BTD, positions_BT, attention_mask_BT,
