@@ -120,16 +120,19 @@ def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv
 
     kv_cache: None, or this layer's (k_BKSH, v_BKSH). Returns (out_BTNH, None or the updated
     (k_BKSH, v_BKSH)).
-    Without a cache (training, scoring) this is `jax.nn.dot_product_attention`
-    (`cfg.attn_implementation` picks cudnn/xla). With one, two einsums read the cache in its
+    Without a cache (training, scoring) this is `jax.nn.dot_product_attention` on a GPU (its
+    cuDNN kernel where `cfg.attn_implementation` asks for it) and elsewhere its XLA path as
+    `softmax_attention`, which keeps a third of that path's memory for the backward. With one, two einsums read the cache in its
     stored [B, K, S, H] layout: dot_product_attention wants [B, S, K, H] and XLA would
     transpose the whole cache at every decode step. A prefill reads the just-written first T
     slots the same way, which skips the transposes dot_product_attention makes of q, k and v.
     """
     if kv_cache is None:
-        return jax.nn.dot_product_attention(
-            q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None],
-            implementation=cfg.attn_implementation), None
+        if cfg.attn_implementation == "cudnn" or jax.default_backend() == "gpu":
+            return jax.nn.dot_product_attention(
+                q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None],
+                implementation=cfg.attn_implementation), None
+        return softmax_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS), None
     k_BKSH, v_BKSH = kv_cache
     at = (0, 0, keys.write_at, 0)
     k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BTKH.swapaxes(1, 2).astype(k_BKSH.dtype), at)
@@ -139,6 +142,56 @@ def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv
     S = k_BTKH.shape[1] if keys.prefill else k_BKSH.shape[2]
     out = cached_attention(q_BTNH, k_BKSH[:, :, :S], v_BKSH[:, :, :S], mask_BTS)
     return out, (k_BKSH, v_BKSH)
+
+
+def _scores(q_BTKGH, k_BSKH, mask_BTS):
+    """Scaled q·k in fp32, masked: jax.nn.dot_product_attention's XLA path, op for op."""
+    precision = (jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BTKGH.dtype == jnp.bfloat16
+                 else None)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, precision=precision,
+                        preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1 / np.sqrt(q_BTKGH.shape[-1]))
+    return jnp.where(mask_BTS[:, None, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
+
+
+def _softmax_attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    B, T, N, H = q_BTNH.shape
+    q = q_BTNH.reshape(B, T, k_BSKH.shape[2], N // k_BSKH.shape[2], H)
+    probs = jax.nn.softmax(_scores(q, k_BSKH, mask_BTS), axis=-1)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v_BSKH.dtype), v_BSKH).reshape(B, T, N, H)
+    return out, (q, k_BSKH, v_BSKH, mask_BTS, probs)
+
+
+@jax.custom_vjp
+def softmax_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Grouped-query softmax attention without a cache, equal to jax.nn.dot_product_attention's
+    XLA path (fp32 scores and softmax, probabilities cast to v's dtype), with the gradients
+    differentiating that path gives (in bf16, P·V's are accumulated from the fp32
+    probabilities, so they are if anything closer). What differs is what the backward keeps:
+    the fp32 probabilities alone, where autodiff of that path keeps three [B, N, T, S] fp32
+    arrays per layer on XLA:CPU (the scores, the probabilities, and P in v's dtype upcast for
+    the matmul; SmolLM2-135M SFT step, 8 rows of 192 tokens: 2 × 294 MiB of its peak,
+    `bench/memory_probe.py`). Nothing is recomputed, so no scheduling can hoist a
+    recomputation ahead of the backward."""
+    return _softmax_attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS)[0]
+
+
+def _softmax_attention_bwd(saved, g_BTNH):
+    q, k_BSKH, v_BSKH, mask_BTS, probs = saved
+    g = g_BTNH.reshape(q.shape)
+    # P·V's gradients from the fp32 probabilities, accumulated in fp32: autodiff would read
+    # P in v's dtype, and XLA:CPU would keep that copy, upcast to fp32, for it
+    dv = jnp.einsum("BKGTS,BTKGH->BSKH", probs, g, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("BTKGH,BSKH->BKGTS", g, v_BSKH, preferred_element_type=jnp.float32)
+    # softmax's own VJP, from its output alone
+    d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+    # the linear part of q, k -> scores: XLA drops the recomputed scores nobody reads
+    _, scores_vjp = jax.vjp(lambda q, k: _scores(q, k, mask_BTS), q, k_BSKH)
+    dq, dk = scores_vjp(d_scores)
+    return dq.reshape(g_BTNH.shape), dk, dv.astype(v_BSKH.dtype), None
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
