@@ -68,9 +68,9 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = x_BTD.dtype
-        gate = jax.nn.silu(ops.dense("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt)))
+        gate = ops.dense("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
         up = ops.dense("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
-        return ops.dense("BTF,FD->BTD", gate * up, self.down_FD[...].astype(dt))
+        return ops.dense("BTF,FD->BTD", ops.swiglu(gate, up), self.down_FD[...].astype(dt))
 
 
 class Block(nnx.Module):
