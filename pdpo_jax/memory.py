@@ -11,7 +11,8 @@ needed). Gradients and the DPO reference copy follow the parameters' shardings.
 Activations are an estimate from a per-token, per-layer table (`_LAYER_TERMS`) of what JAX's
 autodiff keeps for the backward pass of one block of this code base, read off
 `jax.ad_checkpoint.print_saved_residuals` and checked against it by tests/test_memory.py:
-with remat=none every intermediate (incl. the [N, T, T] attention probabilities), with
+with remat=none what each op's backward keeps (attention keeps q, k and v, not the [N, T, T]
+probabilities: `attention.softmax_attention`; SwiGLU its two inputs: `ops.swiglu`), with
 remat=full only the block input, with dots_saveable the matmul outputs. Rows are the stage's
 micro-batch per device (DPO doubles them: chosen and rejected share a forward), T the bucket
 that holds data.max_total_tokens. Under remat one block's residuals are rebuilt at a time and
@@ -141,13 +142,12 @@ def model_config(cfg: Config, stage: str = "sft") -> ModelConfig:
 # Bytes kept per token per layer for the backward pass: (compute-dtype elements, fp32 elements)
 # as functions of the model config and T; measured from jax's saved residuals of one block.
 _LAYER_TERMS = {
-    ("llama", "none"): lambda c, T: (4 * c.d_model + 6 * c.mlp_dim + 2 * _qh(c) + 2 * _kh(c)
-                                     + c.num_heads * T,
-                                     2 * c.d_model + c.num_heads * T + 2 * c.num_heads + 4),
+    ("llama", "none"): lambda c, T: (4 * c.d_model + 3 * c.mlp_dim + 2 * _qh(c) + 2 * _kh(c),
+                                     2 * c.d_model + 4),
     ("llama", "full"): lambda c, T: (c.d_model, 0),
     ("llama", "dots_saveable"): lambda c, T: (2 * c.d_model + 2 * c.mlp_dim + _qh(c) + 2 * _kh(c), 0),
-    ("gpt2", "none"): lambda c, T: (2 * c.d_model + 6 * c.mlp_dim + 4 * _qh(c) + c.num_heads * T,
-                                    6 * c.d_model + c.num_heads * T + 2 * c.num_heads + 4),
+    ("gpt2", "none"): lambda c, T: (2 * c.d_model + 6 * c.mlp_dim + 4 * _qh(c),
+                                    6 * c.d_model + 4),
     ("gpt2", "full"): lambda c, T: (c.d_model, 0),
     ("gpt2", "dots_saveable"): lambda c, T: (2 * c.d_model + c.mlp_dim + 3 * _qh(c), 0),
 }
@@ -185,22 +185,18 @@ def layer_activation_bytes(c: ModelConfig, rows: int, T: int, remat: str, tensor
     return rows * T * (compute * c.compute_dtype.itemsize + fp32 * 4) + casts
 
 
-def _once_activation_bytes(c: ModelConfig, rows: int, T: int, remat: str, tensor: int) -> int:
-    """Saved once, not per layer: the attention mask (without remat per head, as bool and as
-    fp32 bias; else one bool [T, T] per row), the RoPE cos/sin tables (llama; fp32 [rows, T,
-    head_dim], with their rotated copies without remat), and a few [rows, T, D] buffers: the
-    embedding output (llama: in the compute dtype), final norm, the loss's gather, and GPT-2's
-    learned positions (fp32)."""
+def _once_activation_bytes(c: ModelConfig, rows: int, T: int, remat: str) -> int:
+    """Saved once, not per layer: the attention mask (one bool [T, T] per row), the RoPE
+    cos/sin tables (llama; fp32 [rows, T, head_dim], with their rotated copies without remat),
+    and a few [rows, T, D] buffers: the embedding output (llama: in the compute dtype), final
+    norm, the loss's gather, and GPT-2's learned positions (fp32)."""
     D = c.d_model
     if c.arch == "llama":
         buffers = rows * T * D * (2 * 4 + c.compute_dtype.itemsize)
         rope = (4 if remat == "none" else 2) * rows * T * c.head_dim * 4
     else:
         buffers, rope = 4 * rows * T * D * 4, 0
-    if remat != "none":
-        return rows * T * T + rope + buffers
-    heads = _per_device(c.num_heads, tensor)
-    return rows * heads * T * T * (1 + 4) + rope + buffers
+    return rows * T * T + rope + buffers
 
 
 @dataclasses.dataclass
@@ -262,8 +258,7 @@ def _train_bytes(cfg: Config, c: ModelConfig, params, mesh: MeshShape, stage: st
     param_b = tree_bytes(params, mesh)
     per_layer = {r: layer_activation_bytes(c, rows, row_T, r, mesh.tensor) for r in
                  ("none", "full", "dots_saveable")}
-    saved = per_layer[c.remat] * c.num_layers + _once_activation_bytes(c, rows, row_T, c.remat,
-                                                                      mesh.tensor)
+    saved = per_layer[c.remat] * c.num_layers + _once_activation_bytes(c, rows, row_T, c.remat)
     logits = rows * chunk * _per_device(c.vocab_size, mesh.tensor) * 4 * 2
     pdt = c.params_dtype.name
     train = {

@@ -154,12 +154,16 @@ def _scores(q_BTKGH, k_BSKH, mask_BTS):
     return jnp.where(mask_BTS[:, None, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
 
 
+def _probabilities(q_BTKGH, k_BSKH, mask_BTS):
+    return jax.nn.softmax(_scores(q_BTKGH, k_BSKH, mask_BTS), axis=-1)
+
+
 def _softmax_attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     B, T, N, H = q_BTNH.shape
     q = q_BTNH.reshape(B, T, k_BSKH.shape[2], N // k_BSKH.shape[2], H)
-    probs = jax.nn.softmax(_scores(q, k_BSKH, mask_BTS), axis=-1)
+    probs = _probabilities(q, k_BSKH, mask_BTS)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v_BSKH.dtype), v_BSKH).reshape(B, T, N, H)
-    return out, (q, k_BSKH, v_BSKH, mask_BTS, probs)
+    return out, (q, k_BSKH, v_BSKH, mask_BTS)
 
 
 @jax.custom_vjp
@@ -167,20 +171,26 @@ def softmax_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     """Grouped-query softmax attention without a cache, equal to jax.nn.dot_product_attention's
     XLA path (fp32 scores and softmax, probabilities cast to v's dtype), with the gradients
     differentiating that path gives (in bf16, P·V's are accumulated from the fp32
-    probabilities, so they are if anything closer). What differs is what the backward keeps:
-    the fp32 probabilities alone, where autodiff of that path keeps three [B, N, T, S] fp32
-    arrays per layer on XLA:CPU (the scores, the probabilities, and P in v's dtype upcast for
-    the matmul; SmolLM2-135M SFT step, 8 rows of 192 tokens: 2 × 294 MiB of its peak,
-    `bench/memory_probe.py`). Nothing is recomputed, so no scheduling can hoist a
-    recomputation ahead of the backward."""
+    probabilities, so they are if anything closer).
+
+    What differs is what the backward keeps: q, k, v and the mask, as a fused attention
+    kernel's backward does; it recomputes the probabilities. Autodiff of that path keeps three
+    [B, N, T, S] fp32 arrays per layer on XLA:CPU (the scores, the probabilities, and P in v's
+    dtype upcast for the matmul): SmolLM2-135M SFT step, 8 rows of 192 tokens, 3 × 294 MiB of
+    its peak (`bench/memory_probe.py`)."""
     return _softmax_attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS)[0]
 
 
 def _softmax_attention_bwd(saved, g_BTNH):
-    q, k_BSKH, v_BSKH, mask_BTS, probs = saved
+    q, k_BSKH, v_BSKH, mask_BTS = saved
     g = g_BTNH.reshape(q.shape)
+    # q + 0·g is q (NaN where g is not finite), but the recomputation now depends on g, so it
+    # runs layer by layer as the backward reaches it. Without that dependence XLA:CPU
+    # schedules every layer's recomputation ahead of the backward, all live at once (an
+    # optimization barrier does not survive the unrolled layer loop).
+    probs = _probabilities(q + 0 * g, k_BSKH, mask_BTS)
     # P·V's gradients from the fp32 probabilities, accumulated in fp32: autodiff would read
-    # P in v's dtype, and XLA:CPU would keep that copy, upcast to fp32, for it
+    # P in v's dtype, upcast to fp32 by XLA:CPU for the matmul
     dv = jnp.einsum("BKGTS,BTKGH->BSKH", probs, g, preferred_element_type=jnp.float32)
     d_probs = jnp.einsum("BTKGH,BSKH->BKGTS", g, v_BSKH, preferred_element_type=jnp.float32)
     # softmax's own VJP, from its output alone
