@@ -4,9 +4,12 @@ One code path for the SFT loss, both DPO forwards and Dialogue-NLI scoring:
   1. run the model to final hidden states h_BTD (no logits);
   2. keep only the positions that predict a response token (`response_window`), so the
      prompt never goes through the LM head;
-  3. log p(y) = h·W[y] − logsumexp(h·Wᵀ), in fp32, chunked over time with rematerialisation
-     so at most [B, chunk, V] logits exist at once, forward or backward. Gathering W[y]
-     instead of indexing the logits keeps the gradient a [B, T, D] scatter, not [B, T, V].
+  3. log p(y) = logits[y] − logsumexp(logits), logits = h·Wᵀ in fp32, chunked over time so at
+     most [B, chunk, V] logits exist at once, forward or backward: each chunk's backward
+     rebuilds its logits and forms (onehot(y) − softmax)·g in place, so W's gradient is one
+     [V, D] accumulator. (Autodiff of h·W[y] − logsumexp added a [V, D] scatter of W[y]'s
+     gradient and a third [V, D] buffer for the sum; SmolLM2-135M: 2 × 108 MiB of the SFT
+     step's peak, `bench/memory_probe.py`.)
 """
 from __future__ import annotations
 
@@ -44,18 +47,34 @@ def token_logps(h_BRD, unembed_VD, targets_BR, chunk: int = LOGIT_CHUNK):
         targets_BR = jnp.pad(targets_BR, ((0, 0), (0, pad)))
     n = h_BRD.shape[1] // chunk
     w = unembed_VD.astype(h_BRD.dtype)
-
-    @jax.checkpoint
-    def one(h_BCD, y_BC):
-        logits = unembed(h_BCD, w)  # fp32 logits; backward matmuls in the compute dtype
-        target = jnp.einsum("BCD,BCD->BC", h_BCD, jnp.take(w, y_BC, axis=0),
-                            preferred_element_type=jnp.float32)
-        return target - jax.nn.logsumexp(logits, axis=-1)
-
     h_nBCD = h_BRD.reshape(B, n, chunk, D).swapaxes(0, 1)
     y_nBC = targets_BR.reshape(B, n, chunk).swapaxes(0, 1)
-    out = jax.lax.map(lambda xs: one(*xs), (h_nBCD, y_nBC))
+    out = jax.lax.map(lambda xs: _chunk_logps(xs[0], w, xs[1]), (h_nBCD, y_nBC))
     return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :R]
+
+
+@jax.custom_vjp
+def _chunk_logps(h_BCD, w_VD, y_BC):
+    """log softmax(h·Wᵀ)[y] [B, C] in fp32; the backward keeps h, W and y only."""
+    logits = unembed(h_BCD, w_VD)
+    target = jnp.take_along_axis(logits, y_BC[..., None], axis=-1)[..., 0]
+    return target - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _chunk_logps_fwd(h_BCD, w_VD, y_BC):
+    return _chunk_logps(h_BCD, w_VD, y_BC), (h_BCD, w_VD, y_BC)
+
+
+def _chunk_logps_bwd(saved, g_BC):
+    h_BCD, w_VD, y_BC = saved
+    logits, unembed_vjp = jax.vjp(unembed, h_BCD, w_VD)
+    onehot = jax.nn.one_hot(y_BC, logits.shape[-1], dtype=logits.dtype)
+    d_logits = g_BC[..., None] * (onehot - jax.nn.softmax(logits, axis=-1))
+    d_h, d_w = unembed_vjp(d_logits)
+    return d_h, d_w, None
+
+
+_chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
 
 
 def response_logps(model, tokens_BT, positions_BT, attention_mask_BT, loss_mask_BT, *,
