@@ -83,7 +83,7 @@ def run_jax(args) -> dict:
 
     from pdpo_jax.allocator import release_free_memory, synchronous_cpu_dispatch
     from pdpo_jax.config import OptimizerConfig
-    from pdpo_jax.models.common import frozen_forward_params
+    from pdpo_jax.models.layers import frozen_forward_params
     from pdpo_jax.sharding import make_mesh
     from pdpo_jax.train.optim import make_optimizer
     from pdpo_jax.train.state import create_state, init_params, jit_dpo_step, shard_batch

@@ -107,6 +107,19 @@ def test_rounds_report_each_rows_median_round(bench, tmp_path, monkeypatch):
     assert f"| {1.1 * base:.0f} / {1.6 * base:.0f} / {base:.0f} |" in table and "3 rounds" in table
 
 
+def test_dpo_worker_times_the_projects_step():
+    """The real pdpo_jax worker `--all` launches (the tests above replace it), two steps of the
+    anchor model: it imports what the project exports now (a stale import broke it once,
+    unseen) and its step trains (loss near log 2 at step 0, finite)."""
+    cmd = [sys.executable, os.path.join(BENCH, "bench_dpo.py"), "jax", "--precision", "fp32",
+           "--window", "32", "--share-prompt", "--warmup", "1", "--steps", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["label"] == "pdpo_jax-fp32-win32-shared" and record["step_ms"] > 0
+    assert abs(record["final_loss"] - 0.693) < 0.05
+
+
 def _sampler_record(bs, kind, dtype, call_ms, prefill_ms, tokens=((1, 2), (3, 4))):
     """A made-up bench_sampler worker record: per mode one median call of call_ms[mode]."""
     out = dict(framework=kind, dtype=dtype, prefill={"median_s": prefill_ms / 1e3},
