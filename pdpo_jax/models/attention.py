@@ -121,9 +121,9 @@ def attend(cfg: ModelConfig, q_BTNH, k_BTKH, v_BTKH, mask_BTS, keys: KeyInfo, kv
     kv_cache: None, or this layer's (k_BKSH, v_BKSH). Returns (out_BTNH, None or the updated
     (k_BKSH, v_BKSH)).
     Without a cache (training, scoring) this is `jax.nn.dot_product_attention` on a GPU (its
-    cuDNN kernel where `cfg.attn_implementation` asks for it) and elsewhere its XLA path as
-    `softmax_attention`, which keeps a third of that path's memory for the backward. With one, two einsums read the cache in its
-    stored [B, K, S, H] layout: dot_product_attention wants [B, S, K, H] and XLA would
+    cuDNN kernel where `cfg.attn_implementation` asks for it) and elsewhere that function's
+    XLA path as `softmax_attention`, whose backward keeps q, k and v, not [T, S] arrays. With
+    a cache, two einsums read the cache in its stored [B, K, S, H] layout: dot_product_attention wants [B, S, K, H] and XLA would
     transpose the whole cache at every decode step. A prefill reads the just-written first T
     slots the same way, which skips the transposes dot_product_attention makes of q, k and v.
     """

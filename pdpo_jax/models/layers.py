@@ -106,9 +106,10 @@ def unrolled(cfg: ModelConfig) -> bool:
     """Whether the cacheless layer scan is unrolled: `cfg.unroll_layers`, unless layers are
     rematerialised. Unrolled, XLA:CPU has no [L, ...] stacked residual buffers to update by
     copying (faster steps, longer compiles: docs/performance.md), but it schedules every
-    layer's recomputation before the backward starts, all live at once, so remat saves
-    nothing there (SmolLM2-135M SFT step, `bench/memory_probe.py`: 2,812 MiB of temp with
-    remat unrolled, 1,640 rolled, 2,860 without remat)."""
+    layer's recomputation before the backward starts, all live at once, so remat saved
+    nothing there (SmolLM2-135M SFT step, `bench/memory_probe.py`, before attention and SwiGLU
+    kept less: 2,812 MiB of temp with remat unrolled, 2,860 without remat, 1,640 rolled;
+    tests/test_step_memory.py)."""
     return bool(cfg.unroll_layers) and cfg.remat == "none"
 
 

@@ -8,8 +8,8 @@ One code path for the SFT loss, both DPO forwards and Dialogue-NLI scoring:
      most [B, chunk, V] logits exist at once, forward or backward: each chunk's backward
      rebuilds its logits and forms (onehot(y) − softmax)·g in place, so W's gradient is one
      [V, D] accumulator. (Autodiff of h·W[y] − logsumexp added a [V, D] scatter of W[y]'s
-     gradient and a third [V, D] buffer for the sum; SmolLM2-135M: 2 × 108 MiB of the SFT
-     step's peak, `bench/memory_probe.py`.)
+     gradient and a third [V, D] buffer for the sum: 108 MiB more at SmolLM2-135M's SFT
+     step peak, `bench/memory_probe.py`.)
 """
 from __future__ import annotations
 
