@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdpo_jax.models import ops
 from pdpo_jax.models.config import ModelConfig
 
 @jax.tree_util.register_dataclass
@@ -184,11 +185,7 @@ def softmax_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
 def _softmax_attention_bwd(saved, g_BTNH):
     q, k_BSKH, v_BSKH, mask_BTS = saved
     g = g_BTNH.reshape(q.shape)
-    # q + 0·g is q (NaN where g is not finite), but the recomputation now depends on g, so it
-    # runs layer by layer as the backward reaches it. Without that dependence XLA:CPU
-    # schedules every layer's recomputation ahead of the backward, all live at once (an
-    # optimization barrier does not survive the unrolled layer loop).
-    probs = _probabilities(q + 0 * g, k_BSKH, mask_BTS)
+    probs = _probabilities(ops.after_cotangent(q, g), k_BSKH, mask_BTS)
     # P·V's gradients from the fp32 probabilities, accumulated in fp32: autodiff would read
     # P in v's dtype, upcast to fp32 by XLA:CPU for the matmul
     dv = jnp.einsum("BKGTS,BTKGH->BSKH", probs, g, preferred_element_type=jnp.float32)

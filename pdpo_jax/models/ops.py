@@ -32,6 +32,15 @@ def dense(spec: str, x, w):
     return checkpoint_name(_matmul(spec, None, x, w), "dense")
 
 
+def after_cotangent(x, g):
+    """x, made to depend on the cotangent g: x + 0·g (x itself, NaN where g is not finite; XLA
+    does not fold 0·g). A backward that rebuilds an array from saved inputs reads them through
+    this, so each layer's rebuild runs when the backward reaches that layer. Without it XLA:CPU
+    schedules every layer's rebuild ahead of the backward, all live at once, and an
+    optimization barrier does not survive the unrolled layer loop."""
+    return x + 0 * g
+
+
 @jax.custom_vjp
 def swiglu(gate, up):
     """silu(gate) * up, SwiGLU's activation, in the inputs' dtype. The backward keeps gate and
@@ -48,11 +57,7 @@ def _swiglu_fwd(gate, up):
 def _swiglu_bwd(saved, g):
     gate, up = saved
     gate32, up32, g32 = (a.astype(jnp.float32) for a in (gate, up, g))
-    # + 0·g: the sigmoid depends on g, so it is computed when g is, layer by layer. Without it
-    # XLA:CPU computes every layer's sigmoid ahead of the backward, all live at once (an
-    # optimization barrier does not survive the unrolled layer loop). 0·g is not folded away:
-    # it is NaN where g is not finite.
-    sig = jax.nn.sigmoid(gate32 + 0 * g32)
+    sig = jax.nn.sigmoid(after_cotangent(gate32, g32))
     d_up = g32 * gate32 * sig
     d_gate = g32 * up32 * sig * (1 + gate32 * (1 - sig))
     return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
