@@ -1,9 +1,11 @@
 """Inference outside training, side by side: the negatives workload (continuous-batching engine
-vs the static sampler vs HF `generate`) and Dialogue-NLI scoring (shared-prompt rows vs one row
-per candidate vs an HF PyTorch scorer that reuses the prompt's KV cache).
+vs the static sampler vs HF `generate`) and Dialogue-NLI scoring (a cached prompt with its
+candidates in short rows vs packed shared-prompt rows vs one row per candidate vs an HF PyTorch
+scorer that reuses the prompt's KV cache).
 
     .venv/bin/python bench/bench_engine.py [--model all|anchor|smollm2-135m] [--quick]
-        [--dtypes float32,bfloat16] [--alloc auto|tcmalloc|glibc] [--wait-quiet S]
+        [--dtypes float32,bfloat16] [--workloads negatives,dnli]
+        [--dnli-kinds cached,packed,full,hf_kv] [--alloc auto|tcmalloc|glibc] [--wait-quiet S]
 
 Negatives workload (what the negatives stage runs): prompts are Synthetic-Persona-Chat test
 records (the training split) under a swapped persona, encoded as the configs encode them
@@ -216,7 +218,8 @@ def _until_eos(row, eos) -> int:
 
 
 def worker_dnli(folder: str, workload: str, kind: str) -> dict:
-    """kind: shared (ours, packed rows) | full (ours, a row per candidate) | hf_kv."""
+    """kind: cached (ours, the eval default: the prompt's cache, candidates in short rows) |
+    packed (ours, a prompt and its candidates per row) | full (ours, a row per candidate) | hf_kv."""
     w = _load(workload)
     examples = w["dnli"]
     n = sum(len(e["candidates"]) for e in examples)
@@ -234,18 +237,23 @@ def _jax_dnli(folder, examples, kind):
     from pdpo_jax.models import from_pretrained
     graphdef, params = nnx.split(from_pretrained(folder))
     return jax_dnli_scorer(graphdef, params, [(e["prompt"], e["candidates"]) for e in examples],
-                           kind, 4 if kind == "shared" else 32)
+                           kind, 32 if kind == "full" else 4)
 
 
 def jax_dnli_scorer(graphdef, params, examples, kind: str, batch: int):
     """run() -> every candidate's Σ log-prob, example by example, as the eval stage scores them
-    (`dnli_scoring`, fp32 matmuls): kind 'shared' (a prompt once per row, its candidates as
-    segments) or 'full' (a row per candidate), `batch` rows per call. examples: (prompt ids,
-    [candidate ids, ...]) pairs. Also bench/gpu_check.py's scorer."""
+    (`dnli_scoring`, fp32 matmuls): kind 'cached' (each prompt's KV cache computed once, its
+    candidates in short rows; `batch` examples per call), 'packed' (a prompt once per row, its
+    candidates as segments) or 'full' (a row per candidate), `batch` rows per call. examples:
+    (prompt ids, [candidate ids, ...]) pairs. Also bench/gpu_check.py's scorer."""
     import jax
+    from flax import nnx
     from pdpo_jax.eval import dnli_scoring
+    from pdpo_jax.models.layers import unstack_layers
+    if kind == "cached":  # as score_dnli runs it
+        graphdef, params = nnx.split(unstack_layers(nnx.merge(graphdef, params)))
     encoded = [dnli_scoring._Example(i, p, c) for i, (p, c) in enumerate(examples)]
-    calls = dnli_scoring._packed_calls if kind == "shared" else dnli_scoring._full_row_calls
+    calls = dnli_scoring.LAYOUTS[kind]
 
     def run():
         sums = {}
@@ -299,7 +307,11 @@ def _hf_kv_scores(model, prompt, candidates) -> list[float]:
 # The run
 
 
-def run_model(runner, model: str, plan: dict, dtypes) -> dict:
+DNLI_KINDS = ("cached", "packed", "full", "hf_kv")
+
+
+def run_model(runner, model: str, plan: dict, dtypes, workloads=("negatives", "dnli"),
+              dnli_kinds=DNLI_KINDS) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         folder = os.path.join(tmp, "anchor") if model == "anchor" else bench_sampler.smollm2_dir()
         if model == "anchor":
@@ -310,11 +322,11 @@ def run_model(runner, model: str, plan: dict, dtypes) -> dict:
         info = build_workloads(model, plan["prompts"], plan["dnli"], workload)
         common.log(f"[{model}] workload: {info}")
         records = []
-        for dtype in dtypes:
+        for dtype in dtypes if "negatives" in workloads else ():
             for kind in ("engine", "static", "hf"):
                 records.append(runner.worker(model, "negatives", "--folder", folder, "--workload",
                                              workload, "--kind", kind, "--dtype", dtype))
-        for kind in ("shared", "full", "hf_kv"):
+        for kind in dnli_kinds if "dnli" in workloads else ():
             records.append(runner.worker(model, "dnli", "--folder", folder, "--workload", workload,
                                          "--kind", kind))
     return dict(model=model, workload=info, records=records, summary=summarise(records))
@@ -330,12 +342,16 @@ def summarise(records: list[dict]) -> dict:
             out[f"negatives_{dtype}"] = dict(
                 engine_vs_static=e["useful_tok_s"] / s["useful_tok_s"],
                 engine_vs_hf=e["useful_tok_s"] / h["useful_tok_s"])
-    d, f, h = (by.get(("dnli", k, "float32")) for k in ("shared", "full", "hf_kv"))
-    if d and f and h:
-        diff = max(abs(a - b) for a, b in zip(d["scores"], h["scores"]))
-        out["dnli"] = dict(dnli_vs_full=d["candidates_per_s"] / f["candidates_per_s"],
-                           dnli_vs_hf_kv=d["candidates_per_s"] / h["candidates_per_s"],
-                           max_abs_diff_vs_hf=diff)
+    ours = by.get(("dnli", "cached", "float32"))
+    if ours:  # each ratio where its peer ran (--dnli-kinds)
+        dnli = {}
+        for kind, key in (("full", "dnli_vs_full"), ("hf_kv", "dnli_vs_hf_kv"),
+                          ("packed", "cached_vs_packed")):
+            if peer := by.get(("dnli", kind, "float32")):
+                dnli[key] = ours["candidates_per_s"] / peer["candidates_per_s"]
+                dnli[f"max_abs_diff_vs_{kind}"] = max(
+                    abs(a - b) for a, b in zip(ours["scores"], peer["scores"]))
+        out["dnli"] = dnli
     return out
 
 
@@ -405,6 +421,10 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--model", default="all", choices=["all", "anchor", "smollm2-135m"])
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--workloads", default="negatives,dnli",
+                   help="comma-separated subset of negatives,dnli")
+    p.add_argument("--dnli-kinds", default=",".join(DNLI_KINDS),
+                   help=f"comma-separated subset of {','.join(DNLI_KINDS)}")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--alloc", default="auto", choices=["auto", "tcmalloc", "glibc"])
     p.add_argument("--wait-quiet", type=float, default=0.0)
@@ -421,12 +441,20 @@ def main():
         record.update(allocator=common.allocator(), peak_rss_mib=round(common.peak_rss_mib(), 1))
         print(json.dumps(record))
         return
+    workloads = tuple(args.workloads.split(","))
+    if not workloads or set(workloads) - {"negatives", "dnli"}:
+        p.error(f"--workloads {args.workloads!r}: a comma-separated subset of negatives,dnli")
+    dnli_kinds = tuple(args.dnli_kinds.split(","))
+    if set(dnli_kinds) - set(DNLI_KINDS):
+        p.error(f"--dnli-kinds {args.dnli_kinds!r}: a comma-separated subset of {','.join(DNLI_KINDS)}")
     runner = Runner(args)
     models = ("anchor", "smollm2-135m") if args.model == "all" else (args.model,)
     plan = QUICK if args.quick else PLAN
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     result = dict(stamp=stamp, host=common.host(), allocator=runner.allocator,
-                  models={m: run_model(runner, m, plan[m], tuple(args.dtypes.split(","))) for m in models})
+                  models={m: run_model(runner, m, plan[m], tuple(args.dtypes.split(",")), workloads,
+                                        dnli_kinds)
+                          for m in models})
     os.makedirs(args.results, exist_ok=True)
     base = os.path.join(args.results, f"engine-{stamp}")
     with open(base + ".json", "w") as f:

@@ -20,11 +20,12 @@ Steps, each a JSON record (a failed step records its error and the run goes on):
   static    our static sampler on the same workload, batches of 64 and 256 length-sorted
             prompts, each decoding to its longest budget (what the engine replaced)
   dnli      Dialogue-NLI-shaped scoring in fp32 (prompts of 160-255 tokens, 33 candidates of
-            4-24 tokens): candidates/s of our shared-prompt rows vs one row per candidate vs
+            4-24 tokens): candidates/s of ours (the eval stage's cached prompt with its candidates in
+            short rows; packed shared-prompt rows; one row per candidate) vs
             an HF PyTorch scorer that reuses the prompt's KV cache (bench/bench_engine.py's
             peer), and the largest score difference between ours and HF's
   ratios    the engine-issue targets from the steps above (engine / static and engine / HF
-            at equal batch, shared / full rows and shared / HF-KV)
+            at equal batch, cached / full rows and cached / HF-KV)
   parity    tests/test_models_hf_parity.py on the accelerator (HF PyTorch logits on the CPU);
             last, so a slow test run cannot cost the timings
   memory    the DPO step's peak device memory against `pdpo_jax.memory`'s prediction
@@ -307,9 +308,9 @@ def _dnli_workload(args):
 
 
 def step_dnli(args) -> dict:
-    """fp32 scoring under the eval stage's matmul precision: ours with the prompt shared by the
-    candidates (the eval stage's path) and with one row per candidate, then the HF KV-reusing
-    peer on the same device and weights; candidates/s of each and max |ours - HF|."""
+    """fp32 scoring under the eval stage's matmul precision: ours in each layout (the eval
+    stage's 'cached' first), then the HF KV-reusing peer on the same device and weights;
+    candidates/s of each and max |ours - HF|."""
     import numpy as np
     import torch
     import transformers
@@ -321,7 +322,8 @@ def step_dnli(args) -> dict:
     examples = _dnli_workload(args)
     n = sum(len(c) for _, c in examples)
     out, scores = {}, {}
-    for kind, batch in (("shared", 4 if args.smoke else 32), ("full", 33)):
+    for kind, batch in (("cached", 4 if args.smoke else 32), ("packed", 4 if args.smoke else 32),
+                        ("full", 33)):
         seconds, scores[kind] = _second_call(jax_dnli_scorer(graphdef, params, examples, kind, batch))
         out[kind] = dict(seconds=seconds, candidates_per_s=n / seconds, batch=batch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -337,8 +339,9 @@ def step_dnli(args) -> dict:
     seconds, scores["hf_kv"] = _second_call(run_hf)
     out["hf_kv"] = dict(seconds=seconds, candidates_per_s=n / seconds)
     out |= dict(examples=len(examples), candidates=n,
-                max_abs_diff_vs_hf=float(np.max(np.abs(np.subtract(scores["shared"], scores["hf_kv"])))),
-                max_abs_diff_full=float(np.max(np.abs(np.subtract(scores["shared"], scores["full"])))),
+                max_abs_diff_vs_hf=float(np.max(np.abs(np.subtract(scores["cached"], scores["hf_kv"])))),
+                max_abs_diff_full=float(np.max(np.abs(np.subtract(scores["cached"], scores["full"])))),
+                max_abs_diff_packed=float(np.max(np.abs(np.subtract(scores["cached"], scores["packed"])))),
                 max_abs_score=float(np.max(np.abs(scores["hf_kv"]))))
     return out
 
@@ -356,9 +359,10 @@ def step_ratios(result: dict) -> dict:
         engine = rate("engine", f"slots_{slots}", "useful_tok_s")
         out[f"engine_vs_static_{slots}"] = ratio(engine, rate("static", f"batch_{slots}", "useful_tok_s"))
         out[f"engine_vs_hf_{slots}"] = ratio(engine, rate("hf_generate", f"batch_{slots}", "useful_tok_s"))
-    shared = rate("dnli", "shared", "candidates_per_s")
-    out["dnli_vs_full"] = ratio(shared, rate("dnli", "full", "candidates_per_s"))
-    out["dnli_vs_hf_kv"] = ratio(shared, rate("dnli", "hf_kv", "candidates_per_s"))
+    cached = rate("dnli", "cached", "candidates_per_s")
+    out["dnli_vs_full"] = ratio(cached, rate("dnli", "full", "candidates_per_s"))
+    out["dnli_vs_hf_kv"] = ratio(cached, rate("dnli", "hf_kv", "candidates_per_s"))
+    out["dnli_cached_vs_packed"] = ratio(cached, rate("dnli", "packed", "candidates_per_s"))
     return out
 
 

@@ -348,7 +348,7 @@ def test_engine_bench_workload_skips_records_a_chat_template_cannot_encode(tmp_p
 def test_gpu_check_inference_steps_on_tiny_shapes():
     """bench/gpu_check.py's static-sampler and Dialogue-NLI steps with --smoke shapes on the CPU:
     the static sampler makes every budgeted token (random weights never stop early), our
-    shared-prompt and full-row scores equal the HF KV-reusing peer's on the same weights, and
+    cached-prompt and full-row scores equal the HF KV-reusing peer's on the same weights, and
     the ratios are the rates' quotients."""
     import argparse
     with bench_modules("gpu_check") as modules:
@@ -360,8 +360,26 @@ def test_gpu_check_inference_steps_on_tiny_shapes():
                                 "static": static, "dnli": dnli})
     assert static["batch_32"]["useful_tokens"] == sum(budgets)
     assert dnli["candidates"] == 4 * 33
-    assert dnli["max_abs_diff_vs_hf"] < 1e-4 and dnli["max_abs_diff_full"] < 1e-4
+    assert max(dnli[f"max_abs_diff_{k}"] for k in ("vs_hf", "full", "packed")) < 1e-4
     assert dnli["max_abs_score"] > 10  # sums of several nats: the comparison is not vacuous
     assert ratios["engine_vs_static_32"] == 300.0 / static["batch_32"]["useful_tok_s"]
     assert ratios["engine_vs_hf_32"] is None
-    assert ratios["dnli_vs_full"] == dnli["shared"]["candidates_per_s"] / dnli["full"]["candidates_per_s"]
+    assert ratios["dnli_vs_full"] == dnli["cached"]["candidates_per_s"] / dnli["full"]["candidates_per_s"]
+    assert ratios["dnli_cached_vs_packed"] == \
+        dnli["cached"]["candidates_per_s"] / dnli["packed"]["candidates_per_s"]
+
+
+def test_engine_bench_dnli_ratios_are_taken_where_the_peer_ran():
+    """bench_engine's summary divides our cached layout's rate by each peer that ran
+    (--dnli-kinds may leave some out) and reports the largest score difference to each."""
+    def dnli(kind, rate, scores):
+        return dict(bench="engine", workload="dnli", framework=kind, dtype="float32",
+                    candidates_per_s=rate, scores=scores)
+    records = [dnli("cached", 30.0, [-1.0, -2.5]), dnli("packed", 20.0, [-1.0, -2.4]),
+               dnli("hf_kv", 24.0, [-1.25, -2.5])]
+    with bench_modules("common", "bench_dpo", "bench_sampler", "bench_engine") as modules:
+        out = modules.bench_engine.summarise(records)["dnli"]
+    assert out["dnli_vs_hf_kv"] == 30.0 / 24.0 and out["cached_vs_packed"] == 30.0 / 20.0
+    assert out["max_abs_diff_vs_hf_kv"] == 0.25
+    assert out["max_abs_diff_vs_packed"] == pytest.approx(0.1)
+    assert "dnli_vs_full" not in out

@@ -47,13 +47,12 @@ def _shortest(embedded):
             for g in ("attributes", "havenot", "likedislike")]
 
 
-@pytest.mark.parametrize("shared_prompt", [True, False])
-def test_scores_match_hf_logits(tiny, gpt2_tok, embedded, shared_prompt):
+@pytest.mark.parametrize("layout,batch_size", [("cached", 2), ("packed", 4), ("full", 16)])
+def test_scores_match_hf_logits(tiny, gpt2_tok, embedded, layout, batch_size):
     folder, hf = tiny
     examples = _shortest(embedded)
     result = score_dnli(from_pretrained(folder), gpt2_tok, "english", examples,
-                        batch_size=4 if shared_prompt else 16, progress=False,
-                        shared_prompt=shared_prompt)
+                        batch_size=batch_size, progress=False, layout=layout)
     assert len(result.scores) == sum(len(e.candidates) for e in examples)
     by_id = {e.example_id: e for e in examples}
     rng = np.random.default_rng(0)
@@ -65,20 +64,22 @@ def test_scores_match_hf_logits(tiny, gpt2_tok, embedded, shared_prompt):
         assert c.score("mean") == pytest.approx(c.score_sum / n)
 
 
-def test_shared_prompt_rows_equal_full_rows(tiny, gpt2_tok, embedded):
-    """Every candidate of 3 examples: the packed rows (one prompt, many candidates, 2 rows per
-    example where they do not fit one) score what one row per candidate scores, up to fp32
-    summation order; the ranking is the same."""
+@pytest.mark.parametrize("layout", ["cached", "packed"])
+def test_shared_prompt_layouts_equal_full_rows(tiny, gpt2_tok, embedded, layout):
+    """Every candidate of 3 examples: a cached prompt with its candidates in short rows (several
+    rows per example), and packed rows (one prompt, many candidates, 2 rows per example where
+    they do not fit one), score what one row per candidate scores, up to fp32 summation order."""
     examples = _shortest(embedded)
     model = from_pretrained(tiny[0])
     full = score_dnli(model, gpt2_tok, "english", examples, batch_size=16, progress=False,
-                      shared_prompt=False)
-    packed = score_dnli(model, gpt2_tok, "english", examples, batch_size=2, progress=False)
-    assert [(c.example_id, c.candidate_index, c.n_tokens) for c in packed.scores] == \
+                      layout="full")
+    shared = score_dnli(model, gpt2_tok, "english", examples, batch_size=2, progress=False,
+                        layout=layout)
+    assert [(c.example_id, c.candidate_index, c.n_tokens) for c in shared.scores] == \
         [(c.example_id, c.candidate_index, c.n_tokens) for c in full.scores]
-    np.testing.assert_allclose([c.score_sum for c in packed.scores],
+    np.testing.assert_allclose([c.score_sum for c in shared.scores],
                                [c.score_sum for c in full.scores], rtol=2e-6, atol=2e-5)
-    assert packed.rank1("sum") == full.rank1("sum")
+    assert shared.rank1("sum") == full.rank1("sum")
 
 
 def test_packed_rows_split_when_candidates_do_not_fit(monkeypatch, tiny, gpt2_tok, embedded):
@@ -106,7 +107,7 @@ def test_scoring_multiplies_in_fp32_whatever_the_default(monkeypatch, tiny, gpt2
         seen.append(jax.config.jax_default_matmul_precision)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dnli_scoring, "_score_packed", spy)
+    monkeypatch.setattr(dnli_scoring, "_score_cached", spy)
     with jax.default_matmul_precision("bfloat16"):
         score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", _shortest(embedded)[:1],
                    batch_size=2, progress=False)
@@ -146,14 +147,18 @@ def _fake_token_logps(graphdef, params, batch, *, chunk):
     return np.where(np.asarray(batch["valid"]), -n_BQ, 0).astype(np.float32)
 
 
-def test_category_accounting_on_hand_made_file(tmp_path, gpt2_tok, tiny, monkeypatch):
+@pytest.mark.parametrize("layout,scorer,row_budget", [("cached", "_score_cached", "CONTINUATION_ROW"),
+                                                      ("packed", "_score_packed", "MAX_ROW")])
+def test_category_accounting_on_hand_made_file(tmp_path, gpt2_tok, tiny, monkeypatch, layout,
+                                               scorer, row_budget):
     path = tmp_path / "valid_havenot.jsonl.gz"
     _write_dnli(path, HAND_MADE)
     examples = pdata.read_dnli(path)
-    monkeypatch.setattr(dnli_scoring, "_score_packed", _fake_token_logps)
-    monkeypatch.setattr(dnli_scoring, "MAX_ROW", 40)  # a few candidates per row: several rows
+    monkeypatch.setattr(dnli_scoring, scorer, _fake_token_logps)
+    # a few candidates per row: several rows per example
+    monkeypatch.setattr(dnli_scoring, row_budget, 16 if layout == "cached" else 40)
     result = score_dnli(from_pretrained(tiny[0]), gpt2_tok, "english", examples, batch_size=3,
-                        progress=False)
+                        progress=False, layout=layout)
     for norm in ("sum", "mean"):
         winners = result.winners(norm)
         assert [winners[e.example_id].category for e in examples] == ["hits", "entail", "contradict"]

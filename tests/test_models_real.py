@@ -50,8 +50,9 @@ def test_smollm2_logits_match_transformers(smollm2_dir, chat_ids, tmp_path):
 
 def test_smollm2_dnli_scores_match_transformers(smollm2_dir):
     """Dialogue-NLI on the real model through the chat template: every candidate of one example,
-    scored with the shared prompt (all candidates in one packed row), equals HF PyTorch's
-    Σ log p(candidate | prompt) from one full row per candidate."""
+    scored as the eval stage scores (the prompt's KV cache computed once, the candidates in
+    short rows after it), equals HF PyTorch's Σ log p(candidate | prompt) from one full row per
+    candidate."""
     from pdpo_jax import data as pdata
     from pdpo_jax.eval.dnli_scoring import score_dnli
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)

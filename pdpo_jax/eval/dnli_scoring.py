@@ -1,16 +1,21 @@
 """Scoring Dialogue-NLI candidates: log p(candidate + EOS | persona, history) under a model.
 
 Scoring goes through the same code as training: `encode_pair` makes the prompt and each
-candidate's ids, and the log-probs come from the training step's `logprobs` functions. Two
-layouts:
+candidate's ids, and the log-probs come from the model's `hidden_states` and the training step's
+`token_logps`. Three layouts (`LAYOUTS`):
 
-  shared prompt (default)  each row holds one example's prompt once and as many of its candidates
-                           as fit, each candidate its own segment (`data.packing`): ~700 tokens
-                           for an example's ~33 candidates instead of ~7,000 (`packed_logps`);
-  full rows                one row [prompt | candidate] per candidate (`response_logps`), the
-                           reference the shared layout is tested against.
+  cached (default)  each example's prompt runs once into a KV cache; its candidates follow in
+                    rows of CONTINUATION_ROW tokens that read that cache as a prefix all their
+                    segments see (`attention.CACHED_PREFIX`), each candidate its own segment. A
+                    candidate token attends to ~P + 128 keys;
+  packed            each row holds one example's prompt once and as many of its candidates as
+                    fit, each candidate its own segment (`data.packing`): ~700 tokens for an
+                    example's ~33 candidates instead of ~7,000 (`packed_logps`), but every
+                    token attends over the whole ~700-1,024-token row;
+  full              one row [prompt | candidate] per candidate (`response_logps`), the
+                    reference the other two are tested against.
 
-Both give the same scores up to fp32 summation order. Shapes are bucketed (row length, scored
+All give the same scores up to fp32 summation order. Shapes are bucketed (row length, scored
 tokens, rows per call), so only a handful of programs compile; scoring stays fp32 unless the
 model says otherwise (bf16 logits move a candidate's summed log-prob by up to ~1 nat), and fp32
 means fp32 matmuls on every backend: scoring runs under `jax.default_matmul_precision('highest')`,
@@ -37,7 +42,9 @@ from pdpo_jax import sharding as shd
 from pdpo_jax.data.batches import bucket_length, round_up
 from pdpo_jax.data.packing import PackedRow, collate_packed, pack_continuations
 from pdpo_jax.eval.dnli import CandidateScore, DnliResult
-from pdpo_jax.train.logprobs import LOGIT_CHUNK, packed_logps, response_logps
+from pdpo_jax.models.attention import KVCache
+from pdpo_jax.models.layers import unstack_layers
+from pdpo_jax.train.logprobs import LOGIT_CHUNK, packed_logps, response_logps, token_logps
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,9 @@ SCORING_PRECISION = "highest"  # fp32 operands multiply in fp32 (not TF32 / one 
 ROW_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 WINDOW_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
 MAX_ROW = 1024  # a row holds an example's prompt and the candidates that fit in this many tokens
+PROMPT_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+CONTINUATION_ROW = 128  # cached layout: a row of candidates after the prompt's cache
+ROWS_MULTIPLE = 8  # cached layout: rows per call round up to a multiple of this
 SCORED_MULTIPLE = 128  # scored tokens per row round up to a multiple of this (few programs)
 
 
@@ -60,21 +70,26 @@ class _Example:
 def score_dnli(model, tokenizer, template, examples: Sequence[pdata.DnliExample], *,
                batch_size: int = 4, max_prompt_tokens: int | None = None,
                chunk: int = LOGIT_CHUNK, mesh: Mesh | None = None, progress: bool = True,
-               shared_prompt: bool = True) -> DnliResult:
+               layout: str = "cached") -> DnliResult:
     """Log-likelihood of every candidate of every example under `model`.
 
     model: an nnx model (or `(graphdef, params)`), placed on `mesh` if given (rows are then split
-    over data x fsdp; batch_size rounds up to a multiple of it). batch_size: rows per call — packed rows
-    (one prompt + its candidates) with `shared_prompt`, one candidate each without. An example
-    whose prompt does not fit `max_prompt_tokens` is skipped and named in `result.skipped`.
+    over data x fsdp; batch_size rounds up to a multiple of it). layout: one of LAYOUTS;
+    batch_size: examples per call ('cached') or rows per call ('packed': one prompt and its
+    candidates; 'full': one candidate). An example whose prompt does not fit
+    `max_prompt_tokens` is skipped and named in `result.skipped`.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"DNLI scoring layout {layout!r}: use one of {sorted(LAYOUTS)}")
+    if isinstance(model, nnx.Module) and layout == "cached":
+        model = unstack_layers(model)  # a cached forward loops over the layers in Python
     graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
     batch_size = round_up(batch_size, shd.batch_divisor(mesh))  # rows split over data x fsdp
     encoded, prompts, skipped = _encode(tokenizer, template, examples, max_prompt_tokens)
     n_cands = sum(len(e.candidates) for e in encoded)
     sums: dict[tuple[int, int], float] = {}
     start = time.perf_counter()
-    calls = _packed_calls if shared_prompt else _full_row_calls
+    calls = LAYOUTS[layout]
     with jax.default_matmul_precision(SCORING_PRECISION), \
             tqdm(total=n_cands, unit="cand", desc="DNLI", disable=not progress) as bar:
         for owners, logp_BQ in calls(graphdef, params, encoded, batch_size,
@@ -187,6 +202,78 @@ def _packed_calls(graphdef, params, encoded: list[_Example], batch_size: int, pa
 
 
 # --------------------------------------------------------------------------------------------
+# Cached prompt: each prompt's keys and values computed once, its candidates packed in short rows
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _score_cached(graphdef, params, batch, *, chunk: int):
+    """fp32 log-prob of every scored token of the continuation rows [R, Q] (0 on padding).
+
+    The prompts [E, P] (each without its last token, left-padded) run once into a KV cache;
+    each continuation row [R, T] reads its example's cache (`row_example`) as a prefix every
+    segment sees (`attention.CACHED_PREFIX`) and holds the prompt's last token (part 0, which
+    predicts each candidate's first token) and candidates, each its own part. A candidate token
+    attends to ~P + its own tokens, where a packed row [prompt | 33 candidates] attends to ~T."""
+    model = nnx.merge(graphdef, params)
+    prompts = batch["prompt_tokens"]
+    cache = KVCache.init(model.cfg, *prompts.shape)
+    # Only the cache is used: one selected column keeps the last layer's output small.
+    _, cache = model.hidden_states(prompts, batch["prompt_positions"], batch["prompt_mask"],
+                                   cache, select_BQ=jnp.zeros((prompts.shape[0], 1), jnp.int32))
+    T = batch["tokens"].shape[1]
+
+    def grow(a):  # each row's example's slots, then T free ones for the row's own tokens
+        widths = [(0, 0)] * a.ndim
+        widths[2 if a.ndim == 4 else 1] = (0, T)  # k, v [B, K, S, H]; positions, valid [B, S]
+        return jnp.pad(a[batch["row_example"]], widths)
+
+    rows = KVCache(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
+                   positions=grow(cache.positions), valid=grow(cache.valid), length=cache.length)
+    h_BQD, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segments"] > 0,
+                                   rows, segments_BT=batch["segments"], select_BQ=batch["pred"])
+    y_BQ = jnp.take_along_axis(batch["tokens"], batch["target"], axis=1)
+    return jnp.where(batch["valid"], token_logps(h_BQD, model.unembedding_VD(), y_BQ, chunk), 0.0)
+
+
+def _cached_calls(graphdef, params, encoded: list[_Example], batch_size: int, pad: int,
+                  chunk: int, mesh):
+    """`batch_size` examples per call, in order of prompt length (so a call's prompts share a
+    bucket); each example's candidates in rows of CONTINUATION_ROW tokens."""
+    order = sorted(encoded, key=lambda e: len(e.prompt))  # stable: file order within a length
+
+    def batches():
+        for lo in range(0, len(order), batch_size):
+            group = order[lo:lo + batch_size]
+            P = bucket_length(max(len(e.prompt) - 1 for e in group), PROMPT_BUCKETS)
+            prompt = {"prompt_tokens": np.full((batch_size, P), pad, np.int32),
+                      "prompt_positions": np.zeros((batch_size, P), np.int32),
+                      "prompt_mask": np.zeros((batch_size, P), bool)}
+            rows, row_example, offsets, owners = [], [], [], []
+            for i, e in enumerate(group):
+                n = len(e.prompt) - 1  # cached; the last prompt token opens every row
+                prompt["prompt_tokens"][i, P - n:] = e.prompt[:-1]
+                prompt["prompt_positions"][i, P - n:] = np.arange(n)
+                prompt["prompt_mask"][i, P - n:] = True
+                width = max(CONTINUATION_ROW, 1 + max(len(c) for c in e.candidates))
+                for r in pack_continuations(e.prompt[-1:], e.candidates, width):
+                    rows.append(r)
+                    row_example.append(i)
+                    offsets.append(n)
+                    owners.append([(e.index, o) for o in r.owner])
+            R = round_up(len(rows), math.lcm(ROWS_MULTIPLE, shd.batch_divisor(mesh)))
+            T = bucket_length(max(len(r) for r in rows), ROW_BUCKETS)
+            Q = min(round_up(max(len(r.target) for r in rows), SCORED_MULTIPLE), T)
+            arrays = collate_packed(rows + [None] * (R - len(rows)), T, Q, pad)
+            arrays["positions"][:len(rows)] += np.asarray(offsets, np.int32)[:, None]
+            arrays = {k: arrays[k] for k in ("tokens", "positions", "segments", "pred", "target",
+                                             "valid")}
+            arrays["row_example"] = np.asarray(row_example + [0] * (R - len(rows)), np.int32)
+            yield owners, _device(prompt | arrays, mesh), {"chunk": min(chunk, Q)}
+
+    yield from _pipelined(batches(), functools.partial(_score_cached, graphdef, params))
+
+
+# --------------------------------------------------------------------------------------------
 # Full rows: one candidate per row
 
 
@@ -218,3 +305,6 @@ def _full_row_calls(graphdef, params, encoded: list[_Example], batch_size: int, 
                 {"window": R, "chunk": min(chunk, R)}
 
     yield from _pipelined(batches(), functools.partial(_score_rows, graphdef, params))
+
+
+LAYOUTS = {"cached": _cached_calls, "packed": _packed_calls, "full": _full_row_calls}

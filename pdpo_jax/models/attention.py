@@ -68,6 +68,9 @@ class KeyInfo:
 # which every part of the group sees; part p >= 1 sees its own tokens and the prefix. Groups
 # never see each other. (A DPO pair is group g: prompt part 0, chosen part 1, rejected part 2.)
 SEGMENT_PARTS = 64
+# With a KV cache, segments describe the new tokens; what the cache held before is a prefix
+# every segment sees (Dialogue-NLI: one example's prompt, cached once, and its candidates).
+CACHED_PREFIX = -1
 
 
 def segment_id(group: int, part: int) -> int:
@@ -78,19 +81,26 @@ def segment_id(group: int, part: int) -> int:
 
 
 def key_info(positions_BT, attention_mask_BT, cache: KVCache | None, segments_BT=None) -> KeyInfo:
-    """attention_mask_BT: bool, True = real token. segments_BT (no cache only): int segment ids
-    (`segment_id`: 0 padding; a token sees its group's prefix and its own part). Segments let
-    one row hold a prompt once and several continuations of it (DPO's chosen and rejected, each
-    with positions counted from the prompt's end), or several records side by side (each its
-    own group, positions from 0); causality still follows the positions."""
+    """attention_mask_BT: bool, True = real token. segments_BT: int segment ids (`segment_id`:
+    0 padding; a token sees its group's prefix and its own part). Segments let one row hold a
+    prompt once and several continuations of it (DPO's chosen and rejected, each with positions
+    counted from the prompt's end), or several records side by side (each its own group,
+    positions from 0); causality still follows the positions. With a (non-empty) cache the
+    segments are the new tokens', and every slot the cache already held is a prefix all of them
+    see (`CACHED_PREFIX`)."""
     if cache is None:
         return KeyInfo(positions_BT, attention_mask_BT.astype(bool), None, segments_BT)
-    if segments_BT is not None:
-        raise ValueError("segments_BT works without a KV cache only")
     start = 0 if cache.empty else cache.length
     pos = jax.lax.dynamic_update_slice(cache.positions, positions_BT.astype(jnp.int32), (0, start))
     valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BT.astype(bool), (0, start))
-    return KeyInfo(pos, valid, start, prefill=cache.empty)
+    segments = None
+    if segments_BT is not None:
+        if cache.empty:
+            raise ValueError("segments_BT with a KV cache need a cache holding their prefix")
+        segments = jax.lax.dynamic_update_slice(
+            jnp.full(cache.valid.shape, CACHED_PREFIX, jnp.int32), segments_BT.astype(jnp.int32),
+            (0, start))
+    return KeyInfo(pos, valid, start, segments, prefill=cache.empty)
 
 
 def attention_mask_BTS(cfg: ModelConfig, positions_BT, keys: KeyInfo):
@@ -108,11 +118,15 @@ def attention_mask_BTS(cfg: ModelConfig, positions_BT, keys: KeyInfo):
         mask = jnp.broadcast_to(k_valid[:, None, :], (*positions_BT.shape, k_valid.shape[1]))
     if cfg.sliding_window is not None:
         mask &= (q - k) < cfg.sliding_window
-    if keys.segments_BS is not None:  # no cache: the queries are the keys
-        seg_q, seg_k = keys.segments_BS[:, :, None], keys.segments_BS[:, None, :]
+    if keys.segments_BS is not None:
+        # The queries' segments: the keys' own without a cache, else the slots just written.
+        seg_q = keys.segments_BS if keys.write_at is None else jax.lax.dynamic_slice_in_dim(
+            keys.segments_BS, keys.write_at, positions_BT.shape[1], axis=1)
+        seg_q = seg_q[:, :, None]
+        seg_k = keys.segments_BS[:, None, :]
         same_group = (seg_q // SEGMENT_PARTS) == (seg_k // SEGMENT_PARTS)
         part_k = seg_k % SEGMENT_PARTS
-        mask &= same_group & ((part_k == 0) | (seg_k == seg_q))
+        mask &= (same_group & ((part_k == 0) | (seg_k == seg_q))) | (seg_k == CACHED_PREFIX)
     return mask
 
 
