@@ -168,6 +168,41 @@ def test_kv_cache_decode_equals_full_forward(arch):
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_segments_after_a_cached_prefix_equal_each_continuation_alone(arch):
+    """A prefix run into the cache, then one row of three continuations as segments (positions
+    from the prefix's end): each continuation's hidden states equal [prefix | it] run alone
+    without a cache; the cache is a prefix every segment sees, and segments never see each
+    other. An empty cache has no prefix: segments with it are refused."""
+    from pdpo_jax.models.attention import segment_id
+    model = build_model(CONFIGS[arch], seed=6)
+    rng = np.random.default_rng(6)
+    prefix = rng.integers(1, 61, 7)
+    conts = [rng.integers(1, 61, n) for n in (3, 5, 2)]
+    cache = KVCache.init(model.cfg, batch=1, max_len=7 + 12)
+    _, cache = model.hidden_states(jnp.asarray(prefix)[None], jnp.arange(7)[None],
+                                   jnp.ones((1, 7), bool), cache)
+    row = np.concatenate(conts + [np.zeros(2, int)])  # 2 padding columns
+    positions = np.concatenate([7 + np.arange(len(c)) for c in conts] + [np.zeros(2, int)])
+    segments = np.concatenate([np.full(len(c), segment_id(1, j + 1)) for j, c in enumerate(conts)]
+                              + [np.zeros(2, int)])
+    h, _ = model.hidden_states(jnp.asarray(row)[None], jnp.asarray(positions)[None],
+                               jnp.asarray(segments > 0)[None], cache,
+                               segments_BT=jnp.asarray(segments)[None])
+    start = 0
+    for c in conts:
+        alone = np.concatenate([prefix, c])
+        want, _ = model.hidden_states(jnp.asarray(alone)[None], jnp.arange(len(alone))[None],
+                                      jnp.ones((1, len(alone)), bool))
+        np.testing.assert_allclose(np.asarray(h[0, start:start + len(c)]),
+                                   np.asarray(want[0, 7:]), atol=1e-5, rtol=1e-5)
+        start += len(c)
+    with pytest.raises(ValueError, match="cache holding their prefix"):
+        model.hidden_states(jnp.asarray(row)[None], jnp.asarray(positions)[None],
+                            jnp.asarray(segments > 0)[None], KVCache.init(model.cfg, 1, 12),
+                            segments_BT=jnp.asarray(segments)[None])
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_selected_columns_equal_all_columns(arch):
     """hidden_states(select_BQ=idx) (the last layer run at those columns only) equals all the
     columns' hidden states gathered at idx, values and parameter gradients, for a rolled scan,

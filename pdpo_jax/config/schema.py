@@ -336,7 +336,7 @@ class EvalSection:
     checkpoints: tuple[str, ...] = ("sft", "dpo")
     dnli_files: tuple[str, ...] = ()       # empty: the embedded DNLI eval files
     max_examples: Count | None = None      # None: all 542
-    batch_size: Count = 4                  # DNLI examples per scoring call (each prompt once, cached)
+    batch_size: Count = 8                  # DNLI examples per scoring call (each prompt once, cached)
     normalise: Literal["sum", "mean", "both"] = "both"
     max_prompt_tokens: Count | None = None  # DNLI prompts are cut (oldest turns first) beyond this
     judge: JudgeSection = JudgeSection()
