@@ -219,6 +219,28 @@ def test_embedded_file_end_to_end(tmp_path, tiny, gpt2_tok, embedded, monkeypatc
     assert run_dnli_stage(tmp_path, checkpoints, gpt2_tok, cfg, "english") == markdown
 
 
+def test_eval_stage_scores_in_the_configured_layout(tmp_path, tiny, gpt2_tok, monkeypatch):
+    """`eval.dnli_layout` reaches the scorer (default: the cached prompt); an unknown one is a
+    config error naming the key."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["layout"])
+        raise Stop
+    monkeypatch.setattr("pdpo_jax.eval.stages.score_dnli", spy)
+    for cfg in (EvalSection(max_examples=3), EvalSection(max_examples=3, dnli_layout="full")):
+        with pytest.raises(Stop):
+            run_dnli_stage(tmp_path, {"sft": tiny[0]}, gpt2_tok, cfg, "english")
+    assert seen == ["cached", "full"]
+    from pdpo_jax.config import load_config
+    from pdpo_jax.errors import UserError
+    with pytest.raises(UserError, match="eval.dnli_layout"):
+        load_config("configs/tiny_eval.yaml", ("eval.dnli_layout=rows",))
+
+
 def test_sharded_scores_equal_unsharded(tiny, gpt2_tok, embedded):
     from pdpo_jax.sharding import make_mesh
     examples = select_examples(embedded, 1)

@@ -337,6 +337,10 @@ class EvalSection:
     dnli_files: tuple[str, ...] = ()       # empty: the embedded DNLI eval files
     max_examples: Count | None = None      # None: all 542
     batch_size: Count = 8                  # DNLI examples per scoring call (each prompt once, cached)
+    # DNLI layout (`eval/dnli_scoring.py`): cached = each prompt's KV cache once, candidates in
+    # short rows; packed = a prompt and its candidates per row; full = a row per candidate
+    # (batch_size then counts rows). Same scores up to fp32 summation order.
+    dnli_layout: Literal["cached", "packed", "full"] = "cached"
     normalise: Literal["sum", "mean", "both"] = "both"
     max_prompt_tokens: Count | None = None  # DNLI prompts are cut (oldest turns first) beyond this
     judge: JudgeSection = JudgeSection()

@@ -59,7 +59,8 @@ def run_dnli_stage(out_dir: str | os.PathLike, checkpoints: dict[str, str | os.P
         model = from_pretrained(folder, mesh=mesh)
         results[label] = score_dnli(model, tokenizer, template, examples,
                                     batch_size=eval_cfg.batch_size,
-                                    max_prompt_tokens=eval_cfg.max_prompt_tokens, mesh=mesh)
+                                    max_prompt_tokens=eval_cfg.max_prompt_tokens, mesh=mesh,
+                                    layout=eval_cfg.dnli_layout)
         del model
         write_jsonl_atomic(path, results[label].to_rows())
         write_json_atomic(meta_path, meta)  # last: its presence means the JSONL is complete
