@@ -247,11 +247,7 @@ def jax_dnli_scorer(graphdef, params, examples, kind: str, batch: int):
     candidates as segments) or 'full' (a row per candidate), `batch` rows per call. examples:
     (prompt ids, [candidate ids, ...]) pairs. Also bench/gpu_check.py's scorer."""
     import jax
-    from flax import nnx
     from pdpo_jax.eval import dnli_scoring
-    from pdpo_jax.models.layers import unstack_layers
-    if kind == "cached":  # as score_dnli runs it
-        graphdef, params = nnx.split(unstack_layers(nnx.merge(graphdef, params)))
     encoded = [dnli_scoring._Example(i, p, c) for i, (p, c) in enumerate(examples)]
     calls = dnli_scoring.LAYOUTS[kind]
 

@@ -1,8 +1,8 @@
 """Scoring Dialogue-NLI candidates: log p(candidate + EOS | persona, history) under a model.
 
 Scoring goes through the same code as training: `encode_pair` makes the prompt and each
-candidate's ids, and the log-probs come from the model's `hidden_states` and the training step's
-`token_logps`. Three layouts (`LAYOUTS`):
+candidate's ids, and the log-probs come from the training step's `packed_logps` (with a cache,
+for the cached layout) and `response_logps`. Three layouts (`LAYOUTS`):
 
   cached (default)  each example's prompt runs once into a KV cache; its candidates follow in
                     rows of CONTINUATION_ROW tokens that read that cache as a prefix all their
@@ -44,7 +44,7 @@ from pdpo_jax.data.packing import PackedRow, collate_packed, pack_continuations
 from pdpo_jax.eval.dnli import CandidateScore, DnliResult
 from pdpo_jax.models.attention import KVCache
 from pdpo_jax.models.layers import unstack_layers
-from pdpo_jax.train.logprobs import LOGIT_CHUNK, packed_logps, response_logps, token_logps
+from pdpo_jax.train.logprobs import LOGIT_CHUNK, packed_logps, response_logps
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ PROMPT_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512, 768, 1024, 1536, 204
 CONTINUATION_ROW = 128  # cached layout: a row of candidates after the prompt's cache
 ROWS_MULTIPLE = 8  # cached layout: rows per call round up to a multiple of this
 SCORED_MULTIPLE = 128  # scored tokens per row round up to a multiple of this (few programs)
+PACKED_KEYS = ("tokens", "positions", "segments", "pred", "target", "valid")  # packed_logps' order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +82,6 @@ def score_dnli(model, tokenizer, template, examples: Sequence[pdata.DnliExample]
     """
     if layout not in LAYOUTS:
         raise ValueError(f"DNLI scoring layout {layout!r}: use one of {sorted(LAYOUTS)}")
-    if isinstance(model, nnx.Module) and layout == "cached":
-        model = unstack_layers(model)  # a cached forward loops over the layers in Python
     graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
     batch_size = round_up(batch_size, shd.batch_divisor(mesh))  # rows split over data x fsdp
     encoded, prompts, skipped = _encode(tokenizer, template, examples, max_prompt_tokens)
@@ -173,8 +172,7 @@ def _pipelined(batches: Iterator[tuple[list, dict, dict]], score) -> Iterator[tu
 def _score_packed(graphdef, params, batch, *, chunk: int):
     """fp32 log-prob of every scored token [B, Q] (0 on padding)."""
     model = nnx.merge(graphdef, params)
-    return packed_logps(model, batch["tokens"], batch["positions"], batch["segments"],
-                        batch["pred"], batch["target"], batch["valid"], chunk=chunk)
+    return packed_logps(model, *(batch[k] for k in PACKED_KEYS), chunk=chunk)
 
 
 def _packed_calls(graphdef, params, encoded: list[_Example], batch_size: int, pad: int,
@@ -194,8 +192,7 @@ def _packed_calls(graphdef, params, encoded: list[_Example], batch_size: int, pa
             padded = [r for r, _ in group] + [None] * (batch_size - len(group))
             arrays = collate_packed(padded, T, Q, pad)
             owners = [[(i, o) for o in r.owner] for r, i in group]
-            yield owners, _device({k: arrays[k] for k in ("tokens", "positions", "segments",
-                                                          "pred", "target", "valid")}, mesh), \
+            yield owners, _device({k: arrays[k] for k in PACKED_KEYS}, mesh), \
                 {"chunk": min(chunk, Q)}
 
     yield from _pipelined(batches(), functools.partial(_score_packed, graphdef, params))
@@ -229,16 +226,15 @@ def _score_cached(graphdef, params, batch, *, chunk: int):
 
     rows = KVCache(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
                    positions=grow(cache.positions), valid=grow(cache.valid), length=cache.length)
-    h_BQD, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segments"] > 0,
-                                   rows, segments_BT=batch["segments"], select_BQ=batch["pred"])
-    y_BQ = jnp.take_along_axis(batch["tokens"], batch["target"], axis=1)
-    return jnp.where(batch["valid"], token_logps(h_BQD, model.unembedding_VD(), y_BQ, chunk), 0.0)
+    return packed_logps(model, *(batch[k] for k in PACKED_KEYS), chunk=chunk, cache=rows)
 
 
 def _cached_calls(graphdef, params, encoded: list[_Example], batch_size: int, pad: int,
                   chunk: int, mesh):
     """`batch_size` examples per call, in order of prompt length (so a call's prompts share a
     bucket); each example's candidates in rows of CONTINUATION_ROW tokens."""
+    # a cached forward loops over the layers in Python: slice the stacked weights once, here
+    graphdef, params = nnx.split(unstack_layers(nnx.merge(graphdef, params)))
     order = sorted(encoded, key=lambda e: len(e.prompt))  # stable: file order within a length
 
     def batches():
@@ -265,8 +261,7 @@ def _cached_calls(graphdef, params, encoded: list[_Example], batch_size: int, pa
             Q = min(round_up(max(len(r.target) for r in rows), SCORED_MULTIPLE), T)
             arrays = collate_packed(rows + [None] * (R - len(rows)), T, Q, pad)
             arrays["positions"][:len(rows)] += np.asarray(offsets, np.int32)[:, None]
-            arrays = {k: arrays[k] for k in ("tokens", "positions", "segments", "pred", "target",
-                                             "valid")}
+            arrays = {k: arrays[k] for k in PACKED_KEYS}
             arrays["row_example"] = np.asarray(row_example + [0] * (R - len(rows)), np.int32)
             yield owners, _device(prompt | arrays, mesh), {"chunk": min(chunk, Q)}
 

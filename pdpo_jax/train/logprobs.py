@@ -159,13 +159,14 @@ def shared_prompt_logps(model, chosen: dict, rejected: dict, *, window: int,
 
 
 def packed_logps(model, tokens_BT, positions_BT, segments_BT, pred_BQ, target_BQ, valid_BQ, *,
-                 chunk: int = LOGIT_CHUNK):
+                 chunk: int = LOGIT_CHUNK, cache=None):
     """fp32 log p(token at target | everything its segment sees) [B, Q], 0 where not valid, for
     rows packed with segments (`models.attention.key_info`): column pred_BQ predicts the token
     at column target_BQ. One forward serves every sequence of a row — a shared prompt and its
     continuations (DPO's chosen and rejected, Dialogue-NLI's candidates), or independent records
-    packed side by side; the last layer runs at the Q predicting columns alone."""
-    h_BQD, _ = model.hidden_states(tokens_BT, positions_BT, segments_BT > 0,
+    packed side by side; the last layer runs at the Q predicting columns alone. cache: a KV
+    cache whose slots every segment sees as its prefix (`attention.CACHED_PREFIX`), or None."""
+    h_BQD, _ = model.hidden_states(tokens_BT, positions_BT, segments_BT > 0, cache,
                                    segments_BT=segments_BT, select_BQ=pred_BQ)
     y_BQ = jnp.take_along_axis(tokens_BT, target_BQ, axis=1)
     return jnp.where(valid_BQ, token_logps(h_BQD, model.unembedding_VD(), y_BQ, chunk), 0.0)
