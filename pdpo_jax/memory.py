@@ -231,7 +231,12 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
         raise ValueError(f"{stage}.batch_size={section.batch_size} must be divisible by "
                          f"data*fsdp = {batch_shards}; set {stage}.batch_size or the mesh")
     _, params = nnx.split(nnx.eval_shape(lambda: build_model(c)))
-    train, per_layer, notes = _train_bytes(cfg, c, params, mesh, stage)
+    layouts = (True, False) if cfg.data.packing == "auto" else (bool(cfg.data.packing),)
+    options = [_train_bytes(cfg, c, params, mesh, stage, packed) for packed in layouts]
+    train, per_layer, notes = max(options, key=lambda o: sum(b for b, _ in o[0].values()))
+    if len(options) > 1:
+        notes.append("data.packing: auto — the larger of packed rows and padded buckets (the "
+                     "stage picks one from its data)")
     T = bucket_length(min(cfg.data.max_total_tokens, max(cfg.data.buckets)), cfg.data.buckets)
     if T < cfg.data.max_total_tokens:
         notes.append(f"data.max_total_tokens={cfg.data.max_total_tokens} exceeds the largest "
@@ -240,7 +245,8 @@ def plan(cfg: Config, mesh: MeshShape, stage: str, device_memory: int,
                 per_layer, notes)
 
 
-def _train_bytes(cfg: Config, c: ModelConfig, params, mesh: MeshShape, stage: str):
+def _train_bytes(cfg: Config, c: ModelConfig, params, mesh: MeshShape, stage: str,
+                 packed: bool):
     """({entry: (bytes, note)} of one training step, activation bytes per layer by remat policy,
     notes)."""
     section = cfg.sft if stage == "sft" else cfg.dpo
@@ -250,7 +256,7 @@ def _train_bytes(cfg: Config, c: ModelConfig, params, mesh: MeshShape, stage: st
     rows, row_T, scored = (pairs * 2 if stage == "dpo" else pairs), T, window
     if stage == "dpo" and cfg.dpo.share_prompt:  # one row per pair: [prompt | chosen | rejected]
         rows, row_T, scored = pairs, T + window, 2 * window
-    if cfg.data.packing:  # at most one packed row per example, each pack_length long
+    if packed:  # at most one packed row per example, each pack_length long
         row_T = cfg.data.packed_row_length(stage == "dpo")
         rows, scored = pairs, min(row_T, (2 if stage == "dpo" else 1) * window)
     chunk = min(LOGIT_CHUNK, scored)

@@ -383,3 +383,52 @@ def test_engine_bench_dnli_ratios_are_taken_where_the_peer_ran():
     assert out["max_abs_diff_vs_hf_kv"] == 0.25
     assert out["max_abs_diff_vs_packed"] == pytest.approx(0.1)
     assert "dnli_vs_full" not in out
+
+
+def test_gemm_shapes_counts_the_steps_matmuls_and_sets_steps_against_the_floor(tmp_path, monkeypatch):
+    """bench/gemm_shapes.py: its GEMMs of a step hold 6 x (the block matrices' parameters of a
+    SmolLM2-shaped pdpo_jax model) x tokens + 6 x D x V x head FLOPs, counted here from the
+    model's own parameter shapes; the run (workers replaced by made-up rates) writes the floor,
+    each SFT row's share of it and the ceiling ratio as re-derived here."""
+    import numpy as np
+    from flax import nnx
+
+    from pdpo_jax.memory import build_model
+    from pdpo_jax.models import ModelConfig
+    with bench_modules("gemm_shapes") as modules:
+        g = modules.gemm_shapes
+        s = g.SMOLLM2
+        cfg = ModelConfig(arch="llama", vocab_size=s["vocab"], d_model=s["d"], num_layers=s["layers"],
+                          num_heads=s["heads"], num_kv_heads=s["kv_heads"], head_dim=s["head_dim"],
+                          mlp_dim=s["mlp"], norm_eps=1e-5, max_positions=2048)
+        model = nnx.eval_shape(lambda: build_model(cfg))
+        blocks = sum(int(np.prod(v.shape)) for path, v in nnx.to_flat_state(nnx.state(model))
+                     if path[0] == "layers" and len(v.shape) > 2)
+        gemms = g.step_gemms(1536, 384)
+        flops = sum(x["count"] * 2 * int(np.prod(x["shape"])) for x in gemms)
+        assert flops == 6 * blocks * 1536 + 6 * s["d"] * s["vocab"] * 384
+
+        rate = {"jax": {"bf16": 5e11, "fp32": 3e11}, "torch": {"bf16": 8e11, "fp32": 2e11}}
+
+        def fake_run(cmd, **kw):
+            fw = cmd[cmd.index("--worker") + 1]
+            record = dict(fw=fw, rates={p: {x["name"]: r for x in gemms} for p, r in rate[fw].items()})
+            return subprocess.CompletedProcess(cmd, 0, json.dumps(record) + "\n", "")
+        monkeypatch.setattr(g.subprocess, "run", fake_run)
+        train = tmp_path / "train.json"
+        train.write_text(json.dumps({"records": [
+            dict(task="sft", framework="pdpo_jax", precision="bf16", label="pdpo_jax-sft-bucketed-bf16", s_per_step=4.0),
+            dict(task="sft", framework="torch", precision="bf16", label="torch-sft-bf16", s_per_step=3.0),
+            dict(task="dpo", framework="torch", precision="bf16", label="torch-dpo-bf16", s_per_step=9.0)]}))
+        monkeypatch.setattr(sys, "argv", ["gemm_shapes.py", "--rounds", "2", "--alloc", "glibc",
+                                          "--train-results", str(train), "--results", str(tmp_path)])
+        g.main()
+    (path,) = tmp_path.glob("gemm-*.json")
+    c = json.loads(path.read_text())["summary"]["comparison"]
+    floor = {k: flops / rate[k.split("-")[0]][k.split("-")[1]] for k in ("jax-bf16", "torch-bf16")}
+    assert c["floor_s"]["jax-bf16"] == pytest.approx(floor["jax-bf16"])
+    assert c["train_rows"]["torch-sft-bf16"]["gemm_share"] == pytest.approx(floor["torch-bf16"] / 3.0)
+    assert c["train_rows"]["pdpo_jax-sft-bucketed-bf16"]["gemm_share"] == pytest.approx(floor["jax-bf16"] / 4.0)
+    assert "torch-dpo-bf16" not in c["train_rows"]
+    assert c["ceiling_jax_bf16_over_torch_bf16"] == pytest.approx(3.0 / floor["jax-bf16"])
+    assert "**" in next(tmp_path.glob("gemm-*.md")).read_text()

@@ -23,8 +23,20 @@ P = NORMS + MATRICES
 
 
 def _plan(stage="sft", mesh=memory.MeshShape(1, 1, 1), *overrides):
-    cfg = load_config(REPO / TINY, tuple(overrides))
+    """The plan of the tiny config with one row per example (data.packing=false) unless an
+    override says otherwise."""
+    cfg = load_config(REPO / TINY, ("data.packing=false", *overrides))
     return memory.plan(cfg, mesh, stage, 16 * memory.GiB)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_auto_packing_plans_the_larger_layout(stage):
+    """data.packing: auto picks its layout from the data at run time, so the planner budgets
+    for whichever of packed rows and padded buckets needs more."""
+    plans = {p: _plan(stage, memory.MeshShape(), f"data.packing={p}") for p in ("true", "false", "auto")}
+    want = max(plans["true"].total("train"), plans["false"].total("train"))
+    assert plans["auto"].total("train") == want
+    assert any("data.packing: auto" in n for n in plans["auto"].notes)
 
 
 def test_tiny_config_bytes_by_hand():

@@ -165,3 +165,106 @@ def test_loader_packs_the_same_examples_and_resumes():
     again = packed_stream.iterator()
     again.set_state(state)
     assert [next(again)["index"].tolist() for _ in range(3)] == want
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+@pytest.mark.parametrize("packing", [None, pdata.Packing(64, micro_batches=2)])
+def test_epoch_shapes_are_the_collated_global_shapes(kind, packing):
+    """`Batches.epoch_shapes` (from the plan, nothing collated) = the rows of every host's
+    collated batch put together, and their width, on two hosts."""
+    examples = _records(96, seed=2) if kind == "sft" else _pairs(96, seed=2)
+    build = pdata.sft_batches if kind == "sft" else pdata.preference_batches
+    key = "tokens" if kind == "sft" or packing else "chosen_tokens"
+    kw = dict(batch_size=8, pad_id=0, buckets=(16, 32, 64), seed=1, process_count=2, packing=packing)
+    hosts = [build(examples, process_index=h, **kw) for h in (0, 1)]
+    want = []
+    for k in range(hosts[0].batches_per_epoch):
+        shapes = [b[k][key].shape for b in hosts]
+        assert shapes[0] == shapes[1]
+        want.append((2 * shapes[0][0], shapes[0][1]))
+    assert hosts[0].epoch_shapes() == want
+
+
+class _Ctx:
+    """What `stages.choose_packing` reads of a run context."""
+
+    def __init__(self, tmp_path, packing, share_prompt=True):
+        from pdpo_jax.config import load_config
+        cfg = load_config(None, (f"data.packing={packing}", "data.buckets=[32,64]",
+                                 "data.max_total_tokens=64", "data.max_response_tokens=12",
+                                 f"dpo.share_prompt={str(share_prompt).lower()}"))
+        self.cfg, self.mesh, self.run_dir = cfg, None, tmp_path
+        self.tokenizer = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 1})()
+
+    def stage_dir(self, name):
+        (self.run_dir / name).mkdir(exist_ok=True)
+        return self.run_dir / name
+
+
+def _slots(batches, key, extra=0):
+    return sum(batches[k][key].shape[0] * (batches[k][key].shape[1] + extra)
+               for k in range(batches.batches_per_epoch))
+
+
+def test_auto_packing_takes_the_layout_with_fewer_slots_then_fewer_programs(tmp_path):
+    """data.packing: auto packs short records (8 tokens: a batch's eight share one 64-token row,
+    where a bucket pads each to 32), keeps buckets for records that fill their bucket (packed
+    rows then pad to the epoch's fullest batch), and between the two (slots within 10%) takes
+    the layout with fewer compiled shapes: the counts re-derived here from collated batches;
+    layout.json records them; true / false are obeyed."""
+    import json
+
+    from pdpo_jax.config import load_config
+    from pdpo_jax.train import stages
+    stage = load_config(None).sft
+    short = [pdata.Encoded(np.full(5, 3, np.int32), np.full(3, 4, np.int32)) for _ in range(64)]
+    full = [pdata.Encoded(np.full(52, 3, np.int32), np.full(12, 4, np.int32)) if i % 2 else
+            pdata.Encoded(np.full(20, 3, np.int32), np.full(12, 4, np.int32)) for i in range(64)]
+    # one batch of 30-token records (bucket 32) and seven of 33 (bucket 64, one a row packed):
+    # buckets 7 x 512 + 256 slots, packed 8 x 512, within 10%; buckets compile two shapes
+    mixed = [pdata.Encoded(np.full(20 if i < 8 else 23, 3, np.int32), np.full(10, 4, np.int32))
+             for i in range(64)]
+    seen = set()
+    for records in (short, full, mixed):
+        ctx = _Ctx(tmp_path, "auto")
+        got = stages.choose_packing(ctx, "sft", records, stage, pairs=False)
+        layout = json.loads((tmp_path / "sft" / "layout.json").read_text())
+        kw = dict(batch_size=stage.batch_size, pad_id=0, buckets=(32, 64), seed=ctx.cfg.run.seed,
+                  process_index=0, process_count=1)
+        bucketed = pdata.sft_batches(records, **kw)
+        packed = pdata.sft_batches(records, packing=pdata.Packing(64), **kw)
+        slots = {"buckets": _slots(bucketed, "tokens"), "packed": _slots(packed, "tokens")}
+        programs = {name: len({b[k]["tokens"].shape for k in range(b.batches_per_epoch)})
+                    for name, b in (("buckets", bucketed), ("packed", packed))}
+        if slots["packed"] <= 0.9 * slots["buckets"]:
+            want = True
+        elif slots["buckets"] <= 0.9 * slots["packed"]:
+            want = False
+        else:
+            want = programs["packed"] < programs["buckets"]
+        assert got is want
+        assert {k: layout[k] for k in ("chosen", "token_slots", "programs")} == {
+            "chosen": "packed" if want else "buckets", "token_slots": slots, "programs": programs}
+        seen.add(layout["why"] + ("/packed" if want else "/buckets"))
+    assert seen == {"fewer token slots/packed", "fewer token slots/buckets",
+                    "token slots within 10%: fewer programs/packed"}
+    for setting in (True, False):
+        assert stages.choose_packing(_Ctx(tmp_path, setting), "sft", full, stage, pairs=False) is setting
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_auto_packing_counts_dpo_rows_as_the_step_runs_them(tmp_path, share_prompt):
+    """A bucketed pair runs as one [prompt | chosen | rejected] row of T + max_response_tokens
+    (dpo.share_prompt) or as two rows of T; packed pairs as their rows of 2 x 64 tokens."""
+    from pdpo_jax.config import load_config
+    from pdpo_jax.train import stages
+    ctx, stage = _Ctx(tmp_path, "auto", share_prompt), load_config(None).dpo
+    pairs = _pairs(48, seed=6)
+    kw = dict(batch_size=stage.batch_size, pad_id=0, buckets=(32, 64), seed=ctx.cfg.run.seed,
+              process_index=0, process_count=1)
+    bucketed = pdata.preference_batches(pairs, **kw)
+    want = (_slots(bucketed, "chosen_tokens", extra=12) if share_prompt
+            else 2 * _slots(bucketed, "chosen_tokens"))
+    assert stages.layout_slots(ctx, bucketed, pairs=True, packed=False) == want
+    packed = pdata.preference_batches(pairs, packing=pdata.Packing(128), **kw)
+    assert stages.layout_slots(ctx, packed, pairs=True, packed=True) == _slots(packed, "tokens")

@@ -34,6 +34,7 @@ from pdpo_jax.data.batches import (
     classification_batch,
     preference_batch,
     prompt_batch,
+    round_up,
     sft_batch,
 )
 from pdpo_jax.data.encode import Encoded, EncodedPair
@@ -69,6 +70,13 @@ class Batches:
     dataset: grain.MapDataset
     batches_per_epoch: int
     fingerprint: str  # identifies data + settings, checked when an iterator state is restored
+    source: "_BatchSource | None" = None
+
+    def epoch_shapes(self, epoch: int = 0) -> list[tuple[int, int]]:
+        """(rows, row length) of every global batch of an epoch, in this stream's layout (one
+        row per example padded to its bucket, or the epoch's packed rows), from the plan alone:
+        nothing is collated."""
+        return self.source.shapes(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -178,7 +186,7 @@ def _batches(examples: Sequence[Any], lengths: Sequence[int], kind: str,
     if source.per_epoch == 0:
         raise UserError(f"{len(examples)} examples make no batch of {batch_size} with "
                         "drop_remainder=True; lower the batch size or pass drop_remainder=False")
-    return Batches(grain.MapDataset.source(source), source.per_epoch, source.fingerprint())
+    return Batches(grain.MapDataset.source(source), source.per_epoch, source.fingerprint(), source)
 
 
 def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -214,6 +222,10 @@ class _BatchSource:
         n = len(self.lengths)
         return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
 
+    @property
+    def packed(self) -> bool:
+        return self.packing is not None and self.kind in ("sft", "preference")
+
     def __len__(self) -> int:
         return sys.maxsize if self.num_epochs is None else self.num_epochs * self.per_epoch
 
@@ -227,13 +239,21 @@ class _BatchSource:
         local = self.batch_size // self.hosts
         mine = rows[self.host * local:(self.host + 1) * local]
         items = [self.examples[i] if i >= 0 else None for i in mine]
-        if self.packing is not None and self.kind in ("sft", "preference"):
+        if self.packed:
             p = self.packing
             rows, scored = self._packed_needs(epoch)
             return packed_batch(items, p.row_len, self.pad_id, micro_batches=p.micro_batches,
                                 row_multiple=p.row_multiple, min_rows=rows, min_scored=scored,
                                 index=mine)
         return _COLLATE[self.kind](items, seq_len, self.pad_id, mine)
+
+    def shapes(self, epoch: int) -> list[tuple[int, int]]:
+        plan = self._plan(epoch)
+        if self.packed:
+            rows = round_up(self._packed_needs(epoch)[0], self.packing.row_multiple)
+            return [(rows * self.packing.micro_batches * self.hosts, self.packing.row_len)] * len(plan)
+        return [(self.batch_size, bucket_length(int(self.lengths[r[r >= 0]].max()), self.buckets))
+                for r in plan]
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - the source lives as long as its pipeline
     def _packed_needs(self, epoch: int) -> tuple[int, int]:

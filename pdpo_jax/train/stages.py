@@ -22,6 +22,7 @@ from pdpo_jax.checkpoint import Checkpointer, exporter
 from pdpo_jax.config import StageSection
 from pdpo_jax.context import RunContext, check_tokenizer
 from pdpo_jax.errors import UserError
+from pdpo_jax.fileio import write_json_atomic
 from pdpo_jax.metrics import MetricsWriter
 from pdpo_jax.sharding import batch_divisor
 from pdpo_jax.models import ModelConfig, config_from_hf, from_pretrained
@@ -98,17 +99,71 @@ def _total_steps(stage: StageSection, batches_per_epoch: int) -> int:
     return min(total, stage.max_steps) if stage.max_steps else total
 
 
-def _batch_kwargs(ctx: RunContext, stage: StageSection, *, train: bool, pairs: bool = False):
+def _batch_kwargs(ctx: RunContext, stage: StageSection, *, train: bool, pairs: bool = False,
+                  packed: bool = False):
     d = ctx.cfg.data
     rows = stage.batch_size * (stage.grad_accum if train else 1)
     packing = None
-    if d.packing:  # each micro-batch packed alone; rows split over this host's batch devices
+    if packed:  # each micro-batch packed alone; rows split over this host's batch devices
         share = max(1, batch_divisor(ctx.mesh) // jax.process_count())
         packing = pdata.Packing(d.packed_row_length(pairs), micro_batches=stage.grad_accum if train else 1,
                                 row_multiple=share)
     return dict(batch_size=rows, pad_id=pdata.pad_id(ctx.tokenizer), buckets=d.buckets,
                 seed=ctx.cfg.run.seed, shuffle=train, drop_remainder=train,
                 num_epochs=None if train else 1, packing=packing)
+
+
+# data.packing: auto packs a stage's batches when packed rows need at most this share of the token
+# slots the padded buckets need, and keeps buckets when they need at most this share of packed
+# rows' slots. At equal slots packing measured 0.94x (bf16) to 1.05x (fp32) the buckets' speed
+# on SmolLM2 SFT (segment masks, wider attention rows); in between, the layout that compiles
+# fewer programs wins (packed: one per epoch; buckets: one per bucket the epoch uses; a
+# SmolLM2 step compiles in 8-20 s on 2 CPU cores). docs/performance.md has the measurements.
+AUTO_PACKING_SHARE = 0.9
+
+
+def choose_packing(ctx: RunContext, name: str, examples, stage: StageSection, *,
+                   pairs: bool) -> bool:
+    """Whether stage `name` trains on packed rows: data.packing, or for `auto` the layout whose
+    epoch (its first, from the batch plan) runs fewer token slots through the blocks by more
+    than 1 - AUTO_PACKING_SHARE, else the one with fewer compiled shapes. Written to
+    <run>/<name>/layout.json; every host computes the same answer from the global plan."""
+    setting = ctx.cfg.data.packing
+    if setting != "auto":
+        return bool(setting)
+    build = pdata.preference_batches if pairs else pdata.sft_batches
+    slots, programs = {}, {}
+    for layout in ("packed", "buckets"):
+        batches = build(examples, **_batch_kwargs(ctx, stage, train=True, pairs=pairs,
+                                                  packed=layout == "packed"))
+        slots[layout] = layout_slots(ctx, batches, pairs=pairs, packed=layout == "packed")
+        programs[layout] = len(set(batches.epoch_shapes()))
+    if slots["packed"] <= AUTO_PACKING_SHARE * slots["buckets"]:
+        packed, why = True, "fewer token slots"
+    elif slots["buckets"] <= AUTO_PACKING_SHARE * slots["packed"]:
+        packed, why = False, "fewer token slots"
+    else:
+        packed, why = programs["packed"] < programs["buckets"], "token slots within 10%: fewer programs"
+    chosen = "packed" if packed else "buckets"
+    log.info("%s: data.packing auto -> %s (%s; token slots per epoch: packed %d, buckets %d; "
+             "programs %d / %d)", name, chosen, why, slots["packed"], slots["buckets"],
+             programs["packed"], programs["buckets"])
+    if jax.process_index() == 0:
+        write_json_atomic(ctx.stage_dir(name) / "layout.json", {
+            "packing": "auto", "chosen": chosen, "why": why, "token_slots": slots,
+            "programs": programs, "share": AUTO_PACKING_SHARE}, indent=2)
+    return packed
+
+
+def layout_slots(ctx: RunContext, batches: pdata.Batches, *, pairs: bool, packed: bool) -> int:
+    """Token slots one epoch of `batches` runs through the model's blocks, as the training step
+    lays them out: packed rows as they are; a bucketed DPO pair as one [prompt | chosen |
+    rejected] row of T + max_response_tokens (dpo.share_prompt) or as two rows of T."""
+    window, share = ctx.cfg.data.max_response_tokens, ctx.cfg.dpo.share_prompt
+    if packed or not pairs:
+        return sum(rows * length for rows, length in batches.epoch_shapes())
+    return sum(rows * (length + window) if share else 2 * rows * length
+               for rows, length in batches.epoch_shapes())
 
 
 def _spec(ctx: RunContext, name: str, stage: StageSection, total: int,
@@ -133,8 +188,9 @@ def run_sft(ctx: RunContext) -> pathlib.Path:
     encoded = encode_splits(ctx, "sft", {s: ctx.dialogues(s) for s in ("train", "dev")})
     train, dev = encoded["train"], encoded["dev"]
     graphdef, params, model_cfg = load_params(ctx, cfg.model.checkpoint, stage)
-    batches = pdata.sft_batches(train, **_batch_kwargs(ctx, stage, train=True))
-    dev_batches = pdata.sft_batches(dev, **_batch_kwargs(ctx, stage, train=False))
+    packed = choose_packing(ctx, "sft", train, stage, pairs=False)
+    batches = pdata.sft_batches(train, **_batch_kwargs(ctx, stage, train=True, packed=packed))
+    dev_batches = pdata.sft_batches(dev, **_batch_kwargs(ctx, stage, train=False, packed=packed))
     total = _total_steps(stage, batches.batches_per_epoch)
     tx, lr = optim.make_optimizer(stage.optimizer, total)
     state, state_sh = st.create_state(params, tx, ctx.mesh)
@@ -192,8 +248,11 @@ def run_dpo(ctx: RunContext) -> pathlib.Path:
     train, dev = encoded["train"], encoded["dev"]
     graphdef, params, model_cfg = load_params(ctx, init_checkpoint, stage)
     window = cfg.data.max_response_tokens
-    batches = pdata.preference_batches(train, **_batch_kwargs(ctx, stage, train=True, pairs=True))
-    dev_batches = pdata.preference_batches(dev, **_batch_kwargs(ctx, stage, train=False, pairs=True))
+    packed = choose_packing(ctx, "dpo", train, stage, pairs=True)
+    batches = pdata.preference_batches(train, **_batch_kwargs(ctx, stage, train=True, pairs=True,
+                                                              packed=packed))
+    dev_batches = pdata.preference_batches(dev, **_batch_kwargs(ctx, stage, train=False, pairs=True,
+                                                                packed=packed))
     objective = DpoObjective.from_section(stage)
     # A reference-free objective (SimPO, ORPO, SFT) holds no reference and scores none.
     precomputed = stage.precompute_ref and objective.needs_reference
@@ -201,7 +260,8 @@ def run_dpo(ctx: RunContext) -> pathlib.Path:
     ref_params = None
     if precomputed:  # the policy starts as the reference: score with it, keep one copy
         batches, dev_batches = (
-            reference.WithReference(b, _cached_reference(ctx, graphdef, params, enc, path, init_checkpoint))
+            reference.WithReference(b, _cached_reference(ctx, graphdef, params, enc, path,
+                                                            init_checkpoint, packed))
             for b, enc, path in ((batches, train, train_path), (dev_batches, dev, dev_path)))
     elif held:
         # frozen (the policy is donated), its matrices in the compute dtype: the same forward
@@ -237,11 +297,13 @@ def run_dpo(ctx: RunContext) -> pathlib.Path:
     return out / "best"
 
 
-def _cached_reference(ctx: RunContext, graphdef, params, encoded, pairs_path, checkpoint):
+def _cached_reference(ctx: RunContext, graphdef, params, encoded, pairs_path, checkpoint,
+                      packed: bool):
     cfg = ctx.cfg
     key = reference.cache_key(checkpoint, pairs_path, cfg.data, ctx.tokenizer, cfg.run.seed)
     path = ctx.run_dir / "dpo" / "ref_logps" / f"{pairs_path.stem}-{key}.npy"
-    ordered = pdata.preference_batches(encoded, **_batch_kwargs(ctx, cfg.dpo, train=False, pairs=True))
+    ordered = pdata.preference_batches(encoded, **_batch_kwargs(ctx, cfg.dpo, train=False, pairs=True,
+                                                                 packed=packed))
     return reference.load_or_compute(path, lambda: reference.compute(
         graphdef, params, ordered, len(encoded), ctx.mesh, window=cfg.data.max_response_tokens,
         share_prompt=cfg.dpo.share_prompt))
