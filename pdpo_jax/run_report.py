@@ -71,6 +71,25 @@ def _lengths(run_dir: pathlib.Path) -> list[str]:
             markdown_table(["split", "reply", "pairs", "words mean", "median", "p90", "tokens mean"], rows), ""]
 
 
+def _layouts(run_dir: pathlib.Path) -> list[str]:
+    """Each training stage's batch layout as data.packing: auto chose it (<stage>/layout.json)."""
+    rows = []
+    for stage in ("sft", "dpo"):
+        path = run_dir / stage / "layout.json"
+        if path.is_file():
+            s = json.loads(path.read_text())
+            rows.append([stage, s["chosen"], s["why"], f"{s['token_slots']['packed']:,}",
+                         f"{s['token_slots']['buckets']:,}",
+                         f"{s['programs']['packed']} / {s['programs']['buckets']}"])
+    if not rows:
+        return []
+    return ["### Batch layout per stage (`data.packing: auto`)", "",
+            "Token slots one epoch runs through the blocks in each layout, from the batch plan; "
+            "programs: compiled step shapes (packed / buckets).", "",
+            markdown_table(["stage", "layout", "why", "slots packed", "slots buckets", "programs"],
+                           rows), ""]
+
+
 def _data_stats(run_dir: pathlib.Path) -> list[str]:
     """Each encoding stage's prompt counts (<run>/<stage>/data_stats.json)."""
     rows = []
@@ -155,7 +174,8 @@ def write_report(run_dir: pathlib.Path, cfg, tokenizer, mesh=None, n_examples: i
             lines += [text, ""]
             lines += [f"![{p.stem}]({p.relative_to(run_dir)})" for p in sorted(path.parent.glob("*.png"))]
             lines.append("")
-    lines += ["## Training", ""] + _data_stats(run_dir) + _curves(run_dir, out) + _lengths(run_dir)
+    lines += (["## Training", ""] + _data_stats(run_dir) + _layouts(run_dir) + _curves(run_dir, out)
+              + _lengths(run_dir))
     lines += _margins(run_dir)
     lines += _examples(run_dir, cfg, tokenizer, mesh, n_examples)
     return write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -250,6 +250,10 @@ def test_auto_packing_takes_the_layout_with_fewer_slots_then_fewer_programs(tmp_
                     "token slots within 10%: fewer programs/packed"}
     for setting in (True, False):
         assert stages.choose_packing(_Ctx(tmp_path, setting), "sft", full, stage, pairs=False) is setting
+    from pdpo_jax.run_report import _layouts
+    table = "\n".join(_layouts(tmp_path))  # the last auto choice: `mixed`
+    assert (f"| sft | packed | token slots within 10%: fewer programs | {slots['packed']:,} | "
+            f"{slots['buckets']:,} | {programs['packed']} / {programs['buckets']} |") in table
 
 
 @pytest.mark.parametrize("share_prompt", [True, False])
