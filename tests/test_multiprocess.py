@@ -68,7 +68,21 @@ def _run(argv: list[str], env: dict, log: pathlib.Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """(1-process run folder, 2-process run folder, seconds each)."""
+    """(1-process run folder, 2-process run folder, seconds each, the 2-process log), one row
+    per example (data.packing=false): the two runs then run the same rows on the same devices."""
+    return _two_runs(tmp_path_factory, "false")
+
+
+@pytest.fixture(scope="module")
+def two_runs_packed(tmp_path_factory):
+    """The same with packed rows: each host packs its own slice of every batch, so a pair's
+    owner must index the global batch (a 2-process run once summed host 1's pairs into host 0's
+    slots: DPO logps doubled). The rows differ from the 1-process run's (one host packs all 8
+    examples), so sums run in another order and only the metrics are compared."""
+    return _two_runs(tmp_path_factory, "true")
+
+
+def _two_runs(tmp_path_factory, packing: str):
     tmp = tmp_path_factory.mktemp("multiprocess")
     arch = load_config(REPO / "configs/tiny_sft.yaml").model.architecture
     save_pretrained(build_model(config_from_hf(arch), seed=1), tmp / "init")
@@ -82,7 +96,7 @@ def two_runs(tmp_path_factory):
         # No warmup, and a DPO step large enough to move the loss: every step is compared.
         "sft.optimizer.warmup_ratio=0", "dpo.optimizer.warmup_ratio=0", "dpo.optimizer.lr=1e-3",
         f"dpo.pairs={tmp / 'train_pairs.jsonl'}", f"dpo.dev_pairs={tmp / 'dev_pairs.jsonl'}",
-        "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "checkpoint.keep=1"]
+        "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "checkpoint.keep=1", f"data.packing={packing}"]
     # Optimisation level 0 halves XLA:CPU compile time (as in conftest). The concurrency-
     # optimised scheduler deadlocks the 1-process, 2-device DPO eval on 2 cores (each device
     # blocks in a different collective); launch/local.py turns it off too. Neither flag
@@ -133,9 +147,10 @@ def test_two_processes_really_ran(two_runs):
     assert "[1] Traceback" not in text and "[0] Traceback" not in text
 
 
+@pytest.mark.parametrize("layout", ["two_runs", "two_runs_packed"])
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_losses_equal_one_process(two_runs, stage):
-    one, two, seconds, _ = two_runs
+def test_losses_equal_one_process(request, layout, stage):
+    one, two, seconds, _ = request.getfixturevalue(layout)
     rows_one, rows_two = _metrics(one, stage), _metrics(two, stage)
     train = [r for r in rows_one if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3], "3 logged training steps"

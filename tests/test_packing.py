@@ -272,3 +272,30 @@ def test_auto_packing_counts_dpo_rows_as_the_step_runs_them(tmp_path, share_prom
     assert stages.layout_slots(ctx, bucketed, pairs=True, packed=False) == want
     packed = pdata.preference_batches(pairs, packing=pdata.Packing(128), **kw)
     assert stages.layout_slots(ctx, packed, pairs=True, packed=True) == _slots(packed, "tokens")
+
+
+def test_packed_owners_index_the_global_batch_on_several_hosts():
+    """Each host packs its own slice of a global batch; put together as `shard_batch` does
+    (rows, `examples` and `owner` concatenated per micro-batch), `owner_sums` must give every
+    pair its own chosen and rejected sums. Here a token's "log-prob" is its id (the token at its
+    target column), so each pair's sums are the sums of its reply ids, read off the encoded
+    pairs. Before owners were offset per host, host 1's pairs summed into host 0's slots."""
+    import jax.numpy as jnp
+
+    from pdpo_jax.train.logprobs import owner_sums
+    from pdpo_jax.train.loop import micro_batches as split
+    pairs, A, hosts = _pairs(64, seed=8), 2, 2
+    kw = dict(batch_size=16, pad_id=0, buckets=(64,), seed=2, process_count=hosts,
+              packing=pdata.Packing(128, micro_batches=A))
+    raw = [pdata.preference_batches(pairs, process_index=h, **kw)[0] for h in range(hosts)]
+    parts = [split(b, A) | {"index": b["index"].reshape(A, -1)} for b in raw]
+    for m in range(A):
+        glob = {k: np.concatenate([p[k][m] for p in parts])
+                for k in ("tokens", "target", "valid", "owner", "side", "index")}
+        ids = np.take_along_axis(glob["tokens"], glob["target"], axis=1)
+        sums, counts = owner_sums(jnp.asarray(ids, jnp.float32), glob["valid"], glob["owner"],
+                                  glob["side"], glob["index"].shape[0])
+        for slot, i in enumerate(glob["index"]):
+            e = pairs[i]
+            assert np.asarray(sums[slot]).tolist() == [float(e.chosen_ids.sum()), float(e.rejected_ids.sum())]
+            assert np.asarray(counts[slot]).tolist() == [len(e.chosen_ids), len(e.rejected_ids)]

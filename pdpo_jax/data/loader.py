@@ -244,7 +244,7 @@ class _BatchSource:
             rows, scored = self._packed_needs(epoch)
             return packed_batch(items, p.row_len, self.pad_id, micro_batches=p.micro_batches,
                                 row_multiple=p.row_multiple, min_rows=rows, min_scored=scored,
-                                index=mine)
+                                index=mine, owner_offset=self.host * (local // p.micro_batches))
         return _COLLATE[self.kind](items, seq_len, self.pad_id, mine)
 
     def shapes(self, epoch: int) -> list[tuple[int, int]]:

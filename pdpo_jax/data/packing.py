@@ -133,7 +133,8 @@ def _pair_row(examples: Sequence[tuple[int, EncodedPair]]) -> PackedRow:
 
 def packed_batch(examples: Sequence[Encoded | EncodedPair | None], row_len: int, pad_id: int,
                  *, micro_batches: int = 1, row_multiple: int = 1, min_rows: int = 1,
-                 min_scored: int = 1, index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                 min_scored: int = 1, index: Sequence[int] | None = None,
+                 owner_offset: int = 0) -> dict[str, np.ndarray]:
     """A training batch of SFT records or DPO pairs packed into rows of `row_len` tokens.
 
     The B examples are cut into `micro_batches` consecutive slices, each packed alone into R rows
@@ -144,7 +145,9 @@ def packed_batch(examples: Sequence[Encoded | EncodedPair | None], row_len: int,
     (`packed_needs`) so that one program serves the epoch.
     Keys: those of `collate_packed` ([., row_len] and [., Q]), plus `examples` bool [B] (real
     examples) and `index` int32 [B] (-1 for None, a padding example). `owner` is the example's
-    slot in its micro-batch.
+    slot in its micro-batch plus `owner_offset`: on host h of a multi-host run, h x the
+    examples each host puts in a micro-batch, so that owners index the global micro-batch the
+    hosts' arrays make together (as `examples` and `index` do).
     """
     B = len(examples)
     if B % micro_batches:
@@ -155,6 +158,7 @@ def packed_batch(examples: Sequence[Encoded | EncodedPair | None], row_len: int,
     rows = [row for s in slices for row in s + [None] * (R - len(s))]
     Q = round_up(max(scored_need, min_scored), SCORED_MULTIPLE)
     out = collate_packed(rows, row_len, min(Q, row_len), pad_id)
+    out["owner"] = np.where(out["owner"] >= 0, out["owner"] + owner_offset, -1).astype(np.int32)
     ids = [-1 if e is None else i for i, e in enumerate(examples)] if index is None else index
     out["index"] = np.asarray(ids, np.int32).reshape(B)
     out["examples"] = out["index"] >= 0
