@@ -177,6 +177,18 @@ class Meter:
         return False
 
 
+def call_seconds(fn, reps: int, warmup: int = 3) -> list[float]:
+    """Seconds of `reps` calls of fn after `warmup` untimed ones, sorted (fastest first)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)
+
+
 def summarize(times: list[float]) -> dict:
     ts = sorted(times)
     return dict(median_s=statistics.median(ts), min_s=ts[0], max_s=ts[-1], n=len(ts),

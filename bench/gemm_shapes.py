@@ -27,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -53,14 +52,8 @@ def step_gemms(tokens: int, head: int, m: dict = SMOLLM2) -> list[dict]:
 
 
 def _median_seconds(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    times = common.call_seconds(fn, reps)
+    return times[len(times) // 2]
 
 
 def worker(fw: str, gemms: list[dict], reps: int) -> dict:

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -26,14 +25,7 @@ FLOPS = 2.0 * N ** 3
 
 
 def best_rate(fn, reps: int, warmup: int = 3) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    times = common.call_seconds(fn, reps, warmup)
     return dict(best_flops=FLOPS / times[0], median_flops=FLOPS / times[len(times) // 2])
 
 
