@@ -102,8 +102,9 @@ class DataSection:
     # Training rows hold several records (SFT) or pairs (DPO), first-fit into rows of
     # pack_length tokens (default: the largest bucket, or twice it for DPO pairs, whose rows
     # hold prompt + chosen + rejected); the same examples per step and the same loss as one
-    # row each. true / false: every training stage; auto: each stage packs when its epoch's
-    # packed rows need at most 0.9x the token slots of padded buckets (train/stages.py).
+    # row each. true / false: every training stage; auto: each stage takes the layout whose
+    # epoch needs at most 0.9x the other's token slots, else the one with fewer compiled
+    # shapes (train/stages.choose_packing).
     packing: bool | Literal["auto"] = "auto"
     pack_length: Count | None = None
 
