@@ -2,10 +2,12 @@
 
 `run_cli(main)` runs `main()`; a `UserError` (bad config, data file, missing folder) is printed as
 one line `error: …` on stderr and the process exits with status 2; any other exception is a bug
-and keeps its traceback.
+and keeps its traceback. A crash below Python (a segfault or an abort in XLA or a library) prints
+every thread's Python stack before the process dies, instead of dying silently.
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -31,6 +33,8 @@ def setup_logging(level: str | None = None) -> None:
 
 def run_cli(main: Callable[[], int | None]) -> int:
     """main()'s exit status; a UserError becomes one line on stderr and status 2."""
+    if not faulthandler.is_enabled() and sys.__stderr__ is not None:  # pytest enables its own
+        faulthandler.enable(sys.__stderr__, all_threads=True)
     try:
         return int(main() or 0)
     except UserError as e:
