@@ -6,8 +6,17 @@ import subprocess
 import sys
 
 
+def _abort(code: str) -> subprocess.CompletedProcess:
+    """Runs `code`, which aborts, in a fresh interpreter without a core file or an inherited
+    PYTHONFAULTHANDLER."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    no_core = "import resource; resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
+    return subprocess.run([sys.executable, "-c", no_core + code], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
 def test_a_native_crash_prints_every_threads_python_stack():
-    """An abort below Python (as XLA's was, in a test worker) kills the process, but first the
+    """An abort below Python (as one was in a test worker, in the serving engine's thread) kills the process, but first the
     stack of each Python thread reaches stderr: here the main thread's, inside run_cli, and a
     second thread's, inside its own function."""
     code = ("import os, threading, time\n"
@@ -15,9 +24,7 @@ def test_a_native_crash_prints_every_threads_python_stack():
             "def engine_thread(): time.sleep(60)\n"
             "threading.Thread(target=engine_thread, daemon=True).start()\n"
             "run_cli(os.abort)\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=120)
+    done = _abort(code)
     assert done.returncode == -signal.SIGABRT
     assert "Fatal Python error: Aborted" in done.stderr, done.stderr
     assert "in run_cli" in done.stderr and "in engine_thread" in done.stderr, done.stderr
@@ -26,7 +33,5 @@ def test_a_native_crash_prints_every_threads_python_stack():
 def test_without_run_cli_the_same_crash_is_silent():
     """The control: the same abort without run_cli prints no stack (what a crashed server or
     training run showed before)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
-    done = subprocess.run([sys.executable, "-c", "import os; os.abort()"], capture_output=True,
-                          text=True, env=env, timeout=60)
+    done = _abort("import os; os.abort()")
     assert done.returncode == -signal.SIGABRT and "Fatal Python error" not in done.stderr
