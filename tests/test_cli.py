@@ -16,9 +16,9 @@ def _abort(code: str) -> subprocess.CompletedProcess:
 
 
 def test_a_native_crash_prints_every_threads_python_stack():
-    """An abort below Python (as one was in a test worker, in the serving engine's thread) kills the process, but first the
-    stack of each Python thread reaches stderr: here the main thread's, inside run_cli, and a
-    second thread's, inside its own function."""
+    """An abort below Python (as one was in a test worker, in the serving engine's thread)
+    kills the process, but first the stack of each Python thread reaches stderr: here the main
+    thread's, inside run_cli, and a second thread's, inside its own function."""
     code = ("import os, threading, time\n"
             "from pdpo_jax.cli import run_cli\n"
             "def engine_thread(): time.sleep(60)\n"
