@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before jax initialises a backend, so 8 fake CPU devices are requested
 here for the whole session (sharded-step tests build meshes from them).
 """
+import gc
 import os
 import pathlib
 
@@ -31,6 +32,40 @@ if os.environ.get("PDPO_TEST_JAX_CACHE"):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _memory_maps() -> int | None:
+    """How many memory mappings this process holds (Linux), else None."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
+
+
+def _max_memory_maps() -> int:
+    try:
+        return int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After a test module, drops JAX's compiled programs once they hold a quarter of the
+    kernel's limit on memory mappings (vm.max_map_count, 65,530 by default).
+
+    Every XLA:CPU executable keeps its JIT code in a few mappings (~6 for a small program), and
+    a test worker keeps every program its tests compiled. An xdist worker of the whole suite
+    reached the limit: its next compile failed, and throwing that error crashed in the C++
+    unwinder (the segfaults and aborts in `backend_compile_and_load` that CI and fresh-clone
+    runs lost workers to; the core file held 65,324 mappings). `jax.clear_caches()` unmaps
+    them; a later module recompiles what it needs."""
+    yield
+    mappings = _memory_maps()
+    if mappings is not None and mappings > _max_memory_maps() // 4:
+        jax.clear_caches()
+        gc.collect()
 
 
 def _shared_dir() -> pathlib.Path:
