@@ -234,8 +234,6 @@ class _BatchSource:
             raise IndexError(f"batch {k} out of range [0, {len(self)})")
         epoch, j = divmod(int(k), self.per_epoch)
         rows = self._plan(epoch)[j]
-        real = rows[rows >= 0]
-        seq_len = bucket_length(int(self.lengths[real].max()), self.buckets)
         local = self.batch_size // self.hosts
         mine = rows[self.host * local:(self.host + 1) * local]
         items = [self.examples[i] if i >= 0 else None for i in mine]
@@ -245,15 +243,19 @@ class _BatchSource:
             return packed_batch(items, p.row_len, self.pad_id, micro_batches=p.micro_batches,
                                 row_multiple=p.row_multiple, min_rows=rows, min_scored=scored,
                                 index=mine, owner_offset=self.host * (local // p.micro_batches))
-        return _COLLATE[self.kind](items, seq_len, self.pad_id, mine)
+        return _COLLATE[self.kind](items, self._bucket(rows), self.pad_id, mine)
 
     def shapes(self, epoch: int) -> list[tuple[int, int]]:
         plan = self._plan(epoch)
         if self.packed:
             rows = round_up(self._packed_needs(epoch)[0], self.packing.row_multiple)
             return [(rows * self.packing.micro_batches * self.hosts, self.packing.row_len)] * len(plan)
-        return [(self.batch_size, bucket_length(int(self.lengths[r[r >= 0]].max()), self.buckets))
-                for r in plan]
+        return [(self.batch_size, self._bucket(rows)) for rows in plan]
+
+    def _bucket(self, rows: np.ndarray) -> int:
+        """The padded length of a planned batch (row indices, -1 for padding examples): the
+        bucket of its longest example."""
+        return bucket_length(int(self.lengths[rows[rows >= 0]].max()), self.buckets)
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - the source lives as long as its pipeline
     def _packed_needs(self, epoch: int) -> tuple[int, int]:
