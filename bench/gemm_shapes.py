@@ -51,6 +51,12 @@ def step_gemms(tokens: int, head: int, m: dict = SMOLLM2) -> list[dict]:
     return out
 
 
+def gemm_flops(g: dict) -> int:
+    """FLOPs of one call of GEMM `g` (M×K · K×N)."""
+    M, K, N = g["shape"]
+    return 2 * M * K * N
+
+
 def _median_seconds(fn, reps: int) -> float:
     times = common.call_seconds(fn, reps)
     return times[len(times) // 2]
@@ -69,7 +75,7 @@ def worker(fw: str, gemms: list[dict], reps: int) -> dict:
                 M, K, N = g["shape"]
                 a = jax.random.normal(jax.random.key(0), (M, K), dt)
                 b = jax.random.normal(jax.random.key(1), (K, N), dt)
-                rates[p][g["name"]] = 2 * M * K * N / _median_seconds(lambda: dot(a, b).block_until_ready(), reps)
+                rates[p][g["name"]] = gemm_flops(g) / _median_seconds(lambda: dot(a, b).block_until_ready(), reps)
         return dict(rates=rates, version=jax.__version__)
     import torch
     torch.manual_seed(0)
@@ -78,13 +84,12 @@ def worker(fw: str, gemms: list[dict], reps: int) -> dict:
         for g in gemms:
             M, K, N = g["shape"]
             a, b = torch.randn(M, K, dtype=dt), torch.randn(K, N, dtype=dt)
-            rates[p][g["name"]] = 2 * M * K * N / _median_seconds(lambda: torch.mm(a, b), reps)
+            rates[p][g["name"]] = gemm_flops(g) / _median_seconds(lambda: torch.mm(a, b), reps)
     return dict(rates=rates, version=torch.__version__, threads=torch.get_num_threads())
 
 
 def floor_seconds(gemms: list[dict], rates: dict[str, float]) -> float:
-    return sum(g["count"] * 2 * g["shape"][0] * g["shape"][1] * g["shape"][2] / rates[g["name"]]
-               for g in gemms)
+    return sum(g["count"] * gemm_flops(g) / rates[g["name"]] for g in gemms)
 
 
 def best_rates(rounds: list[dict]) -> dict:
@@ -99,7 +104,7 @@ def best_rates(rounds: list[dict]) -> dict:
 
 
 def compare(gemms: list[dict], rates: dict, train: dict | None) -> dict:
-    flops = sum(g["count"] * 2 * g["shape"][0] * g["shape"][1] * g["shape"][2] for g in gemms)
+    flops = sum(g["count"] * gemm_flops(g) for g in gemms)
     out = {"step_gemm_gflop": flops / 1e9, "floor_s": {}, "rate_gflops": {}}
     for fw in rates:
         for p in rates[fw]:
